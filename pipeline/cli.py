@@ -1,0 +1,305 @@
+"""The `prep` command line: parse options, build a stage config, call the stage, report.
+
+Nothing else lives here. Stage modules are imported inside each command, so `prep --help`
+does not pay for numpy, scikit-learn or tensorflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import PrepError
+
+FORMATS = ("pkl.gz", "h5", "tfrecord")
+
+
+class Context:
+    def __init__(self, workdir: Path, quiet: bool, verbose: int):
+        from .workdir import Workdir
+
+        self.workdir = Workdir(workdir)
+        self.quiet = quiet
+        self.verbose = verbose
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+def delegate(fn):
+    """Turn a PrepError (a user's mistake) into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrepError as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; run the same command again to resume.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def executor_options(fn):
+    fn = click.option("--scheduler", envvar="PREP_SCHEDULER", metavar="URL",
+                      help="Dask scheduler address (tcp://host:8786); with --executor dask.")(fn)
+    fn = click.option("--workers", type=click.IntRange(min=1), default=None,
+                      help="Worker processes [default: all cores].")(fn)
+    fn = click.option("--executor", type=click.Choice(["local", "serial", "dask"]), default="local",
+                      show_default=True, help="Where the work runs.")(fn)
+    return fn
+
+
+def resize_options(fn):
+    options = [
+        click.option("--size", default="32", show_default=True, metavar="N|WxH", help="Output size: 32 or 64x48 (W x H)."),
+        click.option("--mode", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
+                     help="stretch to the size, centre-crop to its aspect, or pad (letterbox)."),
+        click.option("--interpolation", type=click.Choice(["bilinear", "nearest", "bicubic", "lanczos", "area", "box"]),
+                     default="bilinear", show_default=True, help="Resampling filter (anti-aliased when shrinking)."),
+        click.option("--channels", type=click.Choice(["3", "1"]), default="3", show_default=True,
+                     help="3 for RGB, 1 for grayscale."),
+        click.option("--background", default="white", show_default=True, help="Colour under transparent pixels."),
+        click.option("--fill", default="black", show_default=True, help="Padding colour with --mode pad."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                     help="Reject larger images as decompression bombs [default: Pillow's 89,478,485]."),
+        click.option("--strict", is_flag=True, help="Exit non-zero if any image is rejected."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_spec(size, mode, interpolation, channels, background, fill, max_pixels):
+    from .imaging import DEFAULT_MAX_PIXELS, ResizeSpec, parse_color, parse_size
+
+    try:
+        width, height = parse_size(size)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--size") from None
+    colours = {}
+    for name, value in (("background", background), ("fill", fill)):
+        try:
+            colours[name] = parse_color(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint=f"--{name}") from None
+    return ResizeSpec(width, height, mode, interpolation, int(channels), colours["background"], colours["fill"],
+                      max_pixels or DEFAULT_MAX_PIXELS)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="PREP_WORKDIR",
+              default="processed", show_default=True, help="Folder for every stage's files (or PREP_WORKDIR).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
+@click.version_option(package_name="prep", prog_name="prep")
+@click.pass_context
+def cli(ctx, workdir, quiet, verbose):
+    """Turn RAW/<class>/<image> folders into a packaged, verified ML dataset.
+
+    \b
+    Stages (each reads the previous one's files in the work directory):
+      index -> resize -> split -> encode -> pack -> verify -> verify-train
+    `prep run RAW` runs them all.
+    """
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    ctx.obj = Context(workdir, quiet, verbose)
+
+
+def echo(ctx: Context, text: str) -> None:
+    if not ctx.quiet:
+        click.echo(text)
+
+
+# -- sample ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["digits"]))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@pass_ctx
+@delegate
+def sample(ctx, name, out):
+    """Write a bundled real dataset as images into OUT/<class>/.
+
+    digits: scikit-learn's 1,797 handwritten digits (8x8 grayscale PNG, classes 0-9).
+    """
+    from .stages import sample as stage
+
+    echo(ctx, stage.run(name, out).summary)
+
+
+# -- index ----------------------------------------------------------------------------------
+
+
+def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers, scheduler):
+    from .stages import index as stage
+
+    cfg = stage.IndexConfig(
+        raw=raw, workdir=ctx.workdir, out=ctx.workdir.output(out, "labels.csv"), labels_from=labels_from,
+        pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links, executor=executor,
+        workers=workers, scheduler=scheduler, progress=ctx.progress,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    if ctx.verbose or not ctx.quiet:
+        width = max(len(c) for c in result.class_counts)
+        for label, n in result.class_counts.items():
+            echo(ctx, f"  {label:<{width}}  {n:>7}")
+    return result
+
+
+@cli.command()
+@click.argument("raw", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
+@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True,
+              help="Class from the first-level folder, or from the file name with --pattern.")
+@click.option("--pattern", help=r"Regex on the file stem with a (?P<label>...) group [default: part before the last -<digits>].")
+@click.option("--follow-links", is_flag=True, help="Follow symbolic links.")
+@executor_options
+@pass_ctx
+@delegate
+def index(ctx, **options):
+    """List the images of RAW/<class>/..., label and hash them: labels.csv."""
+    _index(ctx, **options)
+
+
+# -- resize ---------------------------------------------------------------------------------
+
+
+def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, fill, max_pixels, strict,
+            executor, workers, scheduler):
+    from .stages import resize as stage
+
+    spec = build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
+    cfg = stage.ResizeConfig(
+        workdir=ctx.workdir, labels=ctx.workdir.input(labels, "labels.csv", made_by="index RAW"), raw=raw,
+        spec=spec, strict=strict, executor=executor, workers=workers, scheduler=scheduler, progress=ctx.progress,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
+
+
+@cli.command()
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
+@click.option("--raw", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="RAW root [default: the one `prep index` recorded].")
+@resize_options
+@executor_options
+@pass_ctx
+@delegate
+def resize(ctx, **options):
+    """Resize every image to a fixed-size 8-bit PNG under WORKDIR/resized/."""
+    _resize(ctx, **options)
+
+
+# -- split ----------------------------------------------------------------------------------
+
+
+def _split(ctx, labels, out, ratios, seed, drop_small):
+    from .stages import split as stage
+
+    cfg = stage.SplitConfig(
+        workdir=ctx.workdir, labels=ctx.workdir.input(labels, "labels.csv", made_by="index RAW"),
+        out=ctx.workdir.output(out, "splits.csv"), ratios=stage.parse_ratios(ratios), seed=seed,
+        drop_small=drop_small,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    echo(ctx, _table(result.table, stage.SPLITS))
+    return result
+
+
+def _table(table: dict[str, dict[str, int]], columns) -> str:
+    width = max([5] + [len(k) for k in table])
+    lines = [f"  {'class':<{width}}" + "".join(f"{c:>8}" for c in columns)]
+    for label, counts in table.items():
+        lines.append(f"  {label:<{width}}" + "".join(f"{counts[c]:>8}" for c in columns))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(t[c] for t in table.values()):>8}" for c in columns))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("labels", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="[default: WORKDIR/splits.csv]")
+@click.option("--ratios", default="7:2:1", show_default=True, help="train:valid:test, e.g. 7:2:1, 0.8,0.2,0 or 80:10:10.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the assignment.")
+@click.option("--drop-small", is_flag=True, help="Leave out classes too small for the ratios instead of failing.")
+@pass_ctx
+@delegate
+def split(ctx, **options):
+    """Assign every usable image to train / valid / test: splits.csv."""
+    _split(ctx, **options)
+
+
+# -- encode ---------------------------------------------------------------------------------
+
+
+def _encode(ctx, splits, classes):
+    from .stages import encode as stage
+
+    cfg = stage.EncodeConfig(
+        workdir=ctx.workdir, splits=ctx.workdir.input(splits, "splits.csv", made_by="split"),
+        classes_out=ctx.workdir.path("classes.json"), out=ctx.workdir.path("encoded.csv"), pinned=classes,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
+
+
+@cli.command()
+@click.argument("splits", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Pin an existing classes.json so classes keep their ids.")
+@pass_ctx
+@delegate
+def encode(ctx, **options):
+    """Map class names to ids once for all splits: classes.json and encoded.csv."""
+    _encode(ctx, **options)
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.argument("raw", type=click.Path(path_type=Path))
+@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True)
+@click.option("--pattern")
+@click.option("--follow-links", is_flag=True)
+@resize_options
+@click.option("--ratios", default="7:2:1", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--drop-small", is_flag=True)
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@executor_options
+@pass_ctx
+@delegate
+def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolation, channels, background, fill,
+            max_pixels, strict, ratios, seed, drop_small, classes, executor, workers, scheduler):
+    """Run every stage on RAW with one set of options."""
+    run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
+    _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options)
+    _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels, strict, **run_options)
+    _split(ctx, None, None, ratios, seed, drop_small)
+    _encode(ctx, None, classes)
+
+
+def main() -> None:
+    cli(prog_name="prep")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

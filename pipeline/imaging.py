@@ -1,0 +1,238 @@
+"""The pure per-image transform: encoded bytes in, a fixed-size 8-bit image (or a reason) out.
+
+Nothing here knows about files, folders or workers. :func:`transform` decodes once, applies
+EXIF orientation, converts any Pillow mode to 8-bit RGB (or L) correctly, and resizes;
+every problem with the image raises :class:`Rejected` with a one-line reason.
+
+Mode rules (documented in the README):
+
+* ``1``, ``L``, ``P`` and ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversions.
+* Anything with alpha (``LA``, ``PA``, ``RGBA``, ``P``/``L``/``RGB`` with a transparent colour):
+  composited over ``background``.
+* ``I;16*``: 16-bit, scaled to 8-bit (``round(v * 255 / 65535)``), never clipped.
+* ``I``: clipped to 0..65535 then scaled as 16-bit.
+* ``F``: values in 0..1 are scaled by 255; otherwise clipped to 0..255.
+* Animated images: the first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
+RESIZE_MODES = ("stretch", "crop", "pad")
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+    "box": Image.Resampling.BOX,
+}
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
+_REDUCING_GAP = 3.0  # Pillow: >= 3 is indistinguishable from a full resample
+
+
+class Rejected(Exception):
+    """The image cannot be used; ``str(err)`` is the reason recorded in rejected.csv."""
+
+
+@dataclass(frozen=True)
+class ResizeSpec:
+    """Everything that decides the output pixels; its fields make up the resize settings."""
+
+    width: int = 32
+    height: int = 32
+    mode: str = "stretch"
+    interpolation: str = "bilinear"
+    channels: int = 3
+    background: tuple[int, int, int] = (255, 255, 255)
+    fill: tuple[int, int, int] = (0, 0, 0)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the source was, for reports: its format, mode and size before any change."""
+
+    format: str
+    mode: str
+    width: int
+    height: int
+
+
+def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
+    """Decode ``data`` once and return the resized 8-bit image (mode RGB or L) and source info."""
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    Image.MAX_IMAGE_PIXELS = spec.max_pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise Rejected("not an image Pillow can read (unknown or corrupt header)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise Rejected(f"decompression bomb: {err}".split(". ")[0] + " (see --max-pixels)") from None
+        except Exception as err:  # Pillow raises many types for malformed headers
+            raise Rejected(f"cannot open image: {_one_line(err)}") from None
+        if img.format not in SUPPORTED_FORMATS:
+            raise Rejected(f"unsupported format {img.format} (expected {', '.join(sorted(SUPPORTED_FORMATS))})")
+        info = SourceInfo(img.format, img.mode, img.width, img.height)
+        try:
+            _draft(img, spec)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_8bit(img, spec)
+            img = _resize(img, spec)
+        except Rejected:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise Rejected(f"decompression bomb: {_one_line(err)}") from None
+        except Exception as err:
+            raise Rejected(f"corrupt or truncated image data: {_one_line(err)}") from None
+    return img, info
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """An (H, W, C) uint8 array of an RGB or L image."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def encode_png(img: Image.Image) -> bytes:
+    """Lossless, deterministic PNG bytes (no timestamps or text chunks)."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    """The (H, W, C) uint8 array of a PNG written by :func:`encode_png`."""
+    with Image.open(io.BytesIO(data)) as img:
+        return to_array(img.convert("L" if channels == 1 else "RGB"))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"32"`` -> (32, 32); ``"64x48"`` -> (64, 48) as (width, height)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) < 1 or max(values) > 16384:
+        raise ValueError(f"expected N or WxH with positive integers (e.g. 32 or 64x48); received {text!r}")
+    return values[0], values[1]
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """``"white"``, ``"#ff8800"`` or ``"255,136,0"`` -> an RGB tuple."""
+    from PIL import ImageColor
+
+    try:
+        if "," in text:
+            values = tuple(int(v) for v in text.split(","))
+            if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+                raise ValueError
+            return values  # type: ignore[return-value]
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ValueError(f"expected a colour name, #rrggbb or r,g,b; received {text!r}") from None
+
+
+# -- steps ----------------------------------------------------------------------------------
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _draft(img: Image.Image, spec: ResizeSpec) -> None:
+    """Let the JPEG decoder downscale in the DCT domain, keeping at least twice the target size."""
+    if img.format not in ("JPEG", "MPO") or spec.interpolation == "nearest":
+        return
+    width, height = spec.width * 2, spec.height * 2
+    if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees: swap axes
+        width, height = height, width
+    if img.width >= 2 * width and img.height >= 2 * height:
+        img.draft(img.mode, (width, height))
+
+
+def _to_8bit(img: Image.Image, spec: ResizeSpec) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB or L, alpha composited over the background."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        arr = np.clip(arr, 0, 65535)
+        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+        img = _composite(img.convert("RGBA"), spec.background)
+    elif mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV, RGBX
+    return img.convert("L") if spec.channels == 1 else img.convert("RGB")
+
+
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
+
+def _resize(img: Image.Image, spec: ResizeSpec) -> Image.Image:
+    size = (spec.width, spec.height)
+    resample = INTERPOLATIONS[spec.interpolation]
+    if spec.mode == "stretch":
+        return _scaled(img, size, resample)
+    if spec.mode == "crop":
+        box = _centre_box(img.size, size)
+        return _scaled(img, size, resample, box)
+    if spec.mode == "pad":
+        scale = min(spec.width / img.width, spec.height / img.height)
+        inner = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        content = _scaled(img, inner, resample)
+        fill = spec.fill if img.mode == "RGB" else _luma(spec.fill)
+        canvas = Image.new(img.mode, size, fill)
+        canvas.paste(content, ((size[0] - inner[0]) // 2, (size[1] - inner[1]) // 2))
+        return canvas
+    raise ValueError(f"unknown resize mode {spec.mode!r}")
+
+
+def _scaled(img: Image.Image, size, resample, box=None) -> Image.Image:
+    if img.size == size and box is None:
+        return img.copy()
+    source_w = (box[2] - box[0]) if box else img.width
+    gap = _REDUCING_GAP if source_w >= _REDUCING_GAP * size[0] and resample != Image.Resampling.NEAREST else None
+    return img.resize(size, resample, box=box, reducing_gap=gap)
+
+
+def _centre_box(source: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The largest centred box of the target's aspect ratio inside the source."""
+    sw, sh = source
+    tw, th = target
+    if sw * th > sh * tw:  # source wider than target: crop the sides
+        w = sh * tw / th
+        left = (sw - w) / 2
+        return (left, 0.0, left + w, float(sh))
+    h = sw * th / tw
+    top = (sh - h) / 2
+    return (0.0, top, float(sw), top + h)
+
+
+def _luma(rgb: tuple[int, int, int]) -> int:
+    r, g, b = rgb
+    return (r * 299 + g * 587 + b * 114 + 500) // 1000

@@ -1,0 +1,1 @@
+"""One module per command; each has a config dataclass and a ``run(config)`` entry."""

@@ -1,0 +1,92 @@
+"""`prep encode`: one label -> id map for the whole dataset, ``classes.json`` and ``encoded.csv``.
+
+scikit-learn's LabelEncoder is fitted once on all classes of all splits (never per split,
+which would shift ids when a split lacks a class). Ids follow the natural order of the class
+names; ``--classes FILE`` pins an existing map so new data keeps old ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from natsort import natsorted, ns
+
+from .. import workdir
+from ..errors import PrepError
+from .split import SPLIT_COLUMNS
+
+ENCODED_COLUMNS = SPLIT_COLUMNS + ["label_id"]
+
+
+@dataclass
+class EncodeConfig:
+    workdir: workdir.Workdir
+    splits: Path
+    classes_out: Path
+    out: Path
+    pinned: Path | None = None
+
+
+@dataclass
+class EncodeResult:
+    classes: list[str]
+    out: Path
+    up_to_date: bool = False
+
+    @property
+    def summary(self) -> str:
+        head = ", ".join(f"{i}={c}" for i, c in enumerate(self.classes[:10]))
+        more = ", ..." if len(self.classes) > 10 else ""
+        return f"Encoded {len(self.classes)} classes: {head}{more}"
+
+
+def read_classes(path: Path) -> list[str]:
+    """The class list of a classes.json (``{"classes": [...]}`` or a bare list)."""
+    data = workdir.read_json(path)
+    classes = data.get("classes") if isinstance(data, dict) else data
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+        raise PrepError(f"{path}: expected {{\"classes\": [\"name\", ...]}}")
+    if len(set(classes)) != len(classes):
+        raise PrepError(f"{path}: class names repeat")
+    return classes
+
+
+def run(cfg: EncodeConfig) -> EncodeResult:
+    stamp = workdir.Stamp(cfg.workdir, "encode")
+    inputs = [cfg.splits] + ([cfg.pinned] if cfg.pinned else [])
+    settings = {"pinned": str(cfg.pinned) if cfg.pinned else None}
+    if stamp.is_current(inputs, settings) and cfg.out.exists() and cfg.classes_out.exists():
+        return EncodeResult(read_classes(cfg.classes_out), cfg.out, up_to_date=True)
+
+    import numpy as np
+    from sklearn.preprocessing import LabelEncoder
+
+    rows = workdir.read_csv(cfg.splits, SPLIT_COLUMNS)
+    if not rows:
+        raise PrepError(f"{cfg.splits} has no rows; run `prep split` first")
+    labels = [r["label"] for r in rows]
+    present = natsorted(set(labels), alg=ns.PATH)
+    if cfg.pinned:
+        classes = read_classes(cfg.pinned)
+        unknown = [c for c in present if c not in set(classes)]
+        if unknown:
+            raise PrepError(
+                f"class {unknown[0]!r} is not in the pinned map {cfg.pinned}"
+                f" ({len(unknown)} unknown: {', '.join(unknown[:5])})"
+            )
+    else:
+        classes = present
+
+    encoder = LabelEncoder().fit(labels)
+    # LabelEncoder sorts classes lexicographically; ids follow the natural (or pinned) order
+    # instead, so set that order and check the round trip.
+    encoder.classes_ = np.array(classes, dtype=object)
+    ids = encoder.transform(np.array(labels, dtype=object))
+    if list(encoder.inverse_transform(ids)) != labels:
+        raise PrepError("label encoding did not round-trip; please report this")
+
+    workdir.write_json(cfg.classes_out, {"classes": classes})
+    workdir.write_csv(cfg.out, ENCODED_COLUMNS, ({**r, "label_id": int(i)} for r, i in zip(rows, ids)))
+    stamp.record(inputs, settings, [cfg.out, cfg.classes_out])
+    return EncodeResult(classes, cfg.out)

@@ -1,0 +1,205 @@
+"""`prep index`: walk RAW, label each image, hash it, write ``labels.csv`` and ``index.json``.
+
+Labels come from the first-level folder (``raw/<class>/.../<image>``) or, with
+``labels_from="filename"``, from a regular expression on the file name. Rows are in natural
+order (classes, then paths), so the CSV is the same whatever order the filesystem lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from natsort import natsort_keygen, ns
+
+from .. import executors, sources, workdir
+from ..errors import PrepError
+
+log = logging.getLogger(__name__)
+
+LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
+DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
+NATURAL = natsort_keygen(alg=ns.PATH)
+
+
+@dataclass
+class IndexConfig:
+    raw: Path
+    workdir: workdir.Workdir
+    out: Path
+    labels_from: str = "folder"
+    pattern: str = DEFAULT_PATTERN
+    follow_links: bool = False
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class IndexResult:
+    out: Path
+    images: int
+    class_counts: dict[str, int]
+    skipped: dict[str, int]
+    empty_classes: list[str] = field(default_factory=list)
+    unlabelled: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"Found {self.images} images in {len(self.class_counts)} classes"
+            f" (skipped {sum(self.skipped.values())} files)"
+        )
+
+
+def label_from_filename(rel: str, pattern: re.Pattern) -> str | None:
+    stem = os.path.splitext(rel.rsplit("/", 1)[-1])[0]
+    match = pattern.match(stem)
+    if not match:
+        return None
+    label = match.groupdict().get("label") or (match.group(1) if pattern.groups else match.group(0))
+    return label or None
+
+
+def compile_pattern(text: str) -> re.Pattern:
+    try:
+        pattern = re.compile(text)
+    except re.error as err:
+        raise PrepError(f"--pattern {text!r} is not a valid regular expression: {err}") from None
+    if pattern.groups == 0:
+        raise PrepError(f"--pattern {text!r} needs a group for the label, e.g. (?P<label>...)")
+    return pattern
+
+
+def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int, int]]:
+    """(sha256, size, mtime_ns) of each file in the shard."""
+    out = []
+    for rel in shard:
+        data = sources.read_bytes(root, rel)
+        size, mtime = sources.stat(root, rel)
+        out.append((workdir.sha256_bytes(data), size, mtime))
+    return out
+
+
+def hash_files(cfg: IndexConfig, rels: list[str]) -> dict[str, tuple[str, int]]:
+    """sha256 and size of each file, reusing the cache for files whose size and mtime match."""
+    cache_path = cfg.workdir.path(workdir.CACHE_DIR) / "hashes.json"
+    root = str(cfg.raw)
+    cache = {}
+    if cache_path.exists():
+        try:
+            recorded = workdir.read_json(cache_path)
+            if recorded.get("root") == root:
+                cache = recorded.get("files", {})
+        except PrepError:
+            cache = {}
+    result: dict[str, tuple[str, int]] = {}
+    todo = []
+    for rel in rels:
+        size, mtime = sources.stat(root, rel)
+        hit = cache.get(rel)
+        if hit and hit[0] == size and hit[1] == mtime:
+            result[rel] = (hit[2], size)
+        else:
+            todo.append(rel)
+    if todo:
+        shards = executors.chunk(todo, cfg.workers or executors.cpu_count(), max_size=64)
+        with executors.progress(len(todo), "hash", cfg.progress, unit="file") as bar, executors.make_executor(
+            cfg.executor, cfg.workers, cfg.scheduler
+        ) as pool:
+            for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
+                for rel, (digest, size, mtime) in zip(shard, hashed):
+                    result[rel] = (digest, size)
+                    cache[rel] = [size, mtime, digest]
+                bar.update(len(shard))
+    live = {rel: cache[rel] for rel in rels if rel in cache}
+    workdir.write_json(cache_path, {"root": root, "files": live})
+    return result
+
+
+def run(cfg: IndexConfig) -> IndexResult:
+    raw = cfg.raw
+    if not raw.exists():
+        raise PrepError(f"RAW folder {raw} does not exist")
+    if not raw.is_dir():
+        raise PrepError(f"RAW {raw} is not a folder (expected RAW/<class>/<image>)")
+    if cfg.labels_from not in ("folder", "filename"):
+        raise PrepError(f"--labels-from must be folder or filename; received {cfg.labels_from!r}")
+    pattern = compile_pattern(cfg.pattern) if cfg.labels_from == "filename" else None
+
+    listing = sources.list_files(raw, follow_links=cfg.follow_links)
+    labelled: list[tuple[str, str]] = []
+    unlabelled: list[str] = []
+    for rel in listing.files:
+        if pattern is None:
+            if "/" not in rel:
+                listing.skip("not in a class folder", rel)
+                continue
+            labelled.append((rel.split("/", 1)[0], rel))
+        else:
+            label = label_from_filename(rel, pattern)
+            if label is None:
+                listing.skip("name does not match --pattern", rel)
+                unlabelled.append(rel)
+                continue
+            labelled.append((label, rel))
+    if not labelled:
+        raise PrepError(
+            f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
+            f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
+            f" skipped {listing.skipped_count} files)"
+        )
+    labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
+
+    hashes = hash_files(cfg, [rel for _, rel in labelled])
+    rows = [
+        {"path": rel, "label": label, "sha256": hashes[rel][0], "bytes": hashes[rel][1]}
+        for label, rel in labelled
+    ]
+    counts = Counter(label for label, _ in labelled)
+    class_counts = {label: counts[label] for label in dict.fromkeys(label for label, _ in labelled)}
+
+    empty: list[str] = []
+    if pattern is None:
+        with os.scandir(raw) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=cfg.follow_links) and not sources.is_hidden(entry.name):
+                    if entry.name not in counts:
+                        empty.append(entry.name)
+        empty.sort(key=NATURAL)
+        for name in empty:
+            log.warning("class folder %s has no images; it is not a class", raw / name)
+
+    workdir.write_csv(cfg.out, LABEL_COLUMNS, rows)
+    skipped = {reason: len(items) for reason, items in sorted(listing.skipped.items())}
+    workdir.write_json(
+        cfg.workdir.path(workdir.INDEX_META),
+        {
+            "raw": str(raw.resolve()),
+            "labels": str(cfg.out.resolve()),
+            "labels_from": cfg.labels_from,
+            "pattern": cfg.pattern if pattern else None,
+            "follow_links": cfg.follow_links,
+            "images": len(rows),
+            "classes": class_counts,
+            "skipped": skipped,
+            "skipped_examples": {r: sorted(items, key=NATURAL)[:20] for r, items in listing.skipped.items()},
+            "empty_classes": empty,
+        },
+    )
+    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
+
+
+def raw_root(wd: workdir.Workdir, given: Path | None = None) -> Path:
+    """The RAW root recorded by the last `prep index` (or ``given``)."""
+    if given is not None:
+        return given
+    meta = wd.path(workdir.INDEX_META)
+    if not meta.exists():
+        raise PrepError(f"{meta} does not exist; run `prep index RAW` first (or pass --raw)")
+    return Path(workdir.read_json(meta)["raw"])

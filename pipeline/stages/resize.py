@@ -1,0 +1,243 @@
+"""`prep resize`: every indexed image to a fixed-size, 8-bit PNG under ``resized/``.
+
+Workers read and transform shards of images (:func:`pipeline.imaging.transform`) and return
+PNG bytes or a rejection reason; this process writes every file atomically, in index order,
+so the outputs are the same whichever executor or number of workers ran. A journal of
+finished images makes a killed run resumable; a rerun skips images whose source content and
+settings are unchanged and whose output file is present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import executors, imaging, sources, workdir
+from ..errors import PrepError
+from .index import LABEL_COLUMNS, raw_root
+
+log = logging.getLogger(__name__)
+
+RESIZED_COLUMNS = ["path", "label", "sha256", "resized", "status", "reason", "format", "mode", "width", "height", "settings"]
+REJECTED_COLUMNS = ["path", "label", "reason"]
+JOURNAL = "resized.journal"
+
+
+@dataclass
+class ResizeConfig:
+    workdir: workdir.Workdir
+    labels: Path
+    raw: Path | None = None
+    spec: imaging.ResizeSpec = dataclasses.field(default_factory=imaging.ResizeSpec)
+    strict: bool = False
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ResizeResult:
+    written: int
+    skipped: int
+    rejected: int
+    total: int
+    seconds: float
+    reasons: Counter
+
+    @property
+    def summary(self) -> str:
+        rate = self.written / self.seconds if self.seconds > 0 and self.written else 0.0
+        return (
+            f"Resized {self.written} images ({rate:.0f} images/s), {self.skipped} already up to date,"
+            f" {self.rejected} rejected (see rejected.csv); {self.total - self.rejected} usable"
+        )
+
+
+def output_names(rels: list[str]) -> dict[str, str]:
+    """``cat/a.jpg`` -> ``cat/a.png``; names that would collide keep their extension (``a.jpg.png``)."""
+    stems = [os.path.splitext(rel)[0] + ".png" for rel in rels]
+    taken = Counter(s.lower() for s in stems)
+    return {rel: (stem if taken[stem.lower()] == 1 else rel + ".png") for rel, stem in zip(rels, stems)}
+
+
+def resize_shard(shard: list[tuple[str, str]], root: str, spec: imaging.ResizeSpec) -> list[dict]:
+    """Transform each (path, sha256) of a shard; never raises for a bad image."""
+    results = []
+    for rel, expected_sha in shard:
+        record: dict = {"path": rel}
+        try:
+            data = sources.read_bytes(root, rel)
+        except OSError as err:
+            results.append({**record, "status": "rejected", "reason": f"cannot read file: {err.strerror or err}"})
+            continue
+        if workdir.sha256_bytes(data) != expected_sha:
+            results.append({**record, "status": "rejected", "reason": "file changed since `prep index`; run it again"})
+            continue
+        try:
+            img, info = imaging.transform(data, spec)
+        except imaging.Rejected as err:
+            results.append({**record, "status": "rejected", "reason": str(err)})
+            continue
+        results.append(
+            {
+                **record,
+                "status": "ok",
+                "png": imaging.encode_png(img),
+                "format": info.format,
+                "mode": info.mode,
+                "width": info.width,
+                "height": info.height,
+            }
+        )
+    return results
+
+
+def _previous_state(wd: workdir.Workdir) -> dict[str, dict]:
+    """What earlier runs finished: resized.csv, then the journal of an interrupted run."""
+    state: dict[str, dict] = {}
+    table = wd.path(workdir.RESIZED)
+    if table.exists():
+        try:
+            for row in workdir.read_csv(table):
+                state[row["path"]] = row
+        except (PrepError, KeyError):
+            state = {}
+    journal = wd.path(JOURNAL)
+    if journal.exists():
+        with open(journal, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # the line a killed run was writing
+                state[row["path"]] = row
+    return state
+
+
+def _is_current(prev: dict | None, sha: str, settings: str, out_dir: Path) -> bool:
+    if not prev or prev.get("sha256") != sha or prev.get("settings") != settings:
+        return False
+    if prev.get("status") == "ok":
+        return (out_dir / prev["resized"]).is_file()
+    return prev.get("status") == "rejected"
+
+
+def run(cfg: ResizeConfig) -> ResizeResult:
+    started = time.perf_counter()
+    wd = cfg.workdir
+    spec = cfg.spec
+    if spec.mode not in imaging.RESIZE_MODES:
+        raise PrepError(f"--mode must be one of {', '.join(imaging.RESIZE_MODES)}; received {spec.mode!r}")
+    if spec.channels not in (1, 3):
+        raise PrepError(f"--channels must be 1 or 3; received {spec.channels}")
+    root = raw_root(wd, cfg.raw)
+    if not root.is_dir():
+        raise PrepError(f"RAW folder {root} recorded by `prep index` does not exist (pass --raw)")
+    rows = workdir.read_csv(cfg.labels, LABEL_COLUMNS)
+    if not rows:
+        raise PrepError(f"{cfg.labels} lists no images; run `prep index RAW` first")
+    out_dir = wd.path(workdir.RESIZED_DIR)
+    if out_dir.resolve().is_relative_to(root.resolve()):
+        raise PrepError(f"the work directory {wd.root} is inside RAW {root}; prep never writes into RAW")
+
+    settings = workdir.fingerprint(dataclasses.asdict(spec))
+    names = output_names([r["path"] for r in rows])
+    previous = _previous_state(wd)
+    state: dict[str, dict] = {}
+    todo: list[tuple[str, str]] = []
+    for row in rows:
+        prev = previous.get(row["path"])
+        if _is_current(prev, row["sha256"], settings, out_dir) and (
+            prev.get("status") != "ok" or prev.get("resized") == names[row["path"]]
+        ):
+            state[row["path"]] = prev
+        else:
+            todo.append((row["path"], row["sha256"]))
+
+    journal_path = wd.path(JOURNAL)
+    made_dirs: set[Path] = set()
+    workers = cfg.workers or executors.cpu_count()
+    if todo:
+        shards = executors.chunk(todo, workers, max_size=64)
+        with open(journal_path, "a", encoding="utf-8") as journal, executors.progress(
+            len(todo), "resize", cfg.progress
+        ) as bar, executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool:
+            by_path = {r["path"]: r for r in rows}
+            for results in executors.map_shards(pool, resize_shard, shards, str(root), spec):
+                for res in results:
+                    row = by_path[res["path"]]
+                    record = {
+                        "path": res["path"],
+                        "label": row["label"],
+                        "sha256": row["sha256"],
+                        "settings": settings,
+                        "status": res["status"],
+                        "reason": res.get("reason", ""),
+                        "resized": "",
+                    }
+                    if res["status"] == "ok":
+                        target = out_dir / names[res["path"]]
+                        if target.parent not in made_dirs:
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            made_dirs.add(target.parent)
+                        workdir.atomic_write_bytes(target, res["png"], fsync=False)
+                        record.update(
+                            resized=names[res["path"]],
+                            format=res["format"],
+                            mode=res["mode"],
+                            width=res["width"],
+                            height=res["height"],
+                        )
+                    state[res["path"]] = record
+                    journal.write(json.dumps(record, ensure_ascii=False) + "\n")
+                journal.flush()
+                bar.update(len(results))
+
+    table = [{**state[r["path"]], "label": r["label"]} for r in rows]
+    rejected = [r for r in table if r["status"] != "ok"]
+    workdir.write_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
+    workdir.write_csv(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
+    journal_path.unlink(missing_ok=True)
+    _remove_orphans(out_dir, {r["resized"] for r in table if r["status"] == "ok"})
+
+    result = ResizeResult(
+        written=len(todo) - sum(1 for p, _ in todo if state[p]["status"] != "ok"),
+        skipped=len(rows) - len(todo),
+        rejected=len(rejected),
+        total=len(rows),
+        seconds=time.perf_counter() - started,
+        reasons=Counter(r["reason"].split(":")[0] for r in rejected),
+    )
+    for r in rejected[:20]:
+        log.warning("rejected %s: %s", r["path"], r["reason"])
+    if len(rejected) > 20:
+        log.warning("... and %d more rejected images (see %s)", len(rejected) - 20, wd.path(workdir.REJECTED))
+    if len(rejected) == len(rows):
+        raise PrepError(f"every image was rejected ({len(rows)}); see {wd.path(workdir.REJECTED)}")
+    if cfg.strict and rejected:
+        first = rejected[0]
+        raise PrepError(
+            f"--strict: {len(rejected)} images rejected, first {first['path']}: {first['reason']}"
+        )
+    return result
+
+
+def _remove_orphans(out_dir: Path, keep: set[str]) -> None:
+    """Delete outputs no current image maps to (removed sources, old names) and stray temps."""
+    if not out_dir.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(out_dir, topdown=False):
+        rel_dir = os.path.relpath(dirpath, out_dir)
+        for name in filenames:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+            if rel not in keep:
+                os.unlink(os.path.join(dirpath, name))
+        if dirpath != str(out_dir) and not os.listdir(dirpath):
+            os.rmdir(dirpath)

@@ -1,0 +1,188 @@
+"""`prep split`: assign every usable image to train / valid / test, stratified and leak-free.
+
+* Stratified per class; per-class counts by largest-remainder rounding, and every class with
+  at least as many images as there are non-zero splits gets one in each of them.
+* Exact duplicates (same sha256) are one unit and always land in the same split; the same
+  content under two labels is a conflict, reported with both files.
+* The order within a class is a seeded hash of each unit's content, so the result does not
+  depend on the order of the input rows.
+* Images that `prep resize` rejected are left out (when resized.csv is present).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from natsort import natsort_keygen, ns
+
+from .. import workdir
+from ..errors import PrepError
+from .index import LABEL_COLUMNS
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SPLIT_COLUMNS = ["path", "label", "sha256", "resized", "split"]
+NATURAL = natsort_keygen(alg=ns.PATH)
+
+
+@dataclass
+class SplitConfig:
+    workdir: workdir.Workdir
+    labels: Path
+    out: Path
+    ratios: tuple[float, float, float] = (0.7, 0.2, 0.1)
+    seed: int = 42
+    drop_small: bool = False
+
+
+@dataclass
+class SplitResult:
+    out: Path
+    table: dict[str, dict[str, int]]  # class -> split -> count
+    conflicts: list[tuple[str, str, str, str]] = field(default_factory=list)  # (path, label, path, label)
+    dropped_classes: dict[str, int] = field(default_factory=dict)
+    excluded: int = 0
+    up_to_date: bool = False
+
+    @property
+    def summary(self) -> str:
+        totals = {s: sum(c[s] for c in self.table.values()) for s in SPLITS}
+        return "Split " + ", ".join(f"{s} {totals[s]}" for s in SPLITS) + f" across {len(self.table)} classes"
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """``7:2:1``, ``70:20:10`` or ``0.7,0.2,0.1`` -> fractions summing to 1."""
+    parts = text.replace(",", ":").split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise PrepError(f"--ratios needs three numbers train:valid:test (e.g. 7:2:1); received {text!r}")
+    if any(v < 0 or math.isnan(v) or math.isinf(v) for v in values):
+        raise PrepError(f"--ratios must not be negative; received {text!r}")
+    total = sum(values)
+    if total <= 0:
+        raise PrepError(f"--ratios must not all be zero; received {text!r}")
+    if values[0] == 0:
+        raise PrepError(f"--ratios needs a non-zero train share; received {text!r}")
+    return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+def allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
+    """Largest-remainder counts for ``n`` items, then one per non-zero split when n allows."""
+    exact = [n * r for r in ratios]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(len(ratios)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    wanted = [i for i, r in enumerate(ratios) if r > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                donor = max(wanted, key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[i] += 1
+    return counts
+
+
+def _unit_key(seed: int, sha: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
+
+
+def assign(rows: list[dict], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """path -> split. Pure: the same rows (in any order), ratios and seed give the same result."""
+    units: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        units[row["sha256"]].append(row)
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for sha, members in units.items():
+        owner = min(members, key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))["label"]
+        by_class[owner].append(sha)
+
+    result: dict[str, str] = {}
+    for label, shas in by_class.items():
+        shas.sort(key=lambda s: _unit_key(seed, s))
+        size = sum(len(units[s]) for s in shas)
+        target = allocate(size, ratios)
+        filled = [0, 0, 0]
+        for sha in shas:
+            # the split furthest below its target takes the unit (ties: train, valid, test)
+            i = max(range(3), key=lambda k: (target[k] - filled[k], -k))
+            filled[i] += len(units[sha])
+            for member in units[sha]:
+                result[member["path"]] = SPLITS[i]
+    return result
+
+
+def find_conflicts(rows: list[dict]) -> list[tuple[str, str, str, str]]:
+    """Pairs of files with the same content and different labels."""
+    first: dict[str, dict] = {}
+    conflicts = []
+    for row in rows:
+        seen = first.setdefault(row["sha256"], row)
+        if seen["label"] != row["label"]:
+            conflicts.append((seen["path"], seen["label"], row["path"], row["label"]))
+    return conflicts
+
+
+def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, list[Path]]:
+    """labels.csv rows less the images resize rejected, each with its resized file name."""
+    rows = workdir.read_csv(labels, LABEL_COLUMNS)
+    inputs = [labels]
+    resized_path = wd.path(workdir.RESIZED)
+    if not resized_path.exists():
+        log.warning("%s not found: run `prep resize` first to leave out unusable images", resized_path)
+        return [{**r, "resized": ""} for r in rows], 0, inputs
+    inputs.append(resized_path)
+    resized = {r["path"]: r for r in workdir.read_csv(resized_path, ["path", "sha256", "resized", "status"])}
+    usable = []
+    for row in rows:
+        done = resized.get(row["path"])
+        if done is None or done["sha256"] != row["sha256"]:
+            raise PrepError(
+                f"{resized_path} is out of date ({row['path']} not resized); run `prep resize` again"
+            )
+        if done["status"] == "ok":
+            usable.append({**row, "resized": done["resized"]})
+    return usable, len(rows) - len(usable), inputs
+
+
+def run(cfg: SplitConfig) -> SplitResult:
+    rows, excluded, inputs = usable_rows(cfg.workdir, cfg.labels)
+    if not rows:
+        raise PrepError(f"no usable images in {cfg.labels}")
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row["label"]] += 1
+    needed = sum(1 for r in cfg.ratios if r > 0)
+    small = {label: n for label, n in counts.items() if n < needed}
+    if small and not cfg.drop_small:
+        label, n = sorted(small.items(), key=lambda kv: NATURAL(kv[0]))[0]
+        raise PrepError(
+            f"class {label!r} has {n} image{'s' * (n != 1)}; the ratios need at least {needed} per class"
+            f" (add images, or pass --drop-small to leave out the {len(small)} small classes)"
+        )
+    for label, n in small.items():
+        log.warning("dropping class %r: %d images, fewer than the %d splits need", label, n, needed)
+    rows = [r for r in rows if r["label"] not in small]
+
+    conflicts = find_conflicts(rows)
+    for a, la, b, lb in conflicts:
+        log.warning("same content under two labels: %s (%s) and %s (%s); kept in one split", a, la, b, lb)
+    splits = assign(rows, cfg.ratios, cfg.seed)
+    out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
+    workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
+
+    table: dict[str, dict[str, int]] = {}
+    for label in sorted({r["label"] for r in rows}, key=NATURAL):
+        table[label] = {s: 0 for s in SPLITS}
+    for r in out_rows:
+        table[r["label"]][r["split"]] += 1
+    return SplitResult(cfg.out, table, conflicts, small, excluded)

@@ -1,0 +1,267 @@
+"""The work directory: file names, atomic writes, CSV/JSON I/O and up-to-date stamps.
+
+Every stage reads its inputs from, and writes its outputs to, one folder (``processed/`` by
+default). The files below are the contract between stages::
+
+    labels.csv      index   path,label,sha256,bytes    (path relative to the RAW root)
+    index.json      index   RAW root, settings, counts, skipped files
+    resized/        resize  one lossless PNG per usable image, mirroring RAW's tree
+    resized.csv     resize  path,sha256,resized,status,reason,width,height,mode
+    rejected.csv    resize  path,label,reason          (images that could not be used)
+    splits.csv      split   path,label,sha256,resized,split
+    classes.json    encode  {"classes": [...]}         (label id = position)
+    encoded.csv     encode  splits.csv + label_id
+    dataset.pkl.gz, dataset.h5, tfrecord/, manifest.json   pack
+    verify/         verify-train
+
+All writes go through :func:`atomic_write`: a temporary file in the same folder, fsynced,
+then renamed over the target, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from .errors import PrepError, StageInputMissing
+
+DEFAULT_WORKDIR = "processed"
+
+LABELS = "labels.csv"
+INDEX_META = "index.json"
+RESIZED_DIR = "resized"
+RESIZED = "resized.csv"
+REJECTED = "rejected.csv"
+SPLITS = "splits.csv"
+CLASSES = "classes.json"
+ENCODED = "encoded.csv"
+MANIFEST = "manifest.json"
+STAMPS_DIR = ".stamps"
+CACHE_DIR = ".cache"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """A work directory; ``path(name)`` resolves a stage file inside it."""
+
+    root: Path
+
+    def path(self, name: str | os.PathLike) -> Path:
+        return self.root / name
+
+    def output(self, given: str | os.PathLike | None, default: str) -> Path:
+        """Where to write an output: ``default`` in the work directory, or ``given``.
+
+        A relative ``given`` is taken inside the work directory, so that
+        ``prep index raw/ --out labels.csv`` is found by the next stage.
+        """
+        if given is None:
+            return self.root / default
+        given = Path(given)
+        return given if given.is_absolute() else self.root / given
+
+    def input(self, given: str | os.PathLike | None, default: str, *, made_by: str) -> Path:
+        """Where to read an input: ``given`` as typed if it exists, else inside the work directory."""
+        if given is None:
+            candidate = self.root / default
+        else:
+            given = Path(given)
+            candidate = given if given.is_absolute() or given.exists() else self.root / given
+        if not candidate.exists():
+            raise StageInputMissing(
+                f"{candidate} does not exist; run `prep {made_by}` first"
+                f" (or pass the file's path)"
+            )
+        return candidate
+
+
+# -- atomic writes ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success swap it in place of ``path``."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete temporary files an interrupted run left behind in ``folder`` (not recursive)."""
+    if folder.is_dir():
+        for entry in folder.glob(".*.tmp"):
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+
+
+# -- CSV and JSON ----------------------------------------------------------------------------
+
+
+def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> None:
+    """Write rows as UTF-8 CSV (RFC 4180 quoting, ``\\n`` line ends), atomically."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Read a CSV written by :func:`write_csv`; check that ``required`` columns are present."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PrepError(
+                    f"{path}: expected columns {', '.join(required)}; missing {', '.join(missing)}"
+                )
+            return list(reader)
+    except UnicodeDecodeError as err:
+        raise PrepError(f"{path}: not a UTF-8 CSV file ({err.reason})") from None
+    except csv.Error as err:
+        raise PrepError(f"{path}: malformed CSV ({err})") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted UTF-8 JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise PrepError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+# -- hashing and up-to-date stamps -----------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(settings: Any) -> str:
+    """A short, stable hash of JSON-serialisable settings."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Stamp:
+    """Records what a stage last produced from which inputs, to skip work that is up to date.
+
+    A stamp holds the sha256 of each input file, the settings, and the sha256 of each output
+    file. The stage is up to date when all three still match; a missing or edited output
+    makes it stale.
+    """
+
+    def __init__(self, workdir: Workdir, name: str):
+        self.path = workdir.path(STAMPS_DIR) / f"{name}.json"
+
+    @staticmethod
+    def _state(inputs: Iterable[Path], settings: Any) -> dict:
+        return {
+            "inputs": {str(p): sha256_file(p) for p in inputs},
+            "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+        }
+
+    def is_current(self, inputs: Iterable[Path], settings: Any) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            recorded = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        state = self._state(inputs, settings)
+        if recorded.get("inputs") != state["inputs"] or recorded.get("settings") != state["settings"]:
+            return False
+        for name, digest in recorded.get("outputs", {}).items():
+            path = Path(name)
+            if not path.exists() or (path.is_file() and sha256_file(path) != digest):
+                return False
+        return True
+
+    def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path]) -> None:
+        state = self._state(inputs, settings)
+        state["outputs"] = {str(p): (sha256_file(p) if p.is_file() else "dir") for p in outputs}
+        write_json(self.path, state)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def csv_bytes(fieldnames: Sequence[str], rows: Iterable[dict]) -> bytes:
+    """The exact bytes :func:`write_csv` would write (used to compare before rewriting)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
