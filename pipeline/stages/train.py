@@ -148,9 +148,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     if len(present) < 2:
         raise PrepError(f"the train split in {path} has only one class ({classes[present[0]]})")
 
+    from ..formats.tfrecord import import_tf
+
+    tf = import_tf()
     import keras
     import numpy as np
-    import tensorflow as tf
 
     keras.utils.set_random_seed(cfg.seed)
     tf.config.experimental.enable_op_determinism()
@@ -210,7 +212,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         "seconds": time.perf_counter() - started,
     }
     workdir.write_json(out / "metrics.json", metrics)
-    _plots(out, metrics, loaders.load_tf(path, "test"), predicted, classes)
+    _plots(out, {**metrics, "test_labels": y_test.tolist()}, loaders.load_tf(path, "test"), predicted, classes)
     result = TrainResult(fmt, metrics, out)
     if not learned:
         raise VerificationFailed(result.summary + ". " + _advice(metrics))
@@ -231,6 +233,24 @@ def _advice(metrics: dict) -> str:
         hints.append(f"only {per_class:.0f} training images per class on average: add images")
     hints.append("classes may be indistinguishable at this size: try a larger --size")
     return "Check: " + "; ".join(hints) + f"; see {VERIFY_DIR}/metrics.json"
+
+
+def _grid_indices(y_true, predicted, classes: int, size: int = 25) -> list[int]:
+    """Test samples to show: every class in turn, mistakes first within a class, sorted."""
+    import numpy as np
+
+    per_class = []
+    for c in range(classes):
+        members = np.flatnonzero(y_true == c)
+        wrong = [int(i) for i in members if predicted[i] != c]
+        right = [int(i) for i in members if predicted[i] == c]
+        per_class.append(wrong + right)
+    chosen: list[int] = []
+    for depth in range(max((len(m) for m in per_class), default=0)):
+        for members in per_class:
+            if depth < len(members) and len(chosen) < size:
+                chosen.append(members[depth])
+    return sorted(chosen)
 
 
 def _save_model(model, path: Path) -> None:
@@ -278,18 +298,24 @@ def _plots(out: Path, metrics: dict, test_ds, predicted, classes: list[str]) -> 
     _savefig(fig, out / "confusion_matrix.png")
     plt.close(fig)
 
-    shown = min(25, len(predicted))
-    cols = min(5, shown)
-    rows = math.ceil(shown / cols)
+    y_true = np.array(metrics["test_labels"])
+    chosen = _grid_indices(y_true, np.asarray(predicted), len(classes))
+    cols = min(5, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (image, label) in enumerate(test_ds.take(shown).as_numpy_iterator()):
-        ax = axes.flat[i]
+    wanted = {index: slot for slot, index in enumerate(chosen)}
+    for i, (image, label) in enumerate(test_ds.as_numpy_iterator()):
+        if i not in wanted:
+            continue
+        ax = axes.flat[wanted[i]]
         image = image[:, :, 0] if image.shape[-1] == 1 else image
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         right = predicted[i] == label
         ax.set_title(f"{classes[predicted[i]]} / {classes[label]}", fontsize=9, color="green" if right else "red")
+        if i >= chosen[-1]:
+            break
     fig.suptitle("Test predictions: predicted / true")
     _savefig(fig, out / "predictions.png")
     plt.close(fig)
