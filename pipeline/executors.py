@@ -9,6 +9,7 @@ gives the same results whichever executor runs it.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,9 @@ from .errors import PrepError
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "serial", "dask")
+DASK_MISSING = "--executor dask needs Dask: pip install 'prep[dask]'"
 T = TypeVar("T")
+IN_FLIGHT_PER_SLOT = 4  # shards submitted per worker thread: enough to hide a round-trip
 
 
 def cpu_count() -> int:
@@ -36,6 +39,8 @@ def cpu_count() -> int:
 class SerialExecutor(Executor):
     """Runs each call at submit time in this process: for debugging and tests."""
 
+    slots = 1
+
     def submit(self, fn, /, *args, **kwargs):
         future: Future = Future()
         try:
@@ -45,38 +50,67 @@ class SerialExecutor(Executor):
         return future
 
 
+class LocalExecutor(ProcessPoolExecutor):
+    """A pool of worker processes on this machine."""
+
+    def __init__(self, workers: int):
+        method = "fork" if sys.platform == "linux" else "spawn"
+        super().__init__(workers, mp_context=multiprocessing.get_context(method))
+        self.slots = workers
+
+
+def require(kind: str) -> None:
+    """Fail with a one-line error if ``kind`` is not an executor, or its package is missing."""
+    if kind not in EXECUTORS:
+        raise PrepError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")
+    if kind == "dask" and importlib.util.find_spec("distributed") is None:
+        raise PrepError(DASK_MISSING)
+
+
 @contextlib.contextmanager
 def make_executor(kind: str = "local", workers: int | None = None, scheduler: str | None = None) -> Iterator[Executor]:
-    """Open an executor of ``kind`` with ``workers`` processes (all cores by default)."""
+    """Open an executor of ``kind`` with ``workers`` processes (all cores by default).
+
+    ``dask`` connects to the cluster whose scheduler is at ``scheduler`` (or $PREP_SCHEDULER),
+    or else starts a local cluster of ``workers`` single-threaded processes.
+    """
+    require(kind)
     workers = workers or cpu_count()
     if workers < 1:
         raise PrepError(f"--workers must be at least 1; received {workers}")
     if kind == "serial" or (kind == "local" and workers == 1):
         yield SerialExecutor()
     elif kind == "local":
-        method = "fork" if sys.platform == "linux" else "spawn"
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        with LocalExecutor(workers) as pool:
             yield pool
-    elif kind == "dask":
-        with _dask_executor(workers, scheduler) as executor:
-            yield executor
     else:
-        raise PrepError(f"unknown executor {kind!r}; expected one of {', '.join(EXECUTORS)}")
+        with _dask_executor(workers, scheduler or os.environ.get("PREP_SCHEDULER")) as executor:
+            yield executor
 
 
 @contextlib.contextmanager
 def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
     try:
         from distributed import Client, LocalCluster
+        from distributed.cfexecutor import ClientExecutor
     except ImportError:
-        raise PrepError("--executor dask needs Dask: pip install 'prep[dask]'") from None
-    scheduler = scheduler or os.environ.get("PREP_SCHEDULER")
+        raise PrepError(DASK_MISSING) from None
+    # distributed logs every worker start and stop at INFO: show that only with -vv
+    logging.getLogger("distributed").setLevel(logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING)
+
+    class DaskExecutor(ClientExecutor):
+        @property
+        def slots(self) -> int:
+            """Threads in the cluster now: a cluster may gain or lose workers during a run."""
+            return max(1, sum(client.nthreads().values()))
+
     with contextlib.ExitStack() as stack:
         if scheduler:
             try:
                 client = stack.enter_context(Client(scheduler, timeout="10s"))
-            except OSError as err:
-                raise PrepError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from None
+            except (OSError, ValueError, TypeError) as err:
+                raise PrepError(f"cannot reach the Dask scheduler at {scheduler!r}: {err}") from None
+            _check_workers(client, scheduler)
         else:
             cluster = stack.enter_context(
                 LocalCluster(
@@ -84,15 +118,41 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                     threads_per_worker=1,
                     processes=True,
                     host="127.0.0.1",
-                    dashboard_address=None,
+                    dashboard_address="127.0.0.1:0",  # loopback, any free port: runs never collide
                     silence_logs=logging.WARNING,
                 )
             )
             client = stack.enter_context(Client(cluster))
         log.info("dask: %s", client)
-        # pure=False: two shards with equal arguments are still two tasks; retries cover a
-        # task that raised, and Dask reschedules the tasks of a worker that died on its own.
-        yield client.get_executor(pure=False, retries=2)
+        # pure=False: two shards with equal arguments are still two tasks. retries covers a
+        # task that raised; the tasks of a worker that died are rescheduled by Dask itself.
+        yield DaskExecutor(client, pure=False, retries=2)
+
+
+def _prep_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _check_workers(client, scheduler: str) -> None:
+    """Every worker must run this prep: the shard functions travel by name, not by value."""
+    from . import __version__
+
+    try:
+        versions = client.run(_prep_version)
+    except Exception as err:  # typically ModuleNotFoundError: prep is not installed there
+        raise PrepError(
+            f"the Dask workers of {scheduler} cannot run prep ({type(err).__name__}: {err});"
+            f" install prep {__version__} on every worker"
+        ) from None
+    wrong = {worker: v for worker, v in versions.items() if v != __version__}
+    if wrong:
+        worker, version = next(iter(wrong.items()))
+        raise PrepError(
+            f"{len(wrong)} Dask workers run another prep version (e.g. {worker}: {version});"
+            f" install prep {__version__} on every worker"
+        )
 
 
 def map_shards(
@@ -105,17 +165,26 @@ def map_shards(
     """Yield ``fn(shard, *args)`` for each shard, in order, keeping at most ``in_flight`` pending.
 
     The bound keeps memory flat however many shards there are: results are consumed (written)
-    by the caller while later shards are still being computed.
+    by the caller while later shards are still being computed. By default it is a few shards
+    per slot of the executor, asked again after each round, as a Dask cluster may grow.
     """
-    in_flight = in_flight or 4 * cpu_count()
+    bound = in_flight or IN_FLIGHT_PER_SLOT * _slots(executor)
     pending: deque[Future] = deque()
-    shards_iter = iter(shards)
-    for shard in shards_iter:
+    consumed = 0
+    for shard in shards:
         pending.append(executor.submit(fn, shard, *args))
-        if len(pending) >= in_flight:
+        while len(pending) >= bound:
             yield pending.popleft().result()
+            consumed += 1
+            if not in_flight and consumed % bound == 0:
+                bound = IN_FLIGHT_PER_SLOT * _slots(executor)
     while pending:
         yield pending.popleft().result()
+
+
+def _slots(executor: Executor) -> int:
+    """How many shards ``executor`` runs at once (for an executor not made here: the cores)."""
+    return getattr(executor, "slots", None) or cpu_count()
 
 
 def chunk(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: int = 8) -> list[Sequence[T]]:
@@ -130,7 +199,7 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):
     """A progress bar (count, rate, ETA) on stderr; silent when disabled or not a terminal run."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True, leave=False)
 
 
 def iter_with_progress(results: Iterable[Any], bar, weight: Callable[[Any], int] = len) -> Iterator[Any]:

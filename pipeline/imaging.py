@@ -17,9 +17,12 @@ Mode rules (documented in the README):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -70,15 +73,14 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
     """Decode ``data`` once and return the resized 8-bit image (mode RGB or L) and source info."""
     if not data:
         raise Rejected("empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = spec.max_pixels
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pixel_limit(spec.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise Rejected("not an image Pillow can read (unknown or corrupt header)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Rejected(f"decompression bomb: {err}".split(". ")[0] + " (see --max-pixels)") from None
+            raise Rejected(_bomb_reason(err, spec)) from None
         except Exception as err:  # Pillow raises many types for malformed headers
             raise Rejected(f"cannot open image: {_one_line(err)}") from None
         if img.format not in SUPPORTED_FORMATS:
@@ -93,7 +95,7 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
         except Rejected:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise Rejected(f"decompression bomb: {_one_line(err)}") from None
+            raise Rejected(_bomb_reason(err, spec)) from None
         except Exception as err:
             raise Rejected(f"corrupt or truncated image data: {_one_line(err)}") from None
     return img, info
@@ -153,6 +155,25 @@ def parse_color(text: str) -> tuple[int, int, int]:
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit for one call; it is a module global, so put it back."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _bomb_reason(err: BaseException, spec: ResizeSpec) -> str:
+    # Pillow's message names its own threshold, which is twice the limit for the error it
+    # raises; name the limit the user set instead.
+    size = re.search(r"\(\d+ pixels\)", str(err))
+    found = f" {size.group(0)}" if size else ""
+    return f"decompression bomb: image size{found} exceeds --max-pixels {spec.max_pixels:,}"
 
 
 def _draft(img: Image.Image, spec: ResizeSpec) -> None:

@@ -83,6 +83,15 @@ class Workdir:
         return candidate
 
 
+    def labels(self, given: str | os.PathLike | None = None) -> Path:
+        """The labels CSV: ``given``, else the one the last `prep index` wrote (its --out)."""
+        if given is None and self.path(INDEX_META).exists():
+            recorded = read_json(self.path(INDEX_META)).get("labels")
+            if recorded and Path(recorded).exists():
+                return Path(recorded)
+        return self.input(given, LABELS, made_by="index RAW")
+
+
 # -- atomic writes ---------------------------------------------------------------------------
 
 
@@ -191,8 +200,11 @@ def read_csv(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented, key-sorted UTF-8 JSON, atomically."""
+    """Write ``data`` as indented, key-sorted UTF-8 JSON, atomically (not at all if unchanged)."""
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if Path(path).read_text(encoding="utf-8") == text:
+            return  # unchanged: keep the file (and its mtime) as it is
     with atomic_write(path, "w", encoding="utf-8") as handle:
         handle.write(text)
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
 
 def write_image(path: Path, size=(40, 30), color=(200, 30, 30), mode="RGB", fmt=None) -> Path:
-    """Write a real image file; ``color`` fills it, a little noise keeps hashes distinct."""
+    """Write a real image file filled with ``color`` (``fmt`` defaults to the extension's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new(mode, size, color)
     img.save(path, format=fmt)
@@ -32,6 +35,48 @@ def make_tree(root: Path, classes: dict[str, int], size=(24, 20), seed: int = 0)
     return root
 
 
+def tree_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file (hidden ones included) below ``root``, by relative path."""
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "raw", {"cat": 12, "dog": 10, "bird": 8})
+
+
+@pytest.fixture
+def prep(tmp_path: Path, monkeypatch):
+    """Run the `prep` CLI in-process with ``--workdir tmp_path/work``: ``prep("index", raw)``.
+
+    The working directory is ``tmp_path``, so relative paths stay inside the test's folder.
+    """
+    from pipeline.cli import cli
+
+    root_logger = logging.getLogger()
+    saved = (root_logger.handlers[:], root_logger.level)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREP_WORKDIR", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args, workdir: Path | None = tmp_path / "work", env: dict | None = None) -> Result:
+        argv = (["--workdir", str(workdir)] if workdir is not None else []) + [str(a) for a in args]
+        return runner.invoke(cli, argv, env=env, catch_exceptions=False)
+
+    yield invoke
+    # the CLI configures logging onto the runner's (now closed) stderr; undo that
+    root_logger.handlers[:], root_logger.level = saved
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    """A user mistake: non-zero exit, one `Error:` line naming ``fragments``, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

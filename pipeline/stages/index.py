@@ -28,7 +28,7 @@ NATURAL = natsort_keygen(alg=ns.PATH)
 
 @dataclass
 class IndexConfig:
-    raw: Path
+    raw: str | Path  # a folder or an fsspec URL
     workdir: workdir.Workdir
     out: Path
     labels_from: str = "folder"
@@ -76,20 +76,20 @@ def compile_pattern(text: str) -> re.Pattern:
     return pattern
 
 
-def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int, int]]:
-    """(sha256, size, mtime_ns) of each file in the shard."""
+def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int]]:
+    """(sha256, size) of each file in the shard."""
     out = []
     for rel in shard:
         data = sources.read_bytes(root, rel)
-        size, mtime = sources.stat(root, rel)
-        out.append((workdir.sha256_bytes(data), size, mtime))
+        out.append((workdir.sha256_bytes(data), len(data)))
     return out
 
 
-def hash_files(cfg: IndexConfig, rels: list[str]) -> dict[str, tuple[str, int]]:
-    """sha256 and size of each file, reusing the cache for files whose size and mtime match."""
+def hash_files(cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]]) -> dict[str, tuple[str, int]]:
+    """sha256 and size of each file in ``versions``, reusing the cache for files whose
+    (size, version) the listing found unchanged (version: mtime locally, ETag for objects)."""
     cache_path = cfg.workdir.path(workdir.CACHE_DIR) / "hashes.json"
-    root = str(cfg.raw)
+    rels = list(versions)
     cache = {}
     if cache_path.exists():
         try:
@@ -101,9 +101,9 @@ def hash_files(cfg: IndexConfig, rels: list[str]) -> dict[str, tuple[str, int]]:
     result: dict[str, tuple[str, int]] = {}
     todo = []
     for rel in rels:
-        size, mtime = sources.stat(root, rel)
+        size, version = versions[rel]
         hit = cache.get(rel)
-        if hit and hit[0] == size and hit[1] == mtime:
+        if hit and version is not None and hit[0] == size and hit[1] == version:
             result[rel] = (hit[2], size)
         else:
             todo.append(rel)
@@ -113,9 +113,11 @@ def hash_files(cfg: IndexConfig, rels: list[str]) -> dict[str, tuple[str, int]]:
             cfg.executor, cfg.workers, cfg.scheduler
         ) as pool:
             for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
-                for rel, (digest, size, mtime) in zip(shard, hashed):
+                for rel, (digest, size) in zip(shard, hashed):
                     result[rel] = (digest, size)
-                    cache[rel] = [size, mtime, digest]
+                    # the version seen before reading: if the file changed since, the next
+                    # listing sees a new version and hashes it again
+                    cache[rel] = [versions[rel][0], versions[rel][1], digest]
                 bar.update(len(shard))
     live = {rel: cache[rel] for rel in rels if rel in cache}
     workdir.write_json(cache_path, {"root": root, "files": live})
@@ -123,11 +125,15 @@ def hash_files(cfg: IndexConfig, rels: list[str]) -> dict[str, tuple[str, int]]:
 
 
 def run(cfg: IndexConfig) -> IndexResult:
-    raw = cfg.raw
-    if not raw.exists():
-        raise PrepError(f"RAW folder {raw} does not exist")
-    if not raw.is_dir():
-        raise PrepError(f"RAW {raw} is not a folder (expected RAW/<class>/<image>)")
+    raw = sources.canonical(cfg.raw)
+    if not sources.exists(raw):
+        raise PrepError(f"RAW folder {cfg.raw} does not exist")
+    if not sources.is_dir(raw):
+        raise PrepError(f"RAW {cfg.raw} is not a folder (expected RAW/<class>/<image>)")
+    local = sources.local_path(raw)
+    for what, path in (("the work directory", cfg.workdir.root), ("--out", cfg.out)):
+        if local is not None and path.resolve().is_relative_to(Path(local).resolve()):
+            raise PrepError(f"{what} {path} is inside RAW {cfg.raw}; prep never writes into RAW")
     if cfg.labels_from not in ("folder", "filename"):
         raise PrepError(f"--labels-from must be folder or filename; received {cfg.labels_from!r}")
     pattern = compile_pattern(cfg.pattern) if cfg.labels_from == "filename" else None
@@ -148,6 +154,11 @@ def run(cfg: IndexConfig) -> IndexResult:
                 unlabelled.append(rel)
                 continue
             labelled.append((label, rel))
+    if not labelled and unlabelled:
+        raise PrepError(
+            f"no file name in {raw} matches --pattern {cfg.pattern!r}"
+            f" (e.g. {sorted(unlabelled, key=NATURAL)[0]}); the label is its (?P<label>...) group"
+        )
     if not labelled:
         raise PrepError(
             f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
@@ -156,7 +167,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         )
     labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
 
-    hashes = hash_files(cfg, [rel for _, rel in labelled])
+    hashes = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled})
     rows = [
         {"path": rel, "label": label, "sha256": hashes[rel][0], "bytes": hashes[rel][1]}
         for label, rel in labelled
@@ -166,21 +177,16 @@ def run(cfg: IndexConfig) -> IndexResult:
 
     empty: list[str] = []
     if pattern is None:
-        with os.scandir(raw) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=cfg.follow_links) and not sources.is_hidden(entry.name):
-                    if entry.name not in counts:
-                        empty.append(entry.name)
-        empty.sort(key=NATURAL)
+        empty = sorted((name for name in listing.folders if name not in counts), key=NATURAL)
         for name in empty:
-            log.warning("class folder %s has no images; it is not a class", raw / name)
+            log.warning("class folder %s/%s has no images; it is not a class", raw, name)
 
     workdir.write_csv(cfg.out, LABEL_COLUMNS, rows)
     skipped = {reason: len(items) for reason, items in sorted(listing.skipped.items())}
     workdir.write_json(
         cfg.workdir.path(workdir.INDEX_META),
         {
-            "raw": str(raw.resolve()),
+            "raw": raw,
             "labels": str(cfg.out.resolve()),
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
@@ -195,11 +201,11 @@ def run(cfg: IndexConfig) -> IndexResult:
     return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
 
 
-def raw_root(wd: workdir.Workdir, given: Path | None = None) -> Path:
-    """The RAW root recorded by the last `prep index` (or ``given``)."""
+def raw_root(wd: workdir.Workdir, given: str | Path | None = None) -> str:
+    """The RAW root (absolute path or URL) recorded by the last `prep index`, or ``given``."""
     if given is not None:
-        return given
+        return sources.canonical(given)
     meta = wd.path(workdir.INDEX_META)
     if not meta.exists():
         raise PrepError(f"{meta} does not exist; run `prep index RAW` first (or pass --raw)")
-    return Path(workdir.read_json(meta)["raw"])
+    return workdir.read_json(meta)["raw"]

@@ -27,13 +27,14 @@ log = logging.getLogger(__name__)
 RESIZED_COLUMNS = ["path", "label", "sha256", "resized", "status", "reason", "format", "mode", "width", "height", "settings"]
 REJECTED_COLUMNS = ["path", "label", "reason"]
 JOURNAL = "resized.journal"
+RETRY_REASONS = ("cannot read file", "file changed since")
 
 
 @dataclass
 class ResizeConfig:
     workdir: workdir.Workdir
     labels: Path
-    raw: Path | None = None
+    raw: str | Path | None = None  # a folder or an fsspec URL; default: the one index recorded
     spec: imaging.ResizeSpec = dataclasses.field(default_factory=imaging.ResizeSpec)
     strict: bool = False
     executor: str = "local"
@@ -116,7 +117,7 @@ def _previous_state(wd: workdir.Workdir) -> dict[str, dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    break  # the line a killed run was writing
+                    continue  # the line a killed run was writing (a rerun appends after it)
                 state[row["path"]] = row
     return state
 
@@ -126,7 +127,8 @@ def _is_current(prev: dict | None, sha: str, settings: str, out_dir: Path) -> bo
         return False
     if prev.get("status") == "ok":
         return (out_dir / prev["resized"]).is_file()
-    return prev.get("status") == "rejected"
+    # a file that could not be read, or had changed, may be fine next time: try it again
+    return prev.get("status") == "rejected" and not (prev.get("reason") or "").startswith(RETRY_REASONS)
 
 
 def run(cfg: ResizeConfig) -> ResizeResult:
@@ -138,13 +140,14 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     if spec.channels not in (1, 3):
         raise PrepError(f"--channels must be 1 or 3; received {spec.channels}")
     root = raw_root(wd, cfg.raw)
-    if not root.is_dir():
+    if not sources.is_dir(root):
         raise PrepError(f"RAW folder {root} recorded by `prep index` does not exist (pass --raw)")
     rows = workdir.read_csv(cfg.labels, LABEL_COLUMNS)
     if not rows:
         raise PrepError(f"{cfg.labels} lists no images; run `prep index RAW` first")
     out_dir = wd.path(workdir.RESIZED_DIR)
-    if out_dir.resolve().is_relative_to(root.resolve()):
+    local = sources.local_path(root)
+    if local is not None and out_dir.resolve().is_relative_to(Path(local).resolve()):
         raise PrepError(f"the work directory {wd.root} is inside RAW {root}; prep never writes into RAW")
 
     settings = workdir.fingerprint(dataclasses.asdict(spec))
@@ -170,7 +173,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
             len(todo), "resize", cfg.progress
         ) as bar, executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool:
             by_path = {r["path"]: r for r in rows}
-            for results in executors.map_shards(pool, resize_shard, shards, str(root), spec):
+            for results in executors.map_shards(pool, resize_shard, shards, root, spec):
                 for res in results:
                     row = by_path[res["path"]]
                     record = {
@@ -202,9 +205,13 @@ def run(cfg: ResizeConfig) -> ResizeResult:
 
     table = [{**state[r["path"]], "label": r["label"]} for r in rows]
     rejected = [r for r in table if r["status"] != "ok"]
-    workdir.write_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
-    workdir.write_csv(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
+    _write_csv_if_changed(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
+    workdir.write_json(wd.path("resize.json"), dataclasses.asdict(spec))  # the settings, for manifest.json
+    _write_csv_if_changed(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
     journal_path.unlink(missing_ok=True)
+    for name in (workdir.RESIZED, workdir.REJECTED):  # temporaries of a run killed while writing
+        for stale in wd.root.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     _remove_orphans(out_dir, {r["resized"] for r in table if r["status"] == "ok"})
 
     result = ResizeResult(
@@ -227,6 +234,13 @@ def run(cfg: ResizeConfig) -> ResizeResult:
             f"--strict: {len(rejected)} images rejected, first {first['path']}: {first['reason']}"
         )
     return result
+
+
+def _write_csv_if_changed(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Write the CSV only if its bytes change, so a rerun with nothing to do rewrites nothing."""
+    data = workdir.csv_bytes(columns, rows)
+    if not path.is_file() or path.read_bytes() != data:
+        workdir.atomic_write_bytes(path, data)
 
 
 def _remove_orphans(out_dir: Path, keep: set[str]) -> None:

@@ -66,7 +66,7 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise PrepError(f"--ratios needs three numbers train:valid:test (e.g. 7:2:1); received {text!r}")
     if any(v < 0 or math.isnan(v) or math.isinf(v) for v in values):
-        raise PrepError(f"--ratios must not be negative; received {text!r}")
+        raise PrepError(f"--ratios must be finite numbers, none negative; received {text!r}")
     total = sum(values)
     if total <= 0:
         raise PrepError(f"--ratios must not all be zero; received {text!r}")
@@ -172,6 +172,11 @@ def run(cfg: SplitConfig) -> SplitResult:
     for label, n in small.items():
         log.warning("dropping class %r: %d images, fewer than the %d splits need", label, n, needed)
     rows = [r for r in rows if r["label"] not in small]
+    if not rows:
+        raise PrepError(f"every class has fewer than the {needed} images the ratios need; nothing left to split")
+    # index order (class, then path): the output and the conflicts reported do not depend on
+    # the order of the input rows
+    rows.sort(key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))
 
     conflicts = find_conflicts(rows)
     for a, la, b, lb in conflicts:
@@ -179,6 +184,7 @@ def run(cfg: SplitConfig) -> SplitResult:
     splits = assign(rows, cfg.ratios, cfg.seed)
     out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
     workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
+    workdir.write_json(cfg.workdir.path("split.json"), {"ratios": list(cfg.ratios), "seed": cfg.seed})  # for manifest.json
 
     table: dict[str, dict[str, int]] = {}
     for label in sorted({r["label"] for r in rows}, key=NATURAL):

@@ -1,0 +1,278 @@
+"""The per-image transform: every kind of input to the right 8-bit pixels, or a reason."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import imaging
+from pipeline.imaging import Rejected, ResizeSpec
+
+RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def pixels(data: bytes, **spec) -> np.ndarray:
+    img, _ = imaging.transform(data, ResizeSpec(**spec))
+    return imaging.to_array(img).astype(int)
+
+
+def quadrants(width: int, height: int) -> np.ndarray:
+    """An (H, W, 3) image: red, green / blue, white quadrants, so every flip and turn shows."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    arr[:h, :w], arr[:h, w:], arr[h:, :w], arr[h:, w:] = RED, GREEN, BLUE, WHITE
+    return arr
+
+
+def quadrant_means(arr: np.ndarray) -> np.ndarray:
+    h, w = arr.shape[0] // 2, arr.shape[1] // 2
+    # the centre of each quadrant, away from JPEG and resampling blur at the borders
+    return np.array([
+        arr[y0 + h // 4: y0 + 3 * h // 4, x0 + w // 4: x0 + 3 * w // 4].reshape(-1, arr.shape[2]).mean(0)
+        for y0 in (0, h) for x0 in (0, w)
+    ])
+
+
+# EXIF orientation -> what a viewer shows, written independently of Pillow
+ORIENTED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1, :],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTED))
+def test_exif_orientation_is_applied(orientation):
+    stored = quadrants(160, 96)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    expected = ORIENTED[orientation](stored)
+    height, width = expected.shape[:2]
+    out = pixels(data, width=width // 4, height=height // 4)
+    assert out.shape == (height // 4, width // 4, 3)
+    assert np.abs(quadrant_means(out) - quadrant_means(expected)).max() < 20
+
+
+def test_16_bit_gradient_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)
+    img = Image.fromarray(np.tile(ramp, (4, 1)))
+    assert img.mode == "I;16"
+    out = pixels(encode(img, "PNG"), width=256, height=4, channels=1)[0, :, 0]
+    expected = np.rint(ramp.astype(np.int64) * 255 / 65535)
+    assert out.max() == 255 and out.min() == 0
+    np.testing.assert_allclose(out, expected, atol=1)
+    assert np.all(np.diff(out) >= 0)
+    assert abs(out[128] - 128) <= 1  # mid-grey stays mid-grey
+
+
+def test_16_bit_big_endian_tiff():
+    arr = np.full((4, 4), 32768, np.uint16)
+    img = Image.frombytes("I;16B", (4, 4), arr.astype(">u2").tobytes())
+    out = pixels(encode(img, "TIFF"), width=4, height=4, channels=1)
+    assert np.all(np.abs(out - 128) <= 1)
+
+
+def test_palette_with_transparency_becomes_the_background():
+    img = Image.new("P", (8, 8), 1)
+    img.putpalette([0, 0, 0, *RED, *GREEN] + [0] * (256 - 3) * 3)
+    for x in range(4):
+        for y in range(8):
+            img.putpixel((x, y), 0)  # left half: palette entry 0, marked transparent
+    data = encode(img, "PNG", transparency=0)
+    out = pixels(data, width=8, height=8, interpolation="nearest")
+    assert (out[:, :4] == WHITE).all() and (out[:, 4:] == RED).all()
+    out = pixels(data, width=8, height=8, interpolation="nearest", background=BLUE)
+    assert (out[:, :4] == BLUE).all() and (out[:, 4:] == RED).all()
+
+
+def test_palette_without_transparency_keeps_its_colours():
+    img = Image.new("P", (4, 4), 2)
+    img.putpalette([0, 0, 0, *RED, *GREEN] + [0] * (256 - 3) * 3)
+    assert (pixels(encode(img, "PNG"), width=4, height=4) == GREEN).all()
+
+
+@pytest.mark.parametrize("mode, opaque, clear", [("LA", (90, 255), (200, 0)), ("RGBA", (*GREEN, 255), (*RED, 0))])
+def test_alpha_is_composited_over_the_background(mode, opaque, clear):
+    img = Image.new(mode, (8, 8), clear)
+    img.paste(Image.new(mode, (4, 8), opaque), (4, 0))
+    half = Image.new(mode, (8, 1), opaque[:-1] + (128,))
+    img.paste(half, (0, 7))
+    data = encode(img, "PNG")
+    out = pixels(data, width=8, height=8, interpolation="nearest")
+    expected_opaque = (opaque[0],) * 3 if mode == "LA" else opaque[:3]
+    assert (out[:7, :4] == WHITE).all()  # default background: white
+    assert (out[:7, 4:] == expected_opaque).all()
+    # half transparent over white
+    blended = np.rint(np.array(expected_opaque) * 128 / 255 + 255 * (1 - 128 / 255))
+    assert np.abs(out[7, 0] - blended).max() <= 1
+    out = pixels(data, width=8, height=8, interpolation="nearest", background=BLACK)
+    assert (out[:7, :4] == BLACK).all()
+
+
+def test_rgb_png_with_a_transparent_colour():
+    img = Image.new("RGB", (4, 4), GREEN)
+    img.putpixel((0, 0), RED)
+    out = pixels(encode(img, "PNG", transparency=RED), width=4, height=4, interpolation="nearest")
+    assert tuple(out[0, 0]) == WHITE and tuple(out[1, 1]) == GREEN
+
+
+def test_cmyk_jpeg_is_converted_to_rgb():
+    img = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # no black, full magenta and yellow: red
+    img.paste((255, 0, 255, 0), (8, 0, 16, 16))  # cyan + yellow: green
+    out, info = imaging.transform(encode(img, "JPEG", quality=95), ResizeSpec(width=16, height=16))
+    assert info.mode == "CMYK"
+    arr = imaging.to_array(out).astype(int)
+    assert np.abs(arr[4:12, 1:6] - RED).max() < 30
+    assert np.abs(arr[4:12, 10:15] - GREEN).max() < 30
+
+
+def test_mode_1_bilevel():
+    img = Image.new("1", (8, 8), 0)
+    img.paste(1, (0, 0, 4, 8))
+    out = pixels(encode(img, "PNG"), width=8, height=8, interpolation="nearest")
+    assert (out[:, :4] == WHITE).all() and (out[:, 4:] == BLACK).all()
+    assert pixels(encode(img, "TIFF"), width=8, height=8, channels=1, interpolation="nearest").shape == (8, 8, 1)
+
+
+def test_float_tiff_in_0_1_is_scaled_and_others_clipped():
+    ramp = np.linspace(0.0, 1.0, 11, dtype=np.float32).reshape(1, 11)
+    out = pixels(encode(Image.fromarray(ramp), "TIFF"), width=11, height=1, channels=1, interpolation="nearest")
+    np.testing.assert_array_equal(out[0, :, 0], np.rint(ramp[0].astype(np.float64) * 255))
+    wide = np.array([[-5.0, 0.0, 100.0, 300.0, np.nan]], np.float32)
+    out = pixels(encode(Image.fromarray(wide), "TIFF"), width=5, height=1, channels=1, interpolation="nearest")
+    assert list(out[0, :, 0]) == [0, 0, 100, 255, 0]
+
+
+def test_int32_tiff_is_treated_as_16_bit():
+    arr = np.array([[0, 65535, 32768, 70000, -4]], np.int32)
+    img = Image.fromarray(arr)
+    assert img.mode == "I"
+    out = pixels(encode(img, "TIFF"), width=5, height=1, channels=1, interpolation="nearest")
+    assert list(out[0, :, 0]) == [0, 255, 128, 255, 0]
+
+
+def test_animated_gif_uses_the_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in (RED, BLUE, GREEN)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    with Image.open(io.BytesIO(data)) as check:
+        assert check.n_frames == 3
+    assert (pixels(data, width=4, height=4) == RED).all()
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"this is a text file, not an image\n", "not an image"),
+        (encode(Image.new("RGB", (8, 8)), "PDF"), "not an image"),
+    ],
+)
+def test_unreadable_inputs_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(Rejected, match=reason):
+        imaging.transform(data, ResizeSpec())
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_truncated_jpeg_is_rejected(keep):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(Rejected, match="truncated|corrupt|cannot open"):
+        imaging.transform(data[: int(len(data) * keep)], ResizeSpec())
+
+
+def test_truncated_png_is_rejected():
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "PNG")
+    with pytest.raises(Rejected, match="truncated|corrupt"):
+        imaging.transform(data[: len(data) // 2], ResizeSpec())
+
+
+def test_decompression_bomb_is_rejected_against_max_pixels():
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    for limit in (1000, 6000):  # Pillow errors above 2x its limit and warns above 1x: both rejected
+        with pytest.raises(Rejected, match=rf"decompression bomb.*10,?000 pixels.*{limit:,}"):
+            imaging.transform(data, ResizeSpec(max_pixels=limit))
+    img, _ = imaging.transform(data, ResizeSpec(max_pixels=10_000))
+    assert img.size == (32, 32)
+    assert Image.MAX_IMAGE_PIXELS == imaging.DEFAULT_MAX_PIXELS  # the global is put back
+
+
+@pytest.mark.parametrize("mode", ["stretch", "crop", "pad"])
+@pytest.mark.parametrize("size", ["32", "64x48"])
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("source", [(50, 20), (20, 50), (7, 7)])
+def test_output_shape(mode, size, channels, source):
+    width, height = imaging.parse_size(size)
+    data = encode(Image.fromarray(quadrants(*source)), "PNG")
+    img, info = imaging.transform(data, ResizeSpec(width=width, height=height, mode=mode, channels=channels))
+    assert img.mode == ("L" if channels == 1 else "RGB") and img.size == (width, height)
+    assert (info.width, info.height) == source
+    decoded = imaging.decode_png(imaging.encode_png(img), channels)
+    assert decoded.shape == (height, width, channels) and decoded.dtype == np.uint8
+
+
+def test_pad_letterboxes_with_the_fill_colour():
+    data = encode(Image.new("RGB", (40, 20), RED), "PNG")
+    out = pixels(data, width=32, height=32, mode="pad", fill=BLUE)
+    assert (out[8:24] == RED).all()  # 40x20 scaled to 32x16, centred
+    assert (out[:8] == BLUE).all() and (out[24:] == BLUE).all()
+    tall = pixels(encode(Image.new("RGB", (10, 40), GREEN), "PNG"), width=16, height=16, mode="pad", fill=WHITE)
+    assert (tall[:, 6:10] == GREEN).all() and (tall[:, :6] == WHITE).all() and (tall[:, 10:] == WHITE).all()
+    grey = pixels(data, width=32, height=32, mode="pad", fill=(255, 255, 255), channels=1)
+    assert (grey[:8] == 255).all()
+
+
+def test_crop_keeps_the_centre():
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, :20] = RED
+    arr[:, 20:40] = GREEN
+    arr[:, 40:] = BLUE
+    out = pixels(encode(Image.fromarray(arr), "PNG"), width=10, height=10, mode="crop")
+    assert (out[:, 1:-1] == GREEN).all()
+    stretched = pixels(encode(Image.fromarray(arr), "PNG"), width=12, height=10, mode="stretch")
+    assert (stretched[:, 0] == RED).all() and (stretched[:, -1] == BLUE).all()
+
+
+def test_transform_is_deterministic():
+    noise = np.random.default_rng(1).integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG")
+    spec = ResizeSpec(width=16, height=24, mode="crop", interpolation="lanczos")
+    first = imaging.encode_png(imaging.transform(data, spec)[0])
+    assert imaging.encode_png(imaging.transform(data, spec)[0]) == first
+
+
+@pytest.mark.parametrize("text, expected", [("32", (32, 32)), ("64x48", (64, 48)), ("64X48", (64, 48))])
+def test_parse_size(text, expected):
+    assert imaging.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "32x", "axb", "1x2x3", "", "99999"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match=repr(text)):
+        imaging.parse_size(text)
+
+
+@pytest.mark.parametrize("text, expected", [("white", WHITE), ("#ff0000", RED), ("0,255,0", GREEN)])
+def test_parse_color(text, expected):
+    assert imaging.parse_color(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nope", "1,2", "0,0,256", "#12"])
+def test_parse_color_rejects(text):
+    with pytest.raises(ValueError, match=repr(text)):
+        imaging.parse_color(text)

@@ -1,0 +1,290 @@
+"""`prep index`: labels from folders or file names, what is skipped, order, CSV, hashes, cache."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+
+import pandas as pd
+import pytest
+
+from conftest import assert_one_line_error, make_tree, tree_digests, write_image
+from pipeline import workdir
+from pipeline.errors import PrepError
+from pipeline.stages import index
+
+
+def read_labels(path):
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def config(tmp_path, raw, **kw):
+    wd = workdir.Workdir(tmp_path / "work")
+    return index.IndexConfig(raw=raw, workdir=wd, out=wd.path("labels.csv"), executor="serial", progress=False, **kw)
+
+
+def test_class_is_the_first_level_folder_and_deeper_files_belong_to_it(tmp_path, prep):
+    raw = tmp_path / "raw"
+    write_image(raw / "cat" / "a.png")
+    write_image(raw / "cat" / "indoor" / "sofa" / "b.png")
+    write_image(raw / "dog" / "2021" / "c.png")
+    result = prep("index", raw)
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert [(r["path"], r["label"]) for r in rows] == [
+        ("cat/a.png", "cat"),
+        ("cat/indoor/sofa/b.png", "cat"),
+        ("dog/2021/c.png", "dog"),
+    ]
+    assert "Found 3 images in 2 classes (skipped 0 files)" in result.stdout
+
+
+def test_files_directly_in_raw_are_skipped_in_folder_mode(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 2})
+    write_image(raw / "loose.png")
+    result = prep("index", raw)
+    assert "Found 2 images in 1 classes (skipped 1 files)" in result.stdout
+    meta = json.loads((tmp_path / "work" / "index.json").read_text())
+    assert meta["skipped"] == {"not in a class folder": 1}
+
+
+def test_labels_from_filename_with_the_default_pattern(tmp_path, prep):
+    raw = tmp_path / "flat"
+    for name in ["drop-12.png", "drop-2.png", "motor-3.png", "motor-10.jpg", "wet-road-7.png", "nodigits.png"]:
+        write_image(raw / name)
+    result = prep("index", raw, "--labels-from", "filename")
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert [(r["path"], r["label"]) for r in rows] == [
+        ("drop-2.png", "drop"),
+        ("drop-12.png", "drop"),
+        ("motor-3.png", "motor"),
+        ("motor-10.jpg", "motor"),
+        ("wet-road-7.png", "wet-road"),
+    ]
+    assert "Found 5 images in 3 classes (skipped 1 files)" in result.stdout
+
+
+def test_labels_from_filename_with_a_custom_pattern(tmp_path, prep):
+    raw = tmp_path / "flat"
+    for name in ["IMG_cat_001.png", "IMG_dog_002.png", "sub/IMG_cat_003.png", "other.png"]:
+        write_image(raw / name)
+    result = prep("index", raw, "--labels-from", "filename", "--pattern", r"IMG_(?P<label>[a-z]+)_\d+")
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert {r["path"]: r["label"] for r in rows} == {
+        "IMG_cat_001.png": "cat", "sub/IMG_cat_003.png": "cat", "IMG_dog_002.png": "dog",
+    }
+
+
+@pytest.mark.parametrize("pattern", ["(unclosed", "no_group_here"])
+def test_a_bad_pattern_is_a_one_line_error(tmp_path, prep, pattern):
+    write_image(tmp_path / "raw" / "a-1.png")
+    assert_one_line_error(prep("index", tmp_path / "raw", "--labels-from", "filename", "--pattern", pattern), pattern)
+
+
+def test_extensions_are_case_insensitive(tmp_path, prep):
+    raw = tmp_path / "raw"
+    kinds = {"a.JPG": "JPEG", "b.Png": "PNG", "c.TIFF": "TIFF", "d.webp": "WEBP", "e.jpeg": "JPEG",
+             "f.Tif": "TIFF", "g.BMP": "BMP", "h.gif": "GIF"}
+    for name, fmt in kinds.items():
+        write_image(raw / "x" / name, fmt=fmt)
+    write_image(raw / "x" / "notes.txt.bak", fmt="PNG")
+    (raw / "x" / "readme.txt").write_text("not an image")
+    result = prep("index", raw)
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert sorted(r["path"].split("/")[1] for r in rows) == sorted(kinds)
+    assert "Found 8 images in 1 classes (skipped 2 files)" in result.stdout
+
+
+def test_hidden_and_junk_files_are_skipped_counted_and_never_classes(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 2, "dog": 2})
+    junk = [
+        "cat/.DS_Store", "cat/Thumbs.db", "cat/.hidden.png", "dog/desktop.ini",
+        ".ipynb_checkpoints/img0-checkpoint.png", "cat/.ipynb_checkpoints/img1-checkpoint.png",
+        "__MACOSX/cat/._img0.png", ".trash/x.png", ".DS_Store",
+    ]
+    for rel in junk:
+        write_image(raw / rel, fmt="PNG")
+    result = prep("index", raw)
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert {r["label"] for r in rows} == {"cat", "dog"}
+    assert len(rows) == 4
+    # a hidden folder counts once, whatever it holds
+    assert f"Found 4 images in 2 classes (skipped {len(junk)} files)" in result.stdout
+    meta = json.loads((tmp_path / "work" / "index.json").read_text())
+    assert meta["skipped"] == {"hidden": len(junk)}
+    assert meta["empty_classes"] == []
+
+
+def test_symlinks_are_followed_only_when_asked(tmp_path, prep):
+    elsewhere = make_tree(tmp_path / "elsewhere", {"more": 2})
+    raw = make_tree(tmp_path / "raw", {"cat": 2})
+    os.symlink(elsewhere / "more", raw / "linked_class")
+    os.symlink(elsewhere / "more" / "img0.png", raw / "cat" / "linked.png")
+    os.symlink(raw, raw / "cat" / "loop")  # would never end if followed blindly
+
+    result = prep("index", raw)
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert [r["path"] for r in rows] == ["cat/img0.png", "cat/img1.png"]
+    assert "(skipped 3 files)" in result.stdout
+
+    result = prep("index", raw, "--follow-links")
+    assert result.exit_code == 0, result.output
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert [r["path"] for r in rows] == [
+        "cat/img0.png", "cat/img1.png", "cat/linked.png", "linked_class/img0.png", "linked_class/img1.png",
+    ]
+    target = hashlib.sha256((elsewhere / "more" / "img0.png").read_bytes()).hexdigest()
+    assert rows[2]["sha256"] == target
+
+
+def test_natural_sort_and_the_same_csv_whatever_the_creation_order(tmp_path, prep):
+    names = [f"class{c}/img{i}.png" for c in (1, 2, 10) for i in (1, 2, 10, 11, 20)]
+    outputs = []
+    for attempt in range(2):
+        raw = tmp_path / f"raw{attempt}"
+        order = names[:]
+        random.Random(attempt).shuffle(order)
+        for rel in order:
+            write_image(raw / rel, color=(names.index(rel) * 5, 0, 0))
+        assert prep("index", raw, workdir=tmp_path / f"work{attempt}").exit_code == 0
+        outputs.append((tmp_path / f"work{attempt}" / "labels.csv").read_bytes())
+    assert outputs[0] == outputs[1]
+    rows = read_labels(tmp_path / "work0" / "labels.csv")
+    assert [r["path"] for r in rows] == names
+
+
+def test_csv_header_relative_paths_sha256_and_size(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    text = (tmp_path / "work" / "labels.csv").read_text(encoding="utf-8")
+    assert text.splitlines()[0].startswith("path,label")
+    rows = read_labels(tmp_path / "work" / "labels.csv")
+    assert len(rows) == 30
+    on_disk = {p.relative_to(tree).as_posix() for p in tree.rglob("*.png")}
+    assert {r["path"] for r in rows} == on_disk
+    for row in rows:
+        assert "\\" not in row["path"] and not row["path"].startswith("/")
+        data = (tree / row["path"]).read_bytes()
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert int(row["bytes"]) == len(data) == os.path.getsize(tree / row["path"])
+
+
+def test_odd_names_round_trip_through_csv_and_pandas(tmp_path, prep):
+    raw = tmp_path / "raw"
+    rels = [
+        "고양이/사진 1.png",
+        "고양이/a, b.png",
+        'with "quotes"/x.png',
+        "with, comma/y y.png",
+        "NA/nan.png",
+        "café crème/naïve.JPG",
+        "tab\tand 'single'/z.png",
+    ]
+    for i, rel in enumerate(rels):
+        write_image(raw / rel, color=(i * 30, 0, 0), fmt="JPEG" if rel.endswith("JPG") else "PNG")
+    result = prep("index", raw)
+    assert result.exit_code == 0, result.output
+    labels = tmp_path / "work" / "labels.csv"
+    expected = {rel: rel.split("/")[0] for rel in rels}
+    assert {r["path"]: r["label"] for r in read_labels(labels)} == expected
+    frame = pd.read_csv(labels, dtype=str, keep_default_na=False, encoding="utf-8")
+    assert dict(zip(frame["path"], frame["label"])) == expected
+    assert "고양이" in result.stdout
+
+
+def test_missing_raw_is_a_one_line_error(tmp_path, prep):
+    assert_one_line_error(prep("index", tmp_path / "nope"), "nope", "does not exist")
+
+
+def test_raw_that_is_a_file_is_a_one_line_error(tmp_path, prep):
+    path = write_image(tmp_path / "one.png")
+    assert_one_line_error(prep("index", path), "one.png", "not a folder")
+
+
+def test_raw_without_images_is_a_one_line_error(tmp_path, prep):
+    (tmp_path / "raw" / "cat").mkdir(parents=True)
+    (tmp_path / "raw" / "cat" / "notes.txt").write_text("hello")
+    assert_one_line_error(prep("index", tmp_path / "raw"), "no images found", "skipped 1 files")
+    assert not (tmp_path / "work" / "labels.csv").exists()
+
+
+def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 2})
+    (raw / "empty_class").mkdir()
+    (raw / "only_text").mkdir()
+    (raw / "only_text" / "a.txt").write_text("x")
+    result = prep("index", raw)
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 2
+    assert "empty_class" in warnings[0] and "only_text" in warnings[1]
+    assert "Found 2 images in 1 classes" in result.stdout
+
+
+def test_workdir_inside_raw_is_refused(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 2})
+    before = tree_digests(raw)
+    assert_one_line_error(prep("index", raw, workdir=raw / "processed"), "inside RAW")
+    assert_one_line_error(prep("index", raw, "--out", raw / "labels.csv"), "inside RAW")
+    assert tree_digests(raw) == before and not (raw / "processed").exists()
+
+
+def test_hash_cache_is_reused_and_changed_files_are_rehashed(tmp_path, monkeypatch):
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    hashed = []
+    real = workdir.sha256_bytes
+
+    def counting(data):
+        hashed.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(workdir, "sha256_bytes", counting)
+    first = index.run(config(tmp_path, raw))
+    assert len(hashed) == 6
+    before = (tmp_path / "work" / "labels.csv").read_bytes()
+
+    hashed.clear()
+    index.run(config(tmp_path, raw))
+    assert hashed == []
+    assert (tmp_path / "work" / "labels.csv").read_bytes() == before
+
+    # new content of the same size (a later mtime) and a new file: only those two are hashed
+    changed = raw / "dog" / "img1.png"
+    stat = changed.stat()
+    data = bytearray(changed.read_bytes())
+    data[-20] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    write_image(raw / "dog" / "new.png")
+    index.run(config(tmp_path, raw))
+    assert len(hashed) == 2
+    rows = {r["path"]: r for r in read_labels(tmp_path / "work" / "labels.csv")}
+    assert rows["dog/img1.png"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+    assert "dog/new.png" in rows and first.images == 6
+
+
+def test_index_run_rejects_bad_labels_from(tmp_path):
+    raw = make_tree(tmp_path / "raw", {"cat": 1})
+    with pytest.raises(PrepError, match="'path'"):
+        index.run(config(tmp_path, raw, labels_from="path"))
+
+
+def test_label_from_filename():
+    pattern = index.compile_pattern(index.DEFAULT_PATTERN)
+    assert index.label_from_filename("sub/drop-12.png", pattern) == "drop"
+    assert index.label_from_filename("a-b-1-2.jpeg", pattern) == "a-b-1"
+    assert index.label_from_filename("-3.png", pattern) is None
+    assert index.label_from_filename("drop.png", pattern) is None
+
+
+def test_no_name_matching_the_pattern_is_a_one_line_error_saying_so(tmp_path, prep):
+    write_image(tmp_path / "raw" / "cat" / "photo.png")
+    result = prep("index", tmp_path / "raw", "--labels-from", "filename")
+    assert_one_line_error(result, "matches --pattern", "cat/photo.png")

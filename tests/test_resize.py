@@ -1,0 +1,341 @@
+"""`prep resize`: every kind of input, rejects as data, resumable, incremental, deterministic."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_one_line_error, make_tree, tree_digests
+from pipeline import imaging, workdir
+from pipeline.stages import resize
+
+
+def save(path: Path, img: Image.Image, fmt: str, **params) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **params)
+    return path
+
+
+def make_messy_raw(raw: Path) -> dict[str, str]:
+    """One file of every input kind; returns the bad ones: path -> a word of the expected reason."""
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(raw / "photo" / "rotated.JPG", photo, "JPEG", exif=exif)
+    save(raw / "photo" / "plain.jpeg", photo, "JPEG")
+    save(raw / "photo" / "cmyk.jpg", photo.convert("CMYK"), "JPEG")
+    save(raw / "photo" / "photo.webp", photo, "WEBP")
+    save(raw / "photo" / "photo.BMP", photo, "BMP")
+    ramp16 = np.tile(np.arange(0, 65536, 1024, dtype=np.uint16), (8, 1))
+    save(raw / "scan" / "gradient16.png", Image.fromarray(ramp16), "PNG")
+    save(raw / "scan" / "bilevel.png", photo.convert("1"), "PNG")
+    save(raw / "scan" / "float.tif", Image.fromarray(rng.random((12, 12), dtype=np.float32)), "TIFF")
+    save(raw / "scan" / "int.TIFF", Image.fromarray(rng.integers(0, 65535, (12, 12)).astype(np.int32)), "TIFF")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    save(raw / "icon" / "palette_trns.png", palette, "PNG", transparency=0)
+    save(raw / "icon" / "la.png", photo.convert("LA"), "PNG")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(128)
+    save(raw / "icon" / "rgba.png", rgba, "PNG")
+    frames = [photo, photo.rotate(90), photo.rotate(180)]
+    save(raw / "icon" / "anim.gif", frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+    full = io.BytesIO()
+    photo.save(full, format="JPEG")
+    (raw / "photo" / "truncated.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 3])
+    (raw / "photo" / "empty.png").write_bytes(b"")
+    (raw / "scan" / "notes.jpg").write_text("this is not a picture\n")
+    save(raw / "scan" / "huge.png", Image.new("L", (300, 300)), "PNG")
+    return {
+        "photo/truncated.jpg": "truncated",
+        "photo/empty.png": "empty",
+        "scan/notes.jpg": "not an image",
+        "scan/huge.png": "decompression bomb",
+    }
+
+
+def snapshot(work: Path) -> dict[str, bytes]:
+    """The bytes of every resize output."""
+    outputs = sorted(p for p in (work / "resized").rglob("*") if p.is_file())
+    files = {p.relative_to(work).as_posix(): p.read_bytes() for p in outputs}
+    for name in ("resized.csv", "rejected.csv"):
+        files[name] = (work / name).read_bytes()
+    return files
+
+
+def mtimes(work: Path) -> dict[str, int]:
+    paths = [p for p in (work / "resized").rglob("*") if p.is_file()] + [work / "resized.csv", work / "rejected.csv"]
+    return {p.relative_to(work).as_posix(): p.stat().st_mtime_ns for p in paths}
+
+
+def age(work: Path) -> None:
+    """Set every output's mtime 100 s back, so a rewrite shows whatever the clock resolution."""
+    past = time.time_ns() - 100_000_000_000
+    for name in mtimes(work):
+        os.utime(work / name, ns=(past, past))
+
+
+def leftovers(work: Path) -> list[str]:
+    return sorted(p.name for p in work.rglob("*") if p.name.endswith(".tmp") or p.name == resize.JOURNAL)
+
+
+# -- inputs and rejects ----------------------------------------------------------------------
+
+
+def test_every_kind_of_input_and_bad_files_become_rejected_rows(tmp_path, prep):
+    raw = tmp_path / "raw"
+    bad = make_messy_raw(raw)
+    before = tree_digests(raw)
+    assert prep("index", raw).exit_code == 0
+    result = prep("resize", "--size", "16", "--max-pixels", "50000", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    assert "Resized 13 images" in result.stdout and "4 rejected" in result.stdout
+
+    work = tmp_path / "work"
+    rejected = workdir.read_csv(work / "rejected.csv", resize.REJECTED_COLUMNS)
+    assert {r["path"] for r in rejected} == set(bad)
+    for row in rejected:
+        assert bad[row["path"]] in row["reason"].lower(), row
+        assert row["label"] == row["path"].split("/")[0]
+    table = workdir.read_csv(work / "resized.csv", resize.RESIZED_COLUMNS)
+    ok = [r for r in table if r["status"] == "ok"]
+    assert len(ok) == 13
+    modes = {r["path"]: r["mode"] for r in ok}
+    assert (modes["scan/gradient16.png"], modes["photo/cmyk.jpg"], modes["scan/float.tif"]) == ("I;16", "CMYK", "F")
+    for row in ok:
+        data = (work / "resized" / row["resized"]).read_bytes()
+        assert imaging.decode_png(data, 3).shape == (16, 16, 3)
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.mode == "RGB"
+    # a rejected image leaves no output file, and RAW is untouched
+    assert not (work / "resized" / "photo" / "truncated.png").exists()
+    assert tree_digests(raw) == before
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert any("photo/truncated.jpg" in w for w in warnings)
+
+
+def test_rotated_jpeg_output_is_upright(tmp_path, prep):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = (255, 0, 0)  # left half red: after a 90 degree clockwise turn, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    save(tmp_path / "raw" / "a" / "r.jpg", Image.fromarray(arr), "JPEG", exif=exif, quality=95)
+    save(tmp_path / "raw" / "a" / "s.jpg", Image.fromarray(arr), "JPEG", quality=95)
+    assert prep("index", tmp_path / "raw").exit_code == 0
+    assert prep("resize", "--size", "10x20", "--executor", "serial").exit_code == 0
+    out = imaging.decode_png((tmp_path / "work" / "resized" / "a" / "r.png").read_bytes(), 3).astype(int)
+    assert out.shape == (20, 10, 3)
+    assert np.abs(out[2:8].mean((0, 1)) - (255, 0, 0)).max() < 30
+    assert np.abs(out[12:18].mean((0, 1))).max() < 30
+
+
+def test_every_image_bad_is_an_error(tmp_path, prep):
+    raw = tmp_path / "raw"
+    (raw / "a").mkdir(parents=True)
+    (raw / "a" / "x.jpg").write_text("text")
+    (raw / "a" / "y.png").write_bytes(b"")
+    assert prep("index", raw).exit_code == 0
+    assert_one_line_error(prep("resize", "--executor", "serial"), "every image was rejected")
+    assert len(workdir.read_csv(tmp_path / "work" / "rejected.csv")) == 2
+
+
+def test_strict_fails_on_any_reject_but_records_them(tmp_path, prep, tree):
+    (tree / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert prep("index", tree).exit_code == 0
+    assert_one_line_error(prep("resize", "--strict", "--executor", "serial"), "--strict", "cat/broken.png")
+    rejected = workdir.read_csv(tmp_path / "work" / "rejected.csv")
+    assert [r["path"] for r in rejected] == ["cat/broken.png"]
+    result = prep("resize", "--executor", "serial")
+    assert result.exit_code == 0 and "1 rejected" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, shape",
+    [
+        (("--size", "32"), (32, 32, 3)),
+        (("--size", "64x48"), (48, 64, 3)),
+        (("--size", "64x48", "--mode", "crop", "--channels", "1"), (48, 64, 1)),
+        (("--size", "20x30", "--mode", "pad", "--interpolation", "lanczos"), (30, 20, 3)),
+    ],
+)
+def test_output_shapes(tmp_path, prep, args, shape):
+    raw = make_tree(tmp_path / "raw", {"a": 2, "b": 1}, size=(50, 30))
+    assert prep("index", raw).exit_code == 0
+    assert prep("resize", *args, "--executor", "serial").exit_code == 0
+    outputs = sorted((tmp_path / "work" / "resized").rglob("*.png"))
+    assert len(outputs) == 3
+    for path in outputs:
+        assert imaging.decode_png(path.read_bytes(), shape[2]).shape == shape
+
+
+def test_pad_fill_reaches_the_files(tmp_path, prep):
+    save(tmp_path / "raw" / "a" / "wide.png", Image.new("RGB", (40, 10), (0, 255, 0)), "PNG")
+    assert prep("index", tmp_path / "raw").exit_code == 0
+    assert prep("resize", "--size", "8", "--mode", "pad", "--fill", "#0000ff", "--executor", "serial").exit_code == 0
+    out = imaging.decode_png((tmp_path / "work" / "resized" / "a" / "wide.png").read_bytes(), 3)
+    assert (out[0] == (0, 0, 255)).all() and (out[-1] == (0, 0, 255)).all() and (out[4] == (0, 255, 0)).all()
+
+
+def test_output_names_keep_colliding_names_apart():
+    names = resize.output_names(["a/x.jpg", "a/x.png", "a/Y.JPG", "a/y.png", "a/z.tif", "b/x.jpg"])
+    assert names == {
+        "a/x.jpg": "a/x.jpg.png", "a/x.png": "a/x.png.png", "a/Y.JPG": "a/Y.JPG.png", "a/y.png": "a/y.png.png",
+        "a/z.tif": "a/z.png", "b/x.jpg": "b/x.png",
+    }
+    assert len(set(names.values())) == len(names)
+
+
+def test_workdir_inside_raw_is_refused(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    before = tree_digests(tree)
+    result = prep("resize", "--labels", tmp_path / "work" / "labels.csv", "--raw", tree, workdir=tree / "processed")
+    assert_one_line_error(result, "inside RAW")
+    assert tree_digests(tree) == before and not (tree / "processed").exists()
+
+
+# -- reruns ----------------------------------------------------------------------------------
+
+
+def test_rerun_with_nothing_changed_rewrites_nothing(tmp_path, prep, tree):
+    (tree / "dog" / "bad.jpg").write_text("nope")
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    work = tmp_path / "work"
+    first = snapshot(work)
+    age(work)
+    aged = mtimes(work)
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert result.exit_code == 0
+    assert "Resized 0 images" in result.stdout and "31 already up to date" in result.stdout
+    assert mtimes(work) == aged
+    assert snapshot(work) == first
+
+
+def test_changing_the_size_redoes_everything(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    result = prep("resize", "--size", "6x4", "--executor", "serial")
+    assert "Resized 30 images" in result.stdout and "0 already up to date" in result.stdout
+    for path in (tmp_path / "work" / "resized").rglob("*.png"):
+        assert imaging.decode_png(path.read_bytes(), 3).shape == (4, 6, 3)
+
+
+def test_changing_one_source_redoes_only_that_one(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    work = tmp_path / "work"
+    before = snapshot(work)
+    age(work)
+    aged = mtimes(work)
+    save(tree / "cat" / "img3.png", Image.new("RGB", (24, 20), (0, 0, 0)), "PNG")
+    (tree / "dog" / "img0.png").unlink()
+
+    # resize follows labels.csv: until RAW is indexed again, there is nothing new to do
+    stale = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 0 images" in stale.stdout and mtimes(work) == aged
+
+    assert prep("index", tree).exit_code == 0
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in result.stdout and "28 already up to date" in result.stdout
+    after = snapshot(work)
+    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+    assert changed == {"resized/cat/img3.png", "resized/dog/img0.png", "resized.csv"}
+    assert "resized/dog/img0.png" not in after  # its source is gone
+    assert (imaging.decode_png(after["resized/cat/img3.png"], 3) == 0).all()
+    untouched = {k: v for k, v in mtimes(work).items() if k not in changed and k.startswith("resized/")}
+    assert len(untouched) == 28
+    assert untouched == {k: aged[k] for k in untouched}
+
+
+# -- determinism and interruption ------------------------------------------------------------
+
+
+def test_serial_one_and_two_workers_write_identical_bytes(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 15, "b": 12, "c": 9}, size=(30, 22))
+    make_messy_raw(raw)
+    runs = {}
+    ways = {"serial": ("--executor", "serial"), "one": ("--workers", "1"), "two": ("--workers", "2")}
+    for name, args in ways.items():
+        work = tmp_path / name
+        assert prep("index", raw, workdir=work).exit_code == 0
+        result = prep("resize", "--size", "12x10", "--mode", "crop", "--max-pixels", "50000", *args, workdir=work)
+        assert result.exit_code == 0, result.output
+        runs[name] = snapshot(work)
+    assert len(runs["serial"]) == 36 + 13 + 2
+    assert runs["serial"] == runs["one"] == runs["two"]
+
+
+def test_simulated_interruption_then_rerun_matches_a_clean_run(tmp_path, prep, tree):
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    for wd in (clean, work):
+        assert prep("index", tree, workdir=wd).exit_code == 0
+        assert prep("resize", "--size", "8", "--executor", "serial", workdir=wd).exit_code == 0
+    expected = snapshot(clean)
+
+    # what a killed run leaves: a journal of the first shards (its last line cut short), no
+    # resized.csv, later outputs missing or half-written under a temporary name, a temporary CSV
+    table = workdir.read_csv(work / "resized.csv")
+    lines = [json.dumps(row) for row in table[:10]]
+    (work / resize.JOURNAL).write_text("\n".join(lines) + "\n" + json.dumps(table[10])[:25])
+    (work / "resized.csv").unlink()
+    for row in table[10:]:
+        (work / "resized" / row["resized"]).unlink()
+    (work / "resized" / "dog" / ".img4.png.999.tmp").write_bytes(b"half a png")
+    (work / ".resized.csv.abc123.tmp").write_text("path,label\n")
+
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    assert "Resized 20 images" in result.stdout and "10 already up to date" in result.stdout
+    assert snapshot(work) == expected
+    assert leftovers(work) == []
+
+
+def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    for wd in (clean, work):
+        assert prep("index", raw, workdir=wd).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial", workdir=clean).exit_code == 0
+
+    # the same command, slowed down per image so that it can be killed half way
+    script = (
+        "import sys, time\n"
+        "from pipeline import cli, imaging\n"
+        "real = imaging.transform\n"
+        "imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]\n"
+        f"sys.argv = ['prep', '-q', '--workdir', {str(work)!r}, 'resize', '--size', '8', '--workers', '2']\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    journal = work / resize.JOURNAL
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count("\n") >= 8:
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail(f"resize finished before it could be killed: {proc.stderr.read().decode()}")
+    os.killpg(proc.pid, signal.SIGKILL)  # the command and its worker processes
+    proc.wait()
+    assert (work / resize.JOURNAL).exists() and not (work / "resized.csv").exists()
+
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    assert snapshot(work) == snapshot(clean)
+    assert leftovers(work) == []
+    skipped = int(re.search(r"(\d+) already up to date", result.stdout).group(1))
+    assert skipped >= 8  # at least the first journaled shard was not done again
