@@ -8,7 +8,9 @@ default). The files below are the contract between stages::
     resized/        resize  one lossless PNG per usable image, mirroring RAW's tree
     resized.csv     resize  path,sha256,resized,status,reason,width,height,mode
     rejected.csv    resize  path,label,reason          (images that could not be used)
+    resize.json     resize  the resize settings (size, mode, channels, ...)
     splits.csv      split   path,label,sha256,resized,split
+    split.json      split   ratios, seed
     classes.json    encode  {"classes": [...]}         (label id = position)
     encoded.csv     encode  splits.csv + label_id
     dataset.pkl.gz, dataset.h5, tfrecord/, manifest.json   pack
@@ -39,6 +41,8 @@ LABELS = "labels.csv"
 INDEX_META = "index.json"
 RESIZED_DIR = "resized"
 RESIZED = "resized.csv"
+RESIZE_SETTINGS = "resize.json"
+SPLIT_SETTINGS = "split.json"
 REJECTED = "rejected.csv"
 SPLITS = "splits.csv"
 CLASSES = "classes.json"
@@ -215,6 +219,8 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise PrepError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise PrepError(f"{path}: not UTF-8 text, so not a JSON file ({err.reason})") from None
 
 
 # -- hashing and up-to-date stamps -----------------------------------------------------------
@@ -243,38 +249,64 @@ class Stamp:
 
     A stamp holds the sha256 of each input file, the settings, and the sha256 of each output
     file. The stage is up to date when all three still match; a missing or edited output
-    makes it stale.
+    makes it stale. Paths inside the work directory are recorded relative to it, so a stamp
+    holds wherever the command is run from.
     """
 
     def __init__(self, workdir: Workdir, name: str):
+        self.root = workdir.root
         self.path = workdir.path(STAMPS_DIR) / f"{name}.json"
 
-    @staticmethod
-    def _state(inputs: Iterable[Path], settings: Any) -> dict:
+    def _key(self, path: Path) -> str:
+        path = Path(path)
+        with contextlib.suppress(ValueError):
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        return str(path.resolve())
+
+    def _path(self, key: str) -> Path:
+        return Path(key) if os.path.isabs(key) else self.root / key
+
+    def _state(self, inputs: Iterable[Path], settings: Any) -> dict:
         return {
-            "inputs": {str(p): sha256_file(p) for p in inputs},
+            "inputs": {self._key(p): sha256_file(p) for p in inputs},
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
         }
 
-    def is_current(self, inputs: Iterable[Path], settings: Any) -> bool:
-        if not self.path.exists():
-            return False
+    def explain(self, inputs: Iterable[Path], settings: Any) -> list[str]:
+        """Why the stage is not up to date (empty when it is): changed inputs, settings, outputs."""
         try:
             recorded = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            return False
+            return ["never run here"]
         state = self._state(inputs, settings)
-        if recorded.get("inputs") != state["inputs"] or recorded.get("settings") != state["settings"]:
-            return False
-        for name, digest in recorded.get("outputs", {}).items():
-            path = Path(name)
-            if not path.exists() or (path.is_file() and sha256_file(path) != digest):
-                return False
-        return True
+        reasons = []
+        before = recorded.get("inputs", {})
+        for key, digest in state["inputs"].items():
+            if before.get(key) != digest:
+                reasons.append(f"{key} changed" if key in before else f"new input {key}")
+        for key in before.keys() - state["inputs"].keys():
+            reasons.append(f"input {key} no longer used")
+        old, new = recorded.get("settings"), state["settings"]
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(old.keys() | new.keys()):
+                if old.get(key) != new.get(key):
+                    reasons.append(f"setting {key}: {old.get(key)!r} -> {new.get(key)!r}")
+        elif old != new:
+            reasons.append("settings changed")
+        for key, digest in recorded.get("outputs", {}).items():
+            path = self._path(key)
+            if not path.exists():
+                reasons.append(f"{key} is missing")
+            elif path.is_file() and sha256_file(path) != digest:
+                reasons.append(f"{key} was modified")
+        return reasons
+
+    def is_current(self, inputs: Iterable[Path], settings: Any) -> bool:
+        return not self.explain(inputs, settings)
 
     def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path]) -> None:
         state = self._state(inputs, settings)
-        state["outputs"] = {str(p): (sha256_file(p) if p.is_file() else "dir") for p in outputs}
+        state["outputs"] = {self._key(p): (sha256_file(p) if p.is_file() else "dir") for p in outputs}
         write_json(self.path, state)
 
     def clear(self) -> None:

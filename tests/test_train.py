@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -29,13 +30,19 @@ def _packaged(tmp_path: Path, shuffle_labels: bool = False, formats: str = "all"
     runner = CliRunner()
     for args in (["index", str(raw)], ["resize", "--size", "8", "--workers", "1"], ["split"], ["encode"]):
         assert _prep(runner, work, *args).exit_code == 0
-    if shuffle_labels:
+    if shuffle_labels:  # each image gets another image's (label, label_id): misaligned, but consistent
         encoded = work / "encoded.csv"
-        lines = encoded.read_text().splitlines()
-        header, rows = lines[0], [line.rsplit(",", 1) for line in lines[1:]]
-        ids = [r[1] for r in rows]
-        random.Random(0).shuffle(ids)
-        encoded.write_text("\n".join([header] + [f"{r[0]},{i}" for r, i in zip(rows, ids)]) + "\n")
+        with open(encoded, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames, list(reader)
+        pairs = [(r["label"], r["label_id"]) for r in rows]
+        random.Random(0).shuffle(pairs)
+        for row, (label, label_id) in zip(rows, pairs):
+            row["label"], row["label_id"] = label, label_id
+        with open(encoded, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     assert _prep(runner, work, "pack", "--format", formats).exit_code == 0
     return work
 

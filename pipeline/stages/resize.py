@@ -206,7 +206,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     table = [{**state[r["path"]], "label": r["label"]} for r in rows]
     rejected = [r for r in table if r["status"] != "ok"]
     _write_csv_if_changed(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
-    workdir.write_json(wd.path("resize.json"), dataclasses.asdict(spec))  # the settings, for manifest.json
+    workdir.write_json(wd.path(workdir.RESIZE_SETTINGS), dataclasses.asdict(spec))  # the settings, for manifest.json
     _write_csv_if_changed(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
     journal_path.unlink(missing_ok=True)
     for name in (workdir.RESIZED, workdir.REJECTED):  # temporaries of a run killed while writing

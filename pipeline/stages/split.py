@@ -184,7 +184,9 @@ def run(cfg: SplitConfig) -> SplitResult:
     splits = assign(rows, cfg.ratios, cfg.seed)
     out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
     workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
-    workdir.write_json(cfg.workdir.path("split.json"), {"ratios": list(cfg.ratios), "seed": cfg.seed})  # for manifest.json
+    settings = {"ratios": list(cfg.ratios), "seed": cfg.seed, "drop_small": cfg.drop_small}
+    workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), settings)  # for manifest.json
+    workdir.Stamp(cfg.workdir, "split").record(inputs, settings, [cfg.out])
 
     table: dict[str, dict[str, int]] = {}
     for label in sorted({r["label"] for r in rows}, key=NATURAL):

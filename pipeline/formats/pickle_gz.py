@@ -1,0 +1,141 @@
+"""pkl.gz: the mnist.pkl.gz layout, a gzipped pickle of ``[(x, y), (x, y), (x, y)]``.
+
+The three pairs are train, valid and test, loadable without prep::
+
+    train_set, valid_set, test_set = pickle.load(gzip.open(path), encoding='latin1')
+
+x is uint8 (N, H, W, C); ``flat`` makes it (N, H*W*C) and ``as_float`` float32 in [0, 1].
+y is int64 label ids. The format is one pickle, so the dataset is held in memory while
+writing and loading. The gzip header has mtime 0 and no file name, and the pickle protocol
+is fixed, so the bytes depend on the data only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import pickle
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import workdir
+from ..errors import PrepError, VerificationFailed
+
+OUTPUT = "dataset.pkl.gz"
+OPTIONS = ("flat", "as_float")
+PROTOCOL = 4  # fixed, not pickle.DEFAULT_PROTOCOL, so the bytes do not change with Python
+LEVEL = 6
+BATCH = 1024
+
+
+class _Writer:
+    def __init__(self, layout):
+        from . import SPLITS
+
+        self.x = {s: np.zeros((layout.counts.get(s, 0), *layout.shape), np.uint8) for s in SPLITS}
+        self.y = {s: np.zeros(layout.counts.get(s, 0), np.int64) for s in SPLITS}
+        self.filled = dict.fromkeys(SPLITS, 0)
+
+    def write(self, sample) -> None:
+        self.x[sample.split][sample.index] = sample.pixels
+        self.y[sample.split][sample.index] = sample.label
+        self.filled[sample.split] += 1
+
+
+@contextlib.contextmanager
+def writer(target: Path, layout, options) -> Iterator[_Writer]:
+    """Collect the samples in memory; on exit pickle them into ``target`` atomically."""
+    from . import SPLITS
+
+    w = _Writer(layout)
+    yield w
+    data = []
+    for split in SPLITS:
+        x = w.x[split]
+        if w.filled[split] != len(x):
+            raise PrepError(f"{target.name}: split {split} received {w.filled[split]} of {len(x)} samples")
+        if options.as_float:
+            x = np.divide(x, 255, dtype=np.float32)
+        if options.flat:
+            x = x.reshape(len(x), -1)
+        data.append((x, w.y[split]))
+    with workdir.atomic_write(target) as handle, gzip.GzipFile(
+        filename="", mode="wb", fileobj=handle, compresslevel=LEVEL, mtime=0
+    ) as gz:
+        pickle.dump(data, gz, protocol=PROTOCOL)
+
+
+def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored (flat or float if packed so)."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = pickle.load(handle, encoding="latin1")
+    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, AttributeError,
+            ImportError, IndexError) as err:
+        raise PrepError(f"{path}: not a readable pkl.gz dataset ({type(err).__name__}: {err})") from None
+    if not (
+        isinstance(data, (list, tuple))
+        and len(data) == 3
+        and all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in data)
+        and all(isinstance(a, np.ndarray) for pair in data for a in pair)
+    ):
+        raise PrepError(f"{path}: expected a pickled list of three (x, y) numpy array pairs")
+    return tuple((pair[0], pair[1]) for pair in data)
+
+
+def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
+    """(split, Batch) pairs as uint8 (N, H, W, C); checks dtypes and shapes against ``layout``."""
+    from . import SPLITS, Batch, to_images
+
+    try:
+        data = load(path)
+    except PrepError as err:
+        raise VerificationFailed(str(err).removeprefix(f"{path}: ")) from None
+    x_dtype = np.dtype(np.float32 if options.as_float else np.uint8)
+    for split, (x, y) in zip(SPLITS, data, strict=True):
+        n = len(x)
+        x_shape = (n, layout.height * layout.width * layout.channels) if options.flat else (n, *layout.shape)
+        if x.dtype != x_dtype or x.shape != x_shape:
+            raise VerificationFailed(f"split {split}: x is {x.dtype} {x.shape}; expected {x_dtype} {x_shape}")
+        if y.dtype != np.int64 or y.shape != (n,):
+            raise VerificationFailed(f"split {split}: y is {y.dtype} {y.shape}; expected int64 ({n},)")
+        for start in range(0, n, BATCH):
+            chunk = x[start : start + BATCH]
+            if options.as_float:
+                bad = np.flatnonzero(~((chunk >= 0) & (chunk <= 1)).reshape(len(chunk), -1).all(axis=1))
+                if bad.size:
+                    raise VerificationFailed(f"split {split}, index {start + int(bad[0])}: pixel values outside [0, 1]")
+            yield split, Batch(to_images(chunk, layout.shape), y[start : start + BATCH], None)
+
+
+def load_tf(path: str | Path, split: str):
+    """A tf.data.Dataset of (uint8 H x W x C image, int64 label), from memory."""
+    from . import SPLITS, to_images
+    from .tfrecord import import_tf
+
+    path = Path(path)
+    x, y = load(path)[SPLITS.index(split)]
+    shape = x.shape[1:] if x.ndim == 4 else _shape_beside(path)
+    tf = import_tf()
+    return tf.data.Dataset.from_tensor_slices((to_images(x, shape), y))
+
+
+def classes(path: Path) -> list[str] | None:
+    """None: the pickle holds label ids only (see classes.json or manifest.json beside it)."""
+    return None
+
+
+def _shape_beside(path: Path) -> tuple[int, int, int]:
+    manifest = path.with_name("manifest.json")
+    try:
+        image = json.loads(manifest.read_text(encoding="utf-8"))["image"]
+        return (int(image["height"]), int(image["width"]), int(image["channels"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PrepError(
+            f"{path} holds flat arrays; the image shape is in {manifest}, which is missing or unreadable"
+        ) from None

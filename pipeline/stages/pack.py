@@ -1,0 +1,289 @@
+"""`prep pack`: the split, label-encoded, resized images into pkl.gz, h5 and tfrecord, and manifest.json.
+
+Workers decode shards of resized PNGs (:func:`read_pngs`); this process hands each sample, in
+encoded.csv order, to the writer of every format being packed, so pixels are decoded once
+and memory stays bounded (except for pkl.gz, which is one pickle). Each output appears
+atomically when complete; manifest.json is written last. A format whose output still matches
+its inputs and options (a :class:`workdir.Stamp` per format) is not rewritten, and that check
+imports neither h5py nor tensorflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, executors, formats, imaging, manifest, workdir
+from ..errors import PrepError, StageInputMissing
+from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
+from .encode import ENCODED_COLUMNS, read_classes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackConfig:
+    workdir: workdir.Workdir
+    encoded: Path
+    formats: tuple[str, ...] = tuple(FORMATS)
+    options: PackOptions = field(default_factory=PackOptions)
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class PackResult:
+    written: list[str]  # formats packed by this run
+    current: list[str]  # formats already up to date
+    layout: Layout
+    sizes: dict[str, tuple[int, int]]  # format -> (files, bytes)
+    seconds: float
+
+    @property
+    def summary(self) -> str:
+        counts = ", ".join(f"{s} {self.layout.counts.get(s, 0)}" for s in SPLITS)
+        head = (
+            f"{'Packed' if self.written else 'Up to date:'} {sum(self.layout.counts.values())} images"
+            f" ({counts}; shape {self.layout.shape}; {len(self.layout.classes)} classes)"
+        )
+        if self.written:
+            head += f" in {self.seconds:.1f} s"
+        parts = []
+        for name, (files, size) in self.sizes.items():
+            state = "written" if name in self.written else "up to date"
+            where = f"/ {_human(size)} in {files} files" if files > 1 else f" {_human(size)}"
+            parts.append(f"{FORMATS[name].OUTPUT}{where} ({state})")
+        return head + ": " + ", ".join(parts)
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def parse_formats(names) -> tuple[str, ...]:
+    """``("all",)`` or format names -> the distinct formats in registry order."""
+    chosen = set()
+    for name in names or ("all",):
+        if name == "all":
+            chosen.update(FORMATS)
+        else:
+            formats.get(name)
+            chosen.add(name)
+    return tuple(n for n in FORMATS if n in chosen)
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+def decode(data: bytes) -> np.ndarray:
+    """The uint8 (H, W, C) pixels of a resized PNG (mode L or RGB); ValueError otherwise."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG" or img.mode not in ("L", "RGB"):
+                raise ValueError(f"expected an 8-bit L or RGB PNG, found {img.format} {img.mode}")
+            return imaging.to_array(img)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"not a readable PNG ({err})") from None
+
+
+def read_pngs(names: list[str], folder: str, want_png: bool) -> list[tuple[bytes | None, np.ndarray] | str]:
+    """(PNG bytes or None, pixels) for each resized file, or the reason it cannot be used."""
+    results: list = []
+    for name in names:
+        try:
+            data = (Path(folder) / name).read_bytes()
+            results.append((data if want_png else None, decode(data)))
+        except OSError as err:
+            results.append(f"cannot read ({err.strerror or err})")
+        except ValueError as err:
+            results.append(str(err))
+    return results
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def read_rows(encoded: Path, classes: list[str]) -> list[dict]:
+    """encoded.csv rows, with ``label_id`` an int checked against classes.json."""
+    rows = workdir.read_csv(encoded, ENCODED_COLUMNS)
+    if not rows:
+        raise PrepError(f"{encoded} has no rows; run `prep encode` first")
+    for line, row in enumerate(rows, start=2):
+        try:
+            label_id = int(row["label_id"])
+        except ValueError:
+            label_id = -1
+        if not 0 <= label_id < len(classes) or classes[label_id] != row["label"]:
+            raise PrepError(
+                f"{encoded} line {line}: label {row['label']!r} with id {row['label_id']!r}"
+                f" does not match classes.json; run `prep encode` again"
+            )
+        if row["split"] not in SPLITS:
+            raise PrepError(f"{encoded} line {line}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        if not row["resized"]:
+            raise PrepError(
+                f"{encoded} line {line}: {row['path']} has no resized file; run `prep resize` then `prep split`"
+            )
+        row["label_id"] = label_id
+    return rows
+
+
+def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
+    """The files pack's outputs depend on (settings files only when the stages wrote them)."""
+    classes = wd.path(workdir.CLASSES)
+    if not classes.exists():
+        raise StageInputMissing(f"{classes} does not exist; run `prep encode` first")
+    optional = [wd.path(n) for n in (workdir.RESIZED, manifest.RESIZE_SETTINGS, manifest.SPLIT_SETTINGS)]
+    return [encoded, classes] + [p for p in optional if p.exists()]
+
+
+def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str]) -> Layout:
+    """Image shape from the first resized PNG; sample and PNG byte counts per split."""
+    from PIL import Image
+
+    folder = wd.path(workdir.RESIZED_DIR)
+    counts = Counter(r["split"] for r in rows)
+    png_bytes = Counter()
+    for row in rows:
+        path = folder / row["resized"]
+        try:
+            png_bytes[row["split"]] += path.stat().st_size
+        except FileNotFoundError:
+            raise PrepError(f"resized image {path} is missing (for {row['path']}); run `prep resize` again") from None
+    first = folder / rows[0]["resized"]
+    try:
+        with Image.open(first) as img:
+            width, height, mode = img.width, img.height, img.mode
+    except OSError as err:
+        raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
+    if mode not in ("L", "RGB"):
+        raise PrepError(f"{first}: expected an 8-bit L or RGB PNG, found mode {mode}; run `prep resize` again")
+    channels = 1 if mode == "L" else 3
+    spec = manifest.optional_json(wd.path(manifest.RESIZE_SETTINGS))
+    if spec and (spec.get("width"), spec.get("height"), spec.get("channels")) != (width, height, channels):
+        raise PrepError(
+            f"{first} is {width}x{height} with {channels} channels but {manifest.RESIZE_SETTINGS} says"
+            f" {spec.get('width')}x{spec.get('height')} with {spec.get('channels')}; run `prep resize` again"
+        )
+    return Layout(height, width, channels, tuple(classes), {s: counts[s] for s in SPLITS},
+                  {s: png_bytes[s] for s in SPLITS}, __version__)
+
+
+def per_class_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
+    counts = Counter((r["split"], r["label"]) for r in rows)
+    return {s: {c: counts[(s, c)] for c in classes if counts[(s, c)]} for s in SPLITS}
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def _stamp(wd: workdir.Workdir, name: str) -> workdir.Stamp:
+    return workdir.Stamp(wd, f"pack-{name}")
+
+
+def _stamp_settings(options: dict) -> dict:
+    return {"prep_version": __version__, "options": options}
+
+
+def _previous_manifest(wd: workdir.Workdir) -> dict | None:
+    with contextlib.suppress(PrepError):
+        return manifest.read(wd)
+    return None
+
+
+def run(cfg: PackConfig) -> PackResult:
+    started = time.perf_counter()
+    wd = cfg.workdir
+    requested = parse_formats(cfg.formats)
+    if not cfg.encoded.exists():
+        raise StageInputMissing(f"{cfg.encoded} does not exist; run `prep encode` first")
+    inputs = inputs_of(wd, cfg.encoded)
+    previous = _previous_manifest(wd)
+
+    listed = {name: formats.settings(name, cfg.options) for name in requested}
+    todo = [n for n in requested if not _stamp(wd, n).is_current(inputs, _stamp_settings(listed[n]))]
+    # Formats not asked for stay in the manifest while they still match the inputs.
+    previous_pack = (previous or {}).get("settings", {}).get("pack", {})
+    for name in FORMATS:
+        if name in requested or not manifest.output_files(wd.root, name):
+            continue
+        options = previous_pack.get(name)
+        if options is not None and _stamp(wd, name).is_current(inputs, _stamp_settings(options)):
+            listed[name] = options
+        else:
+            log.warning("%s is out of date and left out of %s; run `prep pack --format %s` to update it",
+                        wd.path(FORMATS[name].OUTPUT), workdir.MANIFEST, name)
+
+    manifest_stamp = _stamp(wd, "manifest")
+    if todo or previous is None or not manifest_stamp.is_current(inputs, _stamp_settings(listed)):
+        classes = read_classes(wd.path(workdir.CLASSES))
+        rows = read_rows(cfg.encoded, classes)
+        layout = make_layout(wd, rows, classes)
+        if todo:
+            _pack(cfg, rows, layout, todo)
+        previous = manifest.build(wd, layout, per_class_counts(rows, classes), inputs, listed)
+        manifest.write(wd, previous)
+        for name in todo:
+            outputs = [wd.root / f for f in manifest.output_files(wd.root, name)]
+            _stamp(wd, name).record(inputs, _stamp_settings(listed[name]), outputs)
+        manifest_stamp.record(inputs, _stamp_settings(listed), [wd.path(workdir.MANIFEST)])
+
+    sizes = {}
+    for name in listed:
+        entries = [f for f in previous["files"].values() if f["format"] == name]
+        sizes[name] = (len(entries), sum(f["bytes"] for f in entries))
+    current = [n for n in requested if n not in todo]
+    return PackResult(todo, current, manifest.layout(previous), sizes, time.perf_counter() - started)
+
+
+def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) -> None:
+    wd = cfg.workdir
+    folder = wd.path(workdir.RESIZED_DIR)
+    workers = cfg.workers or executors.cpu_count()
+    shards = executors.chunk(rows, workers, max_size=256)
+    names = [[r["resized"] for r in shard] for shard in shards]
+    position = dict.fromkeys(SPLITS, 0)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler))
+        writers = [
+            stack.enter_context(FORMATS[name].writer(wd.path(FORMATS[name].OUTPUT), layout, cfg.options))
+            for name in todo
+        ]
+        bar = stack.enter_context(executors.progress(len(rows), "pack", cfg.progress))
+        results = executors.map_shards(pool, read_pngs, names, str(folder), "tfrecord" in todo)
+        for shard, shard_results in zip(shards, results, strict=True):
+            for row, result in zip(shard, shard_results, strict=True):
+                path = folder / row["resized"]
+                if isinstance(result, str):
+                    raise PrepError(f"resized image {path}: {result}; run `prep resize` again")
+                png, pixels = result
+                if pixels.shape != layout.shape:
+                    raise PrepError(
+                        f"resized image {path} is {_shape(pixels.shape)} but {folder / rows[0]['resized']} is"
+                        f" {_shape(layout.shape)}; the images must all have one shape (run `prep resize` again)"
+                    )
+                sample = Sample(row["split"], position[row["split"]], row["label_id"], row["path"], png, pixels)
+                position[row["split"]] += 1
+                for w in writers:
+                    w.write(sample)
+            bar.update(len(shard))
+
+
+def _shape(shape) -> str:
+    h, w, c = shape
+    return f"{w}x{h} with {c} channel{'s' * (c != 1)}"

@@ -1,0 +1,235 @@
+"""`prep verify`: prove that the packaged files hold what manifest.json says they hold.
+
+Checks in order, stopping at the first mismatch with a one-line message that names the
+file, split and index:
+
+1. files: every file listed in manifest.json is present with its size and sha256, and no
+   unlisted file sits in a packaged folder;
+2. inputs: encoded.csv and classes.json are the ones packed, its counts match the manifest,
+   and no content hash (sha256) appears in two splits;
+3. formats: every format's structure (counts, shapes, dtypes, attributes), read back with the
+   format's own reader;
+4. samples, streaming: in every format each sample's label is in range and equals encoded.csv's,
+   its path (where stored) too, and the digest of its pixels equals the digest of the resized
+   PNG it came from (decoded in worker processes), so all formats hold identical pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .. import executors, manifest, workdir
+from ..errors import PrepError, VerificationFailed
+from ..formats import FORMATS, SPLITS, Layout, PackOptions
+from .encode import ENCODED_COLUMNS
+from .pack import decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyConfig:
+    workdir: workdir.Workdir
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class VerifyResult:
+    formats: list[str]
+    files: int
+    bytes: int
+    layout: Layout
+    against_source: bool
+    seconds: float
+
+    @property
+    def summary(self) -> str:
+        counts = ", ".join(f"{s} {self.layout.counts[s]}" for s in SPLITS)
+        reference = "the resized PNGs" if self.against_source else "each other (resized PNGs not found)"
+        return (
+            f"Verified {', '.join(self.formats)}: {self.files} files, {self.bytes:,} bytes,"
+            f" {sum(self.layout.counts.values())} images ({counts}; shape {self.layout.shape};"
+            f" {len(self.layout.classes)} classes)"
+            f" in {self.seconds:.1f} s. Checksums, counts, shapes, dtypes and labels match;"
+            f" pixels match {reference}."
+        )
+
+
+def check_files(wd: workdir.Workdir, data: dict) -> None:
+    """Every listed file present with its size and sha256; no unlisted files in the outputs."""
+    listed = data["files"]
+    for rel, entry in listed.items():
+        path = wd.root / rel
+        if not path.is_file():
+            raise VerificationFailed(f"{rel}: missing (listed in {workdir.MANIFEST})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise VerificationFailed(f"{rel}: {size} bytes; {workdir.MANIFEST} says {entry['bytes']}")
+        digest = workdir.sha256_file(path)
+        if digest != entry["sha256"]:
+            raise VerificationFailed(
+                f"{rel}: sha256 {digest[:12]}... differs from {workdir.MANIFEST} ({entry['sha256'][:12]}...)"
+            )
+    packed = data["settings"]["pack"]["formats"]
+    for name in FORMATS:
+        on_disk = manifest.output_files(wd.root, name)
+        if name in packed:
+            extra = [rel for rel in on_disk if rel not in listed]
+            if extra:
+                raise VerificationFailed(f"{extra[0]}: not listed in {workdir.MANIFEST}")
+        elif on_disk:
+            log.warning("%s is not in %s (out of date); it was not verified", FORMATS[name].OUTPUT, workdir.MANIFEST)
+
+
+def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
+    """The encoded.csv rows packed, checked against the manifest and for leaks between splits."""
+    for rel, digest in data["inputs"].items():
+        path = wd.root / rel
+        if not path.is_file():
+            raise VerificationFailed(f"{rel}: missing; the packaged files were made from it")
+        if workdir.sha256_file(path) != digest:
+            raise VerificationFailed(f"{rel}: changed since `prep pack` (sha256 differs from {workdir.MANIFEST});"
+                                     " run `prep pack` again")
+    encoded = wd.path(workdir.ENCODED)
+    rows = workdir.read_csv(encoded, ENCODED_COLUMNS)
+    counts = Counter(r["split"] for r in rows)
+    per_class = Counter((r["split"], r["label"]) for r in rows)
+    for split in SPLITS:
+        if counts[split] != layout.counts[split]:
+            raise VerificationFailed(
+                f"{workdir.MANIFEST}: split {split} counts {layout.counts[split]} images;"
+                f" {encoded.name} has {counts[split]}"
+            )
+        for label, n in data["splits"][split].get("classes", {}).items():
+            if per_class[(split, label)] != n:
+                raise VerificationFailed(
+                    f"{workdir.MANIFEST}: split {split} counts {n} of class {label!r}; {encoded.name} has"
+                    f" {per_class[(split, label)]}"
+                )
+    first: dict[str, dict] = {}
+    for row in rows:
+        seen = first.setdefault(row["sha256"], row)
+        if seen["split"] != row["split"]:
+            raise VerificationFailed(
+                f"{encoded.name}: content {row['sha256'][:12]}... is in two splits: {seen['path']} ({seen['split']})"
+                f" and {row['path']} ({row['split']})"
+            )
+    return [r for split in SPLITS for r in rows if r["split"] == split]
+
+
+def digest_pngs(names: list[str], folder: str) -> list[bytes | str]:
+    """The sha256 of each resized PNG's pixels, or the reason it cannot be read."""
+    out: list[bytes | str] = []
+    for name in names:
+        try:
+            out.append(hashlib.sha256(decode((Path(folder) / name).read_bytes()).tobytes()).digest())
+        except OSError as err:
+            out.append(f"cannot read ({err.strerror or err})")
+        except ValueError as err:
+            out.append(str(err))
+    return out
+
+
+def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Iterator[tuple]:
+    """(split, pixel digest, label, path or None) per sample of one format, in order."""
+    reader = FORMATS[name].read(path, layout, options)
+    while True:
+        try:
+            split, batch = next(reader)
+        except StopIteration:
+            return
+        except VerificationFailed as err:
+            raise VerificationFailed(f"{FORMATS[name].OUTPUT}: {err}") from None
+        except (OSError, ValueError, KeyError) as err:
+            raise VerificationFailed(f"{FORMATS[name].OUTPUT}: cannot read ({type(err).__name__}: {err})") from None
+        paths = batch.paths if batch.paths is not None else [None] * len(batch.labels)
+        for image, label, rel in zip(batch.images, batch.labels, paths, strict=True):
+            yield split, hashlib.sha256(image.tobytes()).digest(), int(label), rel
+
+
+def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
+    folder = cfg.workdir.path(workdir.RESIZED_DIR)
+    shards = executors.chunk([r["resized"] for r in rows], cfg.workers or executors.cpu_count(), max_size=256)
+    for digests in executors.map_shards(pool, digest_pngs, shards, str(folder)):
+        yield from digests
+
+
+def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOptions, names: list[str]) -> bool:
+    """Walk every format and the resized PNGs in lockstep; False when there were no PNGs to compare to."""
+    wd = cfg.workdir
+    folder = wd.path(workdir.RESIZED_DIR)
+    against_source = folder.is_dir()
+    streams = {name: _samples(name, wd.path(FORMATS[name].OUTPUT), layout, options) for name in names}
+    index = dict.fromkeys(SPLITS, 0)
+    end = object()
+    with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, executors.progress(
+        len(rows), "verify", cfg.progress
+    ) as bar:
+        source = _source(cfg, rows, pool) if against_source else [None] * len(rows)
+        for row, expected in zip(rows, source, strict=True):
+            split = row["split"]
+            i = index[split]
+            where = f"split {split}, index {i} ({row['path']})"
+            if isinstance(expected, str):
+                raise VerificationFailed(f"{folder / row['resized']}: {expected}")
+            reference = None
+            for name, stream in streams.items():
+                out = FORMATS[name].OUTPUT
+                got = next(stream, end)
+                if got is end:
+                    raise VerificationFailed(f"{out}: split {split} ends at index {i}; expected {layout.counts[split]}")
+                got_split, digest, label, rel = got
+                if got_split != split:
+                    raise VerificationFailed(f"{out}: {where}: found a sample of split {got_split}")
+                if not 0 <= label < len(layout.classes):
+                    raise VerificationFailed(f"{out}: {where}: label {label} out of range 0..{len(layout.classes) - 1}")
+                if label != int(row["label_id"]):
+                    raise VerificationFailed(f"{out}: {where}: label {label}; encoded.csv says {row['label_id']}")
+                if rel is not None and rel != row["path"]:
+                    raise VerificationFailed(
+                        f"{out}: split {split}, index {i}: path {rel!r}; encoded.csv says {row['path']!r}"
+                    )
+                if against_source and digest != expected:
+                    raise VerificationFailed(f"{out}: {where}: pixels differ from {folder / row['resized']}")
+                if reference is None:
+                    reference = (out, digest)
+                elif digest != reference[1]:
+                    raise VerificationFailed(f"{out}: {where}: pixels differ from {reference[0]}")
+            index[split] += 1
+            bar.update(1)
+    for name, stream in streams.items():
+        extra = next(stream, end)
+        if extra is not end:
+            raise VerificationFailed(f"{FORMATS[name].OUTPUT}: split {extra[0]} has more samples than encoded.csv")
+    return against_source
+
+
+def run(cfg: VerifyConfig) -> VerifyResult:
+    started = time.perf_counter()
+    wd = cfg.workdir
+    if not wd.root.is_dir():
+        raise PrepError(f"work directory {wd.root} does not exist")
+    data = manifest.read(wd)
+    try:
+        layout = manifest.layout(data)
+        pack = data["settings"]["pack"]
+        names = [n for n in pack["formats"] if n in FORMATS]
+        options = PackOptions(**{k: v for n in names for k, v in pack.get(n, {}).items()})
+    except (KeyError, TypeError, ValueError) as err:
+        raise VerificationFailed(f"{workdir.MANIFEST}: malformed ({type(err).__name__}: {err})") from None
+    if not names:
+        raise VerificationFailed(f"{workdir.MANIFEST} lists no packaged format; run `prep pack`")
+    check_files(wd, data)
+    rows = check_inputs(wd, data, layout)
+    against_source = compare(cfg, rows, layout, options, names)
+    sizes = [entry["bytes"] for entry in data["files"].values()]
+    return VerifyResult(names, len(sizes), sum(sizes), layout, against_source, time.perf_counter() - started)
