@@ -8,7 +8,7 @@ SIZE   ?= 32
 PREP   := $(BIN)/prep --workdir $(OUT)
 STAMP  := $(VENV)/.installed
 
-.PHONY: install dataset test verify-train bench clean distclean
+.PHONY: install dataset test verify-train report report-check bench clean distclean
 
 install: $(STAMP)
 
@@ -25,9 +25,34 @@ dataset: install
 	@if [ -z "$$(find '$(RAW)' -mindepth 1 -maxdepth 1 -type d ! -name '.*' 2>/dev/null | head -n 1)" ]; then \
 		$(PREP) sample digits '$(RAW)'; fi
 	$(PREP) run '$(RAW)' --size $(SIZE)
+	$(PREP) verify-train || { $(PREP) report; exit 1; }
+	$(PREP) report
+
+verify-train: install
+	$(PREP) verify-train
+
+# The HTML report ($(OUT)/report/index.html) and dataset card ($(OUT)/README.md) of what is in OUT.
+report: install
+	$(PREP) report
+
+# The report as headless Chromium renders it, to $(OUT)/report/screenshot.png (Chromium is
+# installed from Debian packages when missing).
+SHOT := $(abspath $(OUT))/report/screenshot.png
+report-check: report
+	@command -v chromium >/dev/null || { echo "Installing chromium (apt-get)"; \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'apt-get update && apt-get install -y chromium'; }
+	@rm -f '$(SHOT)'; profile=$$(mktemp -d); \
+	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+		--disable-component-update --disable-sync --user-data-dir=$$profile --screenshot='$(SHOT)' \
+		--window-size=1280,4000 'file://$(abspath $(OUT))/report/index.html' 2>/dev/null; \
+	rm -rf $$profile; test -s '$(SHOT)' && echo "Screenshot: $(SHOT)"
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q
+
+# prep against the usual ways on a generated photo corpus; BENCH_ARGS="--per-class 20" for a smoke run.
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf '$(OUT)' .pytest_cache bench/work

@@ -51,13 +51,26 @@ def delegate(fn):
     return wrapper
 
 
+def _check_executor(ctx, param, value):
+    """Fail before any work if the chosen executor's package is missing."""
+    from .executors import require
+
+    try:
+        require(value)
+    except PrepError as err:
+        raise click.ClickException(str(err)) from None
+    return value
+
+
 def executor_options(fn):
     fn = click.option("--scheduler", envvar="PREP_SCHEDULER", metavar="URL",
-                      help="Dask scheduler address (tcp://host:8786); with --executor dask.")(fn)
+                      help="Dask scheduler address (tcp://host:8786) of a running cluster; with --executor dask.")(fn)
     fn = click.option("--workers", type=click.IntRange(min=1), default=None,
-                      help="Worker processes [default: all cores].")(fn)
+                      help="Worker processes [default: all cores]; with --executor dask and no --scheduler, "
+                           "the size of the local Dask cluster.")(fn)
     fn = click.option("--executor", type=click.Choice(["local", "serial", "dask"]), default="local",
-                      show_default=True, help="Where the work runs.")(fn)
+                      show_default=True, callback=_check_executor,
+                      help="Where the work runs: local processes, this process, or Dask (pip install 'prep[dask]').")(fn)
     return fn
 
 
@@ -162,7 +175,7 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 
 
 @cli.command()
-@click.argument("raw", type=click.Path(path_type=Path))
+@click.argument("raw")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
 @click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True,
               help="Class from the first-level folder, or from the file name with --pattern.")
@@ -172,7 +185,10 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 @pass_ctx
 @delegate
 def index(ctx, **options):
-    """List the images of RAW/<class>/..., label and hash them: labels.csv."""
+    """List the images of RAW/<class>/..., label and hash them: labels.csv.
+
+    RAW is a folder or a URL (s3://bucket/raw, gs://bucket/raw, file:///data/raw).
+    """
     _index(ctx, **options)
 
 
@@ -185,7 +201,7 @@ def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, f
 
     spec = build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     cfg = stage.ResizeConfig(
-        workdir=ctx.workdir, labels=ctx.workdir.input(labels, "labels.csv", made_by="index RAW"), raw=raw,
+        workdir=ctx.workdir, labels=ctx.workdir.labels(labels), raw=raw,
         spec=spec, strict=strict, executor=executor, workers=workers, scheduler=scheduler, progress=ctx.progress,
     )
     result = stage.run(cfg)
@@ -195,8 +211,7 @@ def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, f
 
 @cli.command()
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
-@click.option("--raw", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="RAW root [default: the one `prep index` recorded].")
+@click.option("--raw", metavar="PATH|URL", help="RAW root, a folder or a URL [default: the one `prep index` recorded].")
 @resize_options
 @executor_options
 @pass_ctx
@@ -213,7 +228,7 @@ def _split(ctx, labels, out, ratios, seed, drop_small):
     from .stages import split as stage
 
     cfg = stage.SplitConfig(
-        workdir=ctx.workdir, labels=ctx.workdir.input(labels, "labels.csv", made_by="index RAW"),
+        workdir=ctx.workdir, labels=ctx.workdir.labels(labels),
         out=ctx.workdir.output(out, "splits.csv"), ratios=stage.parse_ratios(ratios), seed=seed,
         drop_small=drop_small,
     )
@@ -271,30 +286,164 @@ def encode(ctx, **options):
     _encode(ctx, **options)
 
 
+# -- verify-train ---------------------------------------------------------------------------
+
+
+@cli.command("verify-train")
+@click.option("--format", "fmt", type=click.Choice(["pkl.gz", "h5", "tfrecord"]),
+              help="Packaged format to train on [default: the first found: pkl.gz, h5, tfrecord].")
+@click.option("--model", type=click.Choice(["cnn", "small", "mlp"]), default="cnn", show_default=True,
+              help="cnn: the original workflow's CNN; small: a smaller CNN; mlp: one hidden layer.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Most epochs to train (early stopping usually ends sooner).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per step.")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Early stopping: epochs without a better validation loss.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of weights, shuffling and dropout.")
+@click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the headroom above the majority baseline the test accuracy must reach.")
+@pass_ctx
+@delegate
+def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin):
+    """Train a Keras model on the packaged data and check that it learned."""
+    from .stages import train as stage
+
+    cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin, ctx.progress)
+    result = stage.run(cfg)
+    click.echo(result.summary)
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def _report(ctx, out=None, samples=8):
+    from .stages import report as stage
+
+    cfg = stage.ReportConfig(ctx.workdir, ctx.workdir.output(out, stage.REPORT), samples)
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="[default: WORKDIR/report/index.html]")
+@click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Resized images shown per class.")
+@pass_ctx
+@delegate
+def report(ctx, **options):
+    """Write a self-contained HTML report and the dataset card (WORKDIR/README.md).
+
+    The report (report/index.html, images inlined, opens offline) shows counts per class and
+    split, samples, source sizes, rejected files, duplicates and verify-train's results; each
+    part says which command to run when its input is missing.
+    """
+    _report(ctx, **options)
+
+
+# -- pack, verify ---------------------------------------------------------------------------
+
+
+def pack_options(fn):
+    options = [
+        click.option("--format", "formats", multiple=True, default=("all",), show_default=True,
+                     type=click.Choice([*FORMATS, "all"]), help="Format to write; repeat for several."),
+        click.option("--flat", is_flag=True, help="pkl.gz: images as (N, H*W*C) rows."),
+        click.option("--float", "as_float", is_flag=True, help="pkl.gz: float32 pixels in [0, 1] instead of uint8."),
+        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=100, show_default=True,
+                     help="tfrecord: target shard size in MiB."),
+        click.option("--tfrecord-compression", type=click.Choice(["none", "gzip"]), default="none",
+                     show_default=True, help="tfrecord: compress the shards."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, executor, workers, scheduler):
+    from .formats import PackOptions
+    from .stages import pack as stage
+
+    cfg = stage.PackConfig(
+        workdir=ctx.workdir, encoded=ctx.workdir.path("encoded.csv"),
+        formats=stage.parse_formats(formats), options=PackOptions(flat, as_float, shard_mb, tfrecord_compression),
+        executor=executor, workers=workers, scheduler=scheduler, progress=ctx.progress,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
+
+
+@cli.command()
+@pack_options
+@executor_options
+@pass_ctx
+@delegate
+def pack(ctx, **options):
+    """Write the split, encoded, resized images as pkl.gz, h5 and tfrecord/, then manifest.json.
+
+    A format whose file already matches its inputs and options is left as it is.
+    """
+    _pack(ctx, **options)
+
+
+def _verify(ctx, workdir, executor, workers, scheduler):
+    from .stages import verify as stage
+    from .workdir import Workdir
+
+    cfg = stage.VerifyConfig(
+        workdir=Workdir(workdir) if workdir else ctx.workdir, executor=executor, workers=workers,
+        scheduler=scheduler, progress=ctx.progress,
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
+
+
+@cli.command()
+@click.argument("workdir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@executor_options
+@pass_ctx
+@delegate
+def verify(ctx, **options):
+    """Check the packaged files of WORKDIR [default: --workdir] against manifest.json and their sources.
+
+    Checksums, counts, shapes, dtypes, label ids, no image in two splits, and identical
+    pixels in every format and the resized PNGs. Exits non-zero at the first difference.
+    """
+    _verify(ctx, **options)
+
+
 # -- run ------------------------------------------------------------------------------------
 
 
 @cli.command("run")
-@click.argument("raw", type=click.Path(path_type=Path))
-@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True)
-@click.option("--pattern")
-@click.option("--follow-links", is_flag=True)
+@click.argument("raw")
+@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True,
+              help="As in `prep index`.")
+@click.option("--pattern", help="As in `prep index`.")
+@click.option("--follow-links", is_flag=True, help="As in `prep index`.")
 @resize_options
-@click.option("--ratios", default="7:2:1", show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--drop-small", is_flag=True)
-@click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--ratios", default="7:2:1", show_default=True, help="As in `prep split`.")
+@click.option("--seed", type=int, default=42, show_default=True, help="As in `prep split`.")
+@click.option("--drop-small", is_flag=True, help="As in `prep split`.")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="As in `prep encode`.")
+@pack_options
 @executor_options
 @pass_ctx
 @delegate
 def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolation, channels, background, fill,
-            max_pixels, strict, ratios, seed, drop_small, classes, executor, workers, scheduler):
+            max_pixels, strict, ratios, seed, drop_small, classes, formats, flat, as_float, shard_mb,
+            tfrecord_compression, executor, workers, scheduler):
     """Run every stage on RAW with one set of options."""
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
     _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options)
     _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels, strict, **run_options)
     _split(ctx, None, None, ratios, seed, drop_small)
     _encode(ctx, None, classes)
+    _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options)
+    _verify(ctx, None, **run_options)
+    _report(ctx)
 
 
 def main() -> None:
