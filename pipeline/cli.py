@@ -7,6 +7,7 @@ does not pay for numpy, scikit-learn or tensorflow.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -19,36 +20,85 @@ from .errors import PrepError
 FORMATS = ("pkl.gz", "h5", "tfrecord")
 
 
+class Choice(click.Choice):
+    """click.Choice that suggests the nearest valid value: `--format h6` -> did you mean 'h5'?"""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as err:
+            from .config import suggest
+
+            hint = suggest(value, self.choices)
+            raise click.BadParameter(
+                f"{value!r} is not one of {', '.join(map(repr, self.choices))}{hint}", ctx, param
+            ) from err
+
+
 class Context:
-    def __init__(self, workdir: Path, quiet: bool, verbose: int):
+    """What every command shares: the work directory and how much to say, and in what form."""
+
+    def __init__(self, workdir: Path, quiet: bool, verbose: int, as_json: bool = False):
         from .workdir import Workdir
 
         self.workdir = Workdir(workdir)
         self.quiet = quiet
         self.verbose = verbose
+        self.json = as_json
+        self.configure_logging()
 
     @property
     def progress(self) -> bool:
         return not self.quiet
+
+    def configure_logging(self) -> None:
+        if self.quiet:
+            level = logging.ERROR
+        else:
+            level = logging.DEBUG if self.verbose > 1 else logging.INFO if self.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
 
 
 pass_ctx = click.make_pass_decorator(Context)
 
 
 def delegate(fn):
-    """Turn a PrepError (a user's mistake) into a one-line message and exit status 1."""
+    """Give a command -q/-v/--json, print its result, and turn a PrepError into one line and exit 1."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, **kwargs):
+        if quiet or verbose or as_json:
+            ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
+            ctx.configure_logging()
         try:
-            return fn(*args, **kwargs)
+            result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise click.ClickException(str(err)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(130)
+        if ctx.json and result is not None:
+            click.echo(json.dumps(to_json(result), indent=2, ensure_ascii=False, default=str))
 
-    return wrapper
+    wrapper = click.option("--json", "as_json", is_flag=True,
+                           help="Print a machine-readable summary on stdout (messages go to stderr).")(wrapper)
+    wrapper = click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")(wrapper)
+    return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(wrapper)
+
+
+def to_json(result):
+    """A stage result (dataclass), or a dict of them, as plain JSON data with its summary."""
+    import dataclasses
+
+    if isinstance(result, dict):
+        return {key: to_json(value) for key, value in result.items()}
+    if dataclasses.is_dataclass(result):
+        data = dataclasses.asdict(result)
+        summary = getattr(result, "summary", None)
+        if isinstance(summary, str):
+            data["summary"] = summary
+        return data
+    return result
 
 
 def _check_executor(ctx, param, value):
@@ -68,7 +118,7 @@ def executor_options(fn):
     fn = click.option("--workers", type=click.IntRange(min=1), default=None,
                       help="Worker processes [default: all cores]; with --executor dask and no --scheduler, "
                            "the size of the local Dask cluster.")(fn)
-    fn = click.option("--executor", type=click.Choice(["local", "serial", "dask"]), default="local",
+    fn = click.option("--executor", type=Choice(["local", "serial", "dask"]), default="local",
                       show_default=True, callback=_check_executor,
                       help="Where the work runs: local processes, this process, or Dask (pip install 'prep[dask]').")(fn)
     return fn
@@ -77,11 +127,11 @@ def executor_options(fn):
 def resize_options(fn):
     options = [
         click.option("--size", default="32", show_default=True, metavar="N|WxH", help="Output size: 32 or 64x48 (W x H)."),
-        click.option("--mode", type=click.Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
+        click.option("--mode", type=Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
                      help="stretch to the size, centre-crop to its aspect, or pad (letterbox)."),
-        click.option("--interpolation", type=click.Choice(["bilinear", "nearest", "bicubic", "lanczos", "area", "box"]),
+        click.option("--interpolation", type=Choice(["bilinear", "nearest", "bicubic", "lanczos", "area", "box"]),
                      default="bilinear", show_default=True, help="Resampling filter (anti-aliased when shrinking)."),
-        click.option("--channels", type=click.Choice(["3", "1"]), default="3", show_default=True,
+        click.option("--channels", type=Choice(["3", "1"]), default="3", show_default=True,
                      help="3 for RGB, 1 for grayscale."),
         click.option("--background", default="white", show_default=True, help="Colour under transparent pixels."),
         click.option("--fill", default="black", show_default=True, help="Padding colour with --mode pad."),
@@ -126,21 +176,24 @@ def cli(ctx, workdir, quiet, verbose):
       index -> resize -> split -> encode -> pack -> verify -> verify-train
     `prep run RAW` runs them all.
     """
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    settings = _settings(ctx)
+    if "workdir" in settings.group and ctx.get_parameter_source("workdir") == click.core.ParameterSource.DEFAULT:
+        workdir = Path(settings.group["workdir"])
+    ctx.default_map = _default_map(settings)
     ctx.obj = Context(workdir, quiet, verbose)
 
 
 def echo(ctx: Context, text: str) -> None:
+    """A human message: stdout, or stderr when stdout carries --json; nothing with --quiet."""
     if not ctx.quiet:
-        click.echo(text)
+        click.echo(text, err=ctx.json)
 
 
 # -- sample ---------------------------------------------------------------------------------
 
 
 @cli.command()
-@click.argument("name", type=click.Choice(["digits"]))
+@click.argument("name", type=Choice(["digits"]))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @pass_ctx
 @delegate
@@ -151,7 +204,9 @@ def sample(ctx, name, out):
     """
     from .stages import sample as stage
 
-    echo(ctx, stage.run(name, out).summary)
+    result = stage.run(name, out)
+    echo(ctx, result.summary)
+    return result
 
 
 # -- index ----------------------------------------------------------------------------------
@@ -177,7 +232,7 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 @cli.command()
 @click.argument("raw")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
-@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True,
+@click.option("--labels-from", type=Choice(["folder", "filename"]), default="folder", show_default=True,
               help="Class from the first-level folder, or from the file name with --pattern.")
 @click.option("--pattern", help=r"Regex on the file stem with a (?P<label>...) group [default: part before the last -<digits>].")
 @click.option("--follow-links", is_flag=True, help="Follow symbolic links.")
@@ -189,7 +244,7 @@ def index(ctx, **options):
 
     RAW is a folder or a URL (s3://bucket/raw, gs://bucket/raw, file:///data/raw).
     """
-    _index(ctx, **options)
+    return _index(ctx, **options)
 
 
 # -- resize ---------------------------------------------------------------------------------
@@ -218,7 +273,7 @@ def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, f
 @delegate
 def resize(ctx, **options):
     """Resize every image to a fixed-size 8-bit PNG under WORKDIR/resized/."""
-    _resize(ctx, **options)
+    return _resize(ctx, **options)
 
 
 # -- split ----------------------------------------------------------------------------------
@@ -257,7 +312,7 @@ def _table(table: dict[str, dict[str, int]], columns) -> str:
 @delegate
 def split(ctx, **options):
     """Assign every usable image to train / valid / test: splits.csv."""
-    _split(ctx, **options)
+    return _split(ctx, **options)
 
 
 # -- encode ---------------------------------------------------------------------------------
@@ -283,16 +338,16 @@ def _encode(ctx, splits, classes):
 @delegate
 def encode(ctx, **options):
     """Map class names to ids once for all splits: classes.json and encoded.csv."""
-    _encode(ctx, **options)
+    return _encode(ctx, **options)
 
 
 # -- verify-train ---------------------------------------------------------------------------
 
 
 @cli.command("verify-train")
-@click.option("--format", "fmt", type=click.Choice(["pkl.gz", "h5", "tfrecord"]),
+@click.option("--format", "fmt", type=Choice(["pkl.gz", "h5", "tfrecord"]),
               help="Packaged format to train on [default: the first found: pkl.gz, h5, tfrecord].")
-@click.option("--model", type=click.Choice(["cnn", "small", "mlp"]), default="cnn", show_default=True,
+@click.option("--model", type=Choice(["cnn", "small", "mlp"]), default="cnn", show_default=True,
               help="cnn: the original workflow's CNN; small: a smaller CNN; mlp: one hidden layer.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="Most epochs to train (early stopping usually ends sooner).")
@@ -310,7 +365,8 @@ def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin):
 
     cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin, ctx.progress)
     result = stage.run(cfg)
-    click.echo(result.summary)
+    echo(ctx, result.summary)
+    return result
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -338,7 +394,7 @@ def report(ctx, **options):
     split, samples, source sizes, rejected files, duplicates and verify-train's results; each
     part says which command to run when its input is missing.
     """
-    _report(ctx, **options)
+    return _report(ctx, **options)
 
 
 # -- pack, verify ---------------------------------------------------------------------------
@@ -347,12 +403,12 @@ def report(ctx, **options):
 def pack_options(fn):
     options = [
         click.option("--format", "formats", multiple=True, default=("all",), show_default=True,
-                     type=click.Choice([*FORMATS, "all"]), help="Format to write; repeat for several."),
+                     type=Choice([*FORMATS, "all"]), help="Format to write; repeat for several."),
         click.option("--flat", is_flag=True, help="pkl.gz: images as (N, H*W*C) rows."),
         click.option("--float", "as_float", is_flag=True, help="pkl.gz: float32 pixels in [0, 1] instead of uint8."),
         click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=100, show_default=True,
                      help="tfrecord: target shard size in MiB."),
-        click.option("--tfrecord-compression", type=click.Choice(["none", "gzip"]), default="none",
+        click.option("--tfrecord-compression", type=Choice(["none", "gzip"]), default="none",
                      show_default=True, help="tfrecord: compress the shards."),
     ]
     for option in reversed(options):
@@ -384,7 +440,7 @@ def pack(ctx, **options):
 
     A format whose file already matches its inputs and options is left as it is.
     """
-    _pack(ctx, **options)
+    return _pack(ctx, **options)
 
 
 def _verify(ctx, workdir, executor, workers, scheduler):
@@ -411,7 +467,7 @@ def verify(ctx, **options):
     Checksums, counts, shapes, dtypes, label ids, no image in two splits, and identical
     pixels in every format and the resized PNGs. Exits non-zero at the first difference.
     """
-    _verify(ctx, **options)
+    return _verify(ctx, **options)
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -419,7 +475,7 @@ def verify(ctx, **options):
 
 @cli.command("run")
 @click.argument("raw")
-@click.option("--labels-from", type=click.Choice(["folder", "filename"]), default="folder", show_default=True,
+@click.option("--labels-from", type=Choice(["folder", "filename"]), default="folder", show_default=True,
               help="As in `prep index`.")
 @click.option("--pattern", help="As in `prep index`.")
 @click.option("--follow-links", is_flag=True, help="As in `prep index`.")
@@ -437,13 +493,137 @@ def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolat
             tfrecord_compression, executor, workers, scheduler):
     """Run every stage on RAW with one set of options."""
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
-    _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options)
-    _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels, strict, **run_options)
-    _split(ctx, None, None, ratios, seed, drop_small)
-    _encode(ctx, None, classes)
-    _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options)
-    _verify(ctx, None, **run_options)
-    _report(ctx)
+    return {
+        "index": _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options),
+        "resize": _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels,
+                          strict, **run_options),
+        "split": _split(ctx, None, None, ratios, seed, drop_small),
+        "encode": _encode(ctx, None, classes),
+        "pack": _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options),
+        "verify": _verify(ctx, None, **run_options),
+        "report": _report(ctx),
+    }
+
+
+# -- settings: prep.toml, config, status --------------------------------------------------
+
+RUN_PARTS = ("index", "resize", "split", "encode", "pack")
+COMMON = {"quiet", "verbose", "as_json", "help"}
+
+
+def _option_names(command: click.Command) -> dict[str, click.Parameter]:
+    """Every spelling a settings file may use for an option (``labels-from``, ``format``) -> its parameter."""
+    names = {}
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name not in COMMON:
+            names[param.name] = param
+            for opt in param.opts:
+                names[opt.lstrip("-").replace("-", "_")] = param
+    return names
+
+
+def _settings(ctx: click.Context):
+    from . import config
+
+    try:
+        settings = config.find(Path.cwd())
+        config.check(
+            settings,
+            set(_option_names(ctx.command)),
+            {name: set(_option_names(cmd)) for name, cmd in cli.commands.items()},
+        )
+    except PrepError as err:
+        raise click.ClickException(str(err)) from None
+    return settings
+
+
+def _default_map(settings) -> dict[str, dict]:
+    """Click's default_map from the settings file; `run` takes every stage's table, then its own."""
+    default_map: dict[str, dict] = {}
+    for name, command in cli.commands.items():
+        names = _option_names(command)
+        tables = [settings.commands.get(part, {}) for part in RUN_PARTS] if name == "run" else []
+        tables.append(settings.commands.get(name, {}))
+        values = {}
+        for table in tables:
+            for key, value in table.items():
+                if key in names:
+                    param = names[key]
+                    values[param.name] = [value] if param.multiple and isinstance(value, str) else value
+        if values:
+            default_map[name] = values
+    return default_map
+
+
+def effective_settings(ctx: click.Context, name: str) -> dict[str, tuple[object, str]]:
+    """option -> (value, where it came from) for command ``name``, before any command-line flag."""
+    root = ctx.find_root()
+    source = str(_settings(root).source or "")
+    given = (root.default_map or {}).get(name, {})
+    command = cli.commands[name]
+    # parsing no arguments gives every option its effective default, converted by its type
+    values = command.make_context(name, [], parent=root, resilient_parsing=True).params
+    return {
+        param.name: (values.get(param.name), source if param.name in given else "default")
+        for param in command.params
+        if isinstance(param, click.Option) and param.name not in COMMON
+    }
+
+
+@cli.command("config")
+@click.pass_context
+@pass_ctx
+@delegate
+def show_config(ctx, click_ctx):
+    """Print the effective settings of every command and where each came from.
+
+    Defaults come from prep.toml in the current folder (or [tool.prep] in pyproject.toml):
+    top-level keys for prep itself (workdir), a table per command ([resize] size = "64").
+    Flags on the command line win over the file.
+    """
+    root = click_ctx.find_root()
+    settings = _settings(root)
+    data = {"file": str(settings.source) if settings.source else None, "workdir": str(ctx.workdir.root), "commands": {}}
+    lines = [f"# settings file: {settings.source or 'none (prep.toml or [tool.prep] in pyproject.toml)'}",
+             f"workdir = {json.dumps(str(ctx.workdir.root))}"]
+    for name in sorted(cli.commands):
+        values = effective_settings(click_ctx, name)
+        if not values:
+            continue
+        data["commands"][name] = {k: {"value": v, "from": src} for k, (v, src) in values.items()}
+        lines.append(f"\n[{name}]")
+        for key, (value, src) in values.items():
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+            lines.append(f"{key} = {shown:<24} # {src}")
+    echo(ctx, "\n".join(lines))
+    return data
+
+
+@cli.command()
+@click.pass_context
+@pass_ctx
+@delegate
+def status(ctx, click_ctx):
+    """For each stage: up to date, stale or missing, and why.
+
+    Compares each stage's recorded inputs and settings with the files in the work directory,
+    the RAW folder and the settings prep.toml gives now.
+    """
+    from .stages import status as stage
+
+    resize = {k: v for k, (v, _) in effective_settings(click_ctx, "resize").items()}
+    split = {k: v for k, (v, _) in effective_settings(click_ctx, "split").items()}
+    from .stages.split import parse_ratios
+
+    cfg = stage.StatusConfig(
+        workdir=ctx.workdir,
+        spec=build_spec(resize["size"], resize["mode"], resize["interpolation"], resize["channels"],
+                        resize["background"], resize["fill"], resize["max_pixels"]),
+        split={"ratios": list(parse_ratios(split["ratios"])), "seed": split["seed"], "drop_small": split["drop_small"]},
+    )
+    result = stage.run(cfg)
+    echo(ctx, result.summary)
+    return result
 
 
 def main() -> None:

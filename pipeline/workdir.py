@@ -273,7 +273,10 @@ class Stamp:
         }
 
     def explain(self, inputs: Iterable[Path], settings: Any) -> list[str]:
-        """Why the stage is not up to date (empty when it is): changed inputs, settings, outputs."""
+        """Why the stage is not up to date (empty when it is): changed inputs, settings, outputs.
+
+        ``settings=None`` leaves the settings out of the comparison.
+        """
         try:
             recorded = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
@@ -287,7 +290,9 @@ class Stamp:
         for key in before.keys() - state["inputs"].keys():
             reasons.append(f"input {key} no longer used")
         old, new = recorded.get("settings"), state["settings"]
-        if isinstance(old, dict) and isinstance(new, dict):
+        if settings is None:  # the caller does not know the settings: judge inputs and outputs only
+            pass
+        elif isinstance(old, dict) and isinstance(new, dict):
             for key in sorted(old.keys() | new.keys()):
                 if old.get(key) != new.get(key):
                     reasons.append(f"setting {key}: {old.get(key)!r} -> {new.get(key)!r}")

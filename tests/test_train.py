@@ -54,7 +54,7 @@ def learnable(tmp_path_factory) -> Path:
 
 def test_learnable_data_passes_and_writes_every_output(learnable: Path):
     result = CliRunner().invoke(
-        cli, ["--workdir", str(learnable), "-q", "verify-train", "--model", "small", "--epochs", "15", "--patience", "5"]
+        cli, ["--workdir", str(learnable), "verify-train", "--model", "small", "--epochs", "15", "--patience", "5"]
     )
     assert result.exit_code == 0, result.output
     out = learnable / "verify"

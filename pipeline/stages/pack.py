@@ -196,7 +196,7 @@ def _stamp(wd: workdir.Workdir, name: str) -> workdir.Stamp:
     return workdir.Stamp(wd, f"pack-{name}")
 
 
-def _stamp_settings(options: dict) -> dict:
+def stamp_settings(options: dict) -> dict:
     return {"prep_version": __version__, "options": options}
 
 
@@ -216,21 +216,21 @@ def run(cfg: PackConfig) -> PackResult:
     previous = _previous_manifest(wd)
 
     listed = {name: formats.settings(name, cfg.options) for name in requested}
-    todo = [n for n in requested if not _stamp(wd, n).is_current(inputs, _stamp_settings(listed[n]))]
+    todo = [n for n in requested if not _stamp(wd, n).is_current(inputs, stamp_settings(listed[n]))]
     # Formats not asked for stay in the manifest while they still match the inputs.
     previous_pack = (previous or {}).get("settings", {}).get("pack", {})
     for name in FORMATS:
         if name in requested or not manifest.output_files(wd.root, name):
             continue
         options = previous_pack.get(name)
-        if options is not None and _stamp(wd, name).is_current(inputs, _stamp_settings(options)):
+        if options is not None and _stamp(wd, name).is_current(inputs, stamp_settings(options)):
             listed[name] = options
         else:
             log.warning("%s is out of date and left out of %s; run `prep pack --format %s` to update it",
                         wd.path(FORMATS[name].OUTPUT), workdir.MANIFEST, name)
 
     manifest_stamp = _stamp(wd, "manifest")
-    if todo or previous is None or not manifest_stamp.is_current(inputs, _stamp_settings(listed)):
+    if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
         rows = read_rows(cfg.encoded, classes)
         layout = make_layout(wd, rows, classes)
@@ -240,8 +240,8 @@ def run(cfg: PackConfig) -> PackResult:
         manifest.write(wd, previous)
         for name in todo:
             outputs = [wd.root / f for f in manifest.output_files(wd.root, name)]
-            _stamp(wd, name).record(inputs, _stamp_settings(listed[name]), outputs)
-        manifest_stamp.record(inputs, _stamp_settings(listed), [wd.path(workdir.MANIFEST)])
+            _stamp(wd, name).record(inputs, stamp_settings(listed[name]), outputs)
+        manifest_stamp.record(inputs, stamp_settings(listed), [wd.path(workdir.MANIFEST)])
 
     sizes = {}
     for name in listed:

@@ -1,0 +1,183 @@
+"""`prep status`: for each stage, up to date, stale or missing, and why.
+
+Each stage is judged from what it recorded: index against the RAW folder (listing and the hash
+cache's sizes and versions), resize against labels.csv and the resize settings, the later
+stages through their stamps (:class:`pipeline.workdir.Stamp`) against their inputs and the
+settings in force now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import imaging, sources, workdir
+from ..errors import PrepError
+
+STATES = ("up to date", "stale", "missing")
+
+
+@dataclass
+class StatusConfig:
+    workdir: workdir.Workdir
+    spec: imaging.ResizeSpec = field(default_factory=imaging.ResizeSpec)
+    split: dict = field(default_factory=lambda: {"ratios": [0.7, 0.2, 0.1], "seed": 42, "drop_small": False})
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    state: str
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StatusResult:
+    stages: list[StageStatus]
+
+    @property
+    def summary(self) -> str:
+        width = max(len(s.stage) for s in self.stages)
+        lines = []
+        for s in self.stages:
+            why = f"  ({'; '.join(s.reasons[:4])}{'; ...' if len(s.reasons) > 4 else ''})" if s.reasons else ""
+            lines.append(f"{s.stage:<{width}}  {s.state}{why}")
+        return "\n".join(lines)
+
+
+def _judge(stage: str, present: bool, reasons: list[str], missing_hint: str) -> StageStatus:
+    if not present:
+        return StageStatus(stage, "missing", [missing_hint])
+    return StageStatus(stage, "stale" if reasons else "up to date", reasons)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'s' * (n != 1)}"
+
+
+def index_status(wd: workdir.Workdir) -> StageStatus:
+    meta_path = wd.path(workdir.INDEX_META)
+    if not meta_path.exists():
+        return StageStatus("index", "missing", ["run `prep index RAW`"])
+    meta = workdir.read_json(meta_path)
+    labels = Path(meta.get("labels") or wd.path(workdir.LABELS))
+    if not labels.exists():
+        return StageStatus("index", "missing", [f"{labels} is missing"])
+    root = meta["raw"]
+    if not sources.exists(root):
+        return StageStatus("index", "stale", [f"RAW {root} not found"])
+    listing = sources.list_files(root, follow_links=bool(meta.get("follow_links")))
+    indexed = {r["path"] for r in workdir.read_csv(labels, ["path"])}
+    found = set(listing.files)
+    if meta.get("labels_from", "folder") == "folder":
+        found = {rel for rel in found if "/" in rel}
+    cache_path = wd.path(workdir.CACHE_DIR) / "hashes.json"
+    cache = workdir.read_json(cache_path).get("files", {}) if cache_path.exists() else {}
+    changed = sum(
+        1
+        for rel in found & indexed
+        if rel in cache and list(listing.versions.get(rel, ()))[:2] != cache[rel][:2]
+    )
+    reasons = []
+    if found - indexed:
+        reasons.append(f"{_count(len(found - indexed), 'new image')} in RAW")
+    if indexed - found:
+        reasons.append(f"{_count(len(indexed - found), 'image')} gone from RAW")
+    if changed:
+        reasons.append(f"{_count(changed, 'image')} changed in RAW")
+    return _judge("index", True, reasons, "")
+
+
+def resize_status(wd: workdir.Workdir, spec: imaging.ResizeSpec) -> StageStatus:
+    table = wd.path(workdir.RESIZED)
+    if not table.exists():
+        return StageStatus("resize", "missing", ["run `prep resize`"])
+    reasons = []
+    try:
+        labels = {r["path"]: r["sha256"] for r in workdir.read_csv(wd.labels(), ["path", "sha256"])}
+    except PrepError:
+        labels = {}
+    done = {r["path"]: r for r in workdir.read_csv(table, ["path", "sha256", "status", "resized"])}
+    stale = sum(1 for p, sha in labels.items() if p not in done or done[p]["sha256"] != sha)
+    if stale:
+        reasons.append(f"{_count(stale, 'image')} in labels.csv new or changed")
+    if done.keys() - labels.keys():
+        reasons.append(f"{_count(len(done.keys() - labels.keys()), 'image')} no longer in labels.csv")
+    settings_path = wd.path(workdir.RESIZE_SETTINGS)
+    recorded = workdir.read_json(settings_path) if settings_path.exists() else {}
+    wanted = json_like(dataclasses.asdict(spec))
+    for key in sorted(wanted):
+        if recorded.get(key) != wanted[key]:
+            reasons.append(f"setting {key}: {recorded.get(key)!r} -> {wanted[key]!r}")
+    out = wd.path(workdir.RESIZED_DIR)
+    missing = sum(1 for r in done.values() if r["status"] == "ok" and not (out / r["resized"]).is_file())
+    if missing:
+        reasons.append(f"{_count(missing, 'resized file')} missing")
+    return _judge("resize", True, reasons, "")
+
+
+def json_like(value):
+    """Tuples as lists, as they come back from JSON."""
+    if isinstance(value, dict):
+        return {k: json_like(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_like(v) for v in value]
+    return value
+
+
+def stamped_status(wd: workdir.Workdir, stage: str, stamp: str, inputs: list[Path], settings, output: Path,
+                   hint: str) -> StageStatus:
+    if not output.exists():
+        return StageStatus(stage, "missing", [hint])
+    missing_inputs = [p for p in inputs if not p.exists()]
+    if missing_inputs:
+        return StageStatus(stage, "stale", [f"input {p.name} is missing" for p in missing_inputs])
+    return _judge(stage, True, workdir.Stamp(wd, stamp).explain(inputs, settings), hint)
+
+
+def pack_status(wd: workdir.Workdir) -> StageStatus:
+    from . import pack
+
+    manifest_path = wd.path(workdir.MANIFEST)
+    if not manifest_path.exists():
+        return StageStatus("pack", "missing", ["run `prep pack`"])
+    encoded = wd.path(workdir.ENCODED)
+    if not encoded.exists():
+        return StageStatus("pack", "stale", ["input encoded.csv is missing"])
+    listed = workdir.read_json(manifest_path).get("settings", {}).get("pack", {})
+    inputs = pack.inputs_of(wd, encoded)
+    reasons = []
+    for name in listed.get("formats", []):
+        for why in workdir.Stamp(wd, f"pack-{name}").explain(inputs, pack.stamp_settings(listed[name])):
+            reasons.append(f"{name}: {why}")
+    return _judge("pack", True, reasons, "")
+
+
+def train_status(wd: workdir.Workdir) -> StageStatus:
+    metrics = wd.path("verify") / "metrics.json"
+    manifest_path = wd.path(workdir.MANIFEST)
+    if not metrics.exists():
+        return StageStatus("verify-train", "missing", ["run `prep verify-train`"])
+    if manifest_path.exists() and manifest_path.stat().st_mtime > metrics.stat().st_mtime:
+        return StageStatus("verify-train", "stale", ["packed again since it trained"])
+    return StageStatus("verify-train", "up to date")
+
+
+def run(cfg: StatusConfig) -> StatusResult:
+    wd = cfg.workdir
+    if not wd.root.is_dir():
+        raise PrepError(f"work directory {wd.root} does not exist; run `prep index RAW` first")
+    labels = wd.path(workdir.LABELS)
+    with_labels = [labels] + ([wd.path(workdir.RESIZED)] if wd.path(workdir.RESIZED).exists() else [])
+    splits = wd.path(workdir.SPLITS)
+    stages = [
+        index_status(wd),
+        resize_status(wd, cfg.spec),
+        stamped_status(wd, "split", "split", with_labels, cfg.split, splits, "run `prep split`"),
+        stamped_status(wd, "encode", "encode", [splits], None, wd.path(workdir.ENCODED),
+                       "run `prep encode`"),
+        pack_status(wd),
+        train_status(wd),
+    ]
+    return StatusResult(stages)
