@@ -363,7 +363,9 @@ def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin):
     """Train a Keras model on the packaged data and check that it learned."""
     from .stages import train as stage
 
-    cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin, ctx.progress)
+    # Keras logs epochs on stdout, which carries the JSON with --json
+    cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin,
+                            ctx.progress and not ctx.json)
     result = stage.run(cfg)
     echo(ctx, result.summary)
     return result
