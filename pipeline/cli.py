@@ -223,9 +223,9 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
     result = stage.run(cfg)
     echo(ctx, result.summary)
     if ctx.verbose or not ctx.quiet:
-        width = max(len(c) for c in result.class_counts)
+        width = max(_width(c) for c in result.class_counts)
         for label, n in result.class_counts.items():
-            echo(ctx, f"  {label:<{width}}  {n:>7}")
+            echo(ctx, f"  {_pad(label, width)}  {n:>7}")
     return result
 
 
@@ -293,11 +293,22 @@ def _split(ctx, labels, out, ratios, seed, drop_small):
     return result
 
 
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: wide (e.g. Korean) characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _width(text))
+
+
 def _table(table: dict[str, dict[str, int]], columns) -> str:
-    width = max([5] + [len(k) for k in table])
+    width = max([5] + [_width(k) for k in table])
     lines = [f"  {'class':<{width}}" + "".join(f"{c:>8}" for c in columns)]
     for label, counts in table.items():
-        lines.append(f"  {label:<{width}}" + "".join(f"{counts[c]:>8}" for c in columns))
+        lines.append(f"  {_pad(label, width)}" + "".join(f"{counts[c]:>8}" for c in columns))
     lines.append(f"  {'total':<{width}}" + "".join(f"{sum(t[c] for t in table.values()):>8}" for c in columns))
     return "\n".join(lines)
 
