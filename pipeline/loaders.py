@@ -81,7 +81,8 @@ def load_tf(path: str | os.PathLike, split: str = "train"):
 
 
 def load_classes(path: str | os.PathLike) -> list[str]:
-    """The class names (label id = position) from classes.json, manifest.json, features.json or h5 attributes."""
+    """The class names (label id = position): the h5 file's attributes, else manifest.json,
+    features.json or classes.json beside the file."""
     path = Path(path)
     if not path.exists():
         raise PrepError(f"{path} does not exist")
@@ -93,7 +94,8 @@ def load_classes(path: str | os.PathLike) -> list[str]:
         classes = FORMATS[name].classes(target)
         if classes is not None:
             return classes
-    for candidate in (workdir.CLASSES, workdir.MANIFEST, tfrecord.FEATURES_JSON):
+    # what was packaged first: classes.json may have been re-encoded since
+    for candidate in (workdir.MANIFEST, tfrecord.FEATURES_JSON, workdir.CLASSES):
         if (folder / candidate).is_file():
             return _classes_json(folder / candidate)
     if path.is_dir():

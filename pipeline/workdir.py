@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from natsort import natsort_keygen, ns
+
 from .errors import PrepError, StageInputMissing
 
 DEFAULT_WORKDIR = "processed"
@@ -87,13 +89,30 @@ class Workdir:
         return candidate
 
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the work directory when inside it (so a copied work directory
+        still points at its own files), else absolute."""
+        path = Path(path).resolve()
+        with contextlib.suppress(ValueError):
+            return path.relative_to(self.root.resolve()).as_posix()
+        return str(path)
+
     def labels(self, given: str | os.PathLike | None = None) -> Path:
         """The labels CSV: ``given``, else the one the last `prep index` wrote (its --out)."""
         if given is None and self.path(INDEX_META).exists():
             recorded = read_json(self.path(INDEX_META)).get("labels")
-            if recorded and Path(recorded).exists():
-                return Path(recorded)
+            if recorded and (self.root / recorded).exists():
+                return self.root / recorded  # an absolute recorded path stays as it is
         return self.input(given, LABELS, made_by="index RAW")
+
+
+def natural_key(text: str):
+    """Natural order (``img2`` before ``img10``) with the plain string as tie-break, so names
+    natsort holds equal (``img1``, ``img01``) still sort the same way every time."""
+    return (_NATURAL(text), text)
+
+
+_NATURAL = natsort_keygen(alg=ns.PATH)
 
 
 # -- atomic writes ---------------------------------------------------------------------------
@@ -109,8 +128,12 @@ _UMASK = _umask()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, **open_kwargs) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success (fsync it and) rename it over ``path``.
+
+    Without fsync the rename is still atomic for any reader and survives the process being
+    killed; only a power cut can lose the data, which is why per-image files skip it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -119,7 +142,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -129,18 +153,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb", fsync=fsync) as handle:
+        handle.write(data)
 
 
 @contextlib.contextmanager
@@ -178,11 +192,13 @@ def remove_stale_temps(folder: Path) -> None:
 
 
 def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[dict]) -> None:
-    """Write rows as UTF-8 CSV (RFC 4180 quoting, ``\\n`` line ends), atomically."""
-    with atomic_write(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """Write rows as UTF-8 CSV (RFC 4180 quoting, ``\\n`` line ends), atomically; an unchanged
+    file is left as it is (and keeps its modification time)."""
+    data = csv_bytes(fieldnames, rows)
+    with contextlib.suppress(OSError):
+        if Path(path).read_bytes() == data:
+            return
+    atomic_write_bytes(path, data)
 
 
 def read_csv(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict[str, str]]:
@@ -256,12 +272,7 @@ class Stamp:
     def __init__(self, workdir: Workdir, name: str):
         self.root = workdir.root
         self.path = workdir.path(STAMPS_DIR) / f"{name}.json"
-
-    def _key(self, path: Path) -> str:
-        path = Path(path)
-        with contextlib.suppress(ValueError):
-            return path.resolve().relative_to(self.root.resolve()).as_posix()
-        return str(path.resolve())
+        self._key = workdir.relative
 
     def _path(self, key: str) -> Path:
         return Path(key) if os.path.isabs(key) else self.root / key

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from natsort import natsorted, ns
-
 from .. import workdir
 from ..errors import PrepError
 from .split import SPLIT_COLUMNS
@@ -66,7 +64,7 @@ def run(cfg: EncodeConfig) -> EncodeResult:
     if not rows:
         raise PrepError(f"{cfg.splits} has no rows; run `prep split` first")
     labels = [r["label"] for r in rows]
-    present = natsorted(set(labels), alg=ns.PATH)
+    present = sorted(set(labels), key=workdir.natural_key)
     if cfg.pinned:
         classes = read_classes(cfg.pinned)
         unknown = [c for c in present if c not in set(classes)]

@@ -14,8 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from natsort import natsort_keygen, ns
-
 from .. import executors, sources, workdir
 from ..errors import PrepError
 
@@ -23,7 +21,7 @@ log = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
 DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
-NATURAL = natsort_keygen(alg=ns.PATH)
+NATURAL = workdir.natural_key
 
 
 @dataclass
@@ -76,18 +74,25 @@ def compile_pattern(text: str) -> re.Pattern:
     return pattern
 
 
-def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int]]:
-    """(sha256, size) of each file in the shard."""
-    out = []
+def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int] | str]:
+    """(sha256, size) of each file in the shard, or the reason it could not be read."""
+    out: list[tuple[str, int] | str] = []
     for rel in shard:
-        data = sources.read_bytes(root, rel)
+        try:
+            data = sources.read_bytes(root, rel)
+        except OSError as err:
+            out.append(f"unreadable ({err.strerror or type(err).__name__})")
+            continue
         out.append((workdir.sha256_bytes(data), len(data)))
     return out
 
 
-def hash_files(cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]]) -> dict[str, tuple[str, int]]:
+def hash_files(
+    cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]]
+) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
     """sha256 and size of each file in ``versions``, reusing the cache for files whose
-    (size, version) the listing found unchanged (version: mtime locally, ETag for objects)."""
+    (size, version) the listing found unchanged (version: mtime locally, ETag for objects);
+    and the reason for each file that could not be read."""
     cache_path = cfg.workdir.path(workdir.CACHE_DIR) / "hashes.json"
     rels = list(versions)
     cache = {}
@@ -99,6 +104,7 @@ def hash_files(cfg: IndexConfig, root: str, versions: dict[str, tuple[int, objec
         except PrepError:
             cache = {}
     result: dict[str, tuple[str, int]] = {}
+    failed: dict[str, str] = {}
     todo = []
     for rel in rels:
         size, version = versions[rel]
@@ -113,7 +119,11 @@ def hash_files(cfg: IndexConfig, root: str, versions: dict[str, tuple[int, objec
             cfg.executor, cfg.workers, cfg.scheduler
         ) as pool:
             for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
-                for rel, (digest, size) in zip(shard, hashed):
+                for rel, outcome in zip(shard, hashed):
+                    if isinstance(outcome, str):
+                        failed[rel] = outcome
+                        continue
+                    digest, size = outcome
                     result[rel] = (digest, size)
                     # the version seen before reading: if the file changed since, the next
                     # listing sees a new version and hashes it again
@@ -121,7 +131,7 @@ def hash_files(cfg: IndexConfig, root: str, versions: dict[str, tuple[int, objec
                 bar.update(len(shard))
     live = {rel: cache[rel] for rel in rels if rel in cache}
     workdir.write_json(cache_path, {"root": root, "files": live})
-    return result
+    return result, failed
 
 
 def run(cfg: IndexConfig) -> IndexResult:
@@ -167,7 +177,13 @@ def run(cfg: IndexConfig) -> IndexResult:
         )
     labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
 
-    hashes = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled})
+    hashes, failed = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled})
+    for rel, reason in failed.items():
+        log.warning("skipped %s: %s", rel, reason)
+        listing.skip(reason, rel)
+    labelled = [(label, rel) for label, rel in labelled if rel not in failed]
+    if not labelled:
+        raise PrepError(f"no readable images in {raw} ({len(failed)} could not be read)")
     rows = [
         {"path": rel, "label": label, "sha256": hashes[rel][0], "bytes": hashes[rel][1]}
         for label, rel in labelled
@@ -187,7 +203,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         cfg.workdir.path(workdir.INDEX_META),
         {
             "raw": raw,
-            "labels": str(cfg.out.resolve()),
+            "labels": cfg.workdir.relative(cfg.out),
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
             "follow_links": cfg.follow_links,

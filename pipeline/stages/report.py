@@ -33,7 +33,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from natsort import natsort_keygen, ns
 
 from .. import __version__, workdir
 from ..errors import PrepError
@@ -52,7 +51,7 @@ VERIFY_PLOTS = (
 )
 MAX_ROWS = 200  # rows of a listing (rejected files, duplicate groups) before "and N more"
 MAX_GRID_CLASSES = 100  # classes in the sample grid before "and N more"
-NATURAL = natsort_keygen(alg=ns.PATH)
+NATURAL = workdir.natural_key
 SECTIONS = (
     ("summary", "Summary"),
     ("splits", "Classes and splits"),

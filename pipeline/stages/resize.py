@@ -62,10 +62,18 @@ class ResizeResult:
 
 
 def output_names(rels: list[str]) -> dict[str, str]:
-    """``cat/a.jpg`` -> ``cat/a.png``; names that would collide keep their extension (``a.jpg.png``)."""
+    """``cat/a.jpg`` -> ``cat/a.png``; names that would collide keep their extension (``a.jpg.png``),
+    and any clash left after that (compared case-insensitively) gets a hash of the source path."""
     stems = [os.path.splitext(rel)[0] + ".png" for rel in rels]
-    taken = Counter(s.lower() for s in stems)
-    return {rel: (stem if taken[stem.lower()] == 1 else rel + ".png") for rel, stem in zip(rels, stems)}
+    taken = Counter(s.casefold() for s in stems)
+    names = {rel: (stem if taken[stem.casefold()] == 1 else rel + ".png") for rel, stem in zip(rels, stems)}
+    taken = Counter(n.casefold() for n in names.values())
+    for rel, name in names.items():
+        if taken[name.casefold()] > 1:
+            names[rel] = f"{name[:-4]}-{workdir.sha256_bytes(rel.encode())[:8]}.png"
+    if len({n.casefold() for n in names.values()}) != len(names):
+        raise PrepError("two images map to the same resized file name; rename one of them")
+    return names
 
 
 def resize_shard(shard: list[tuple[str, str]], root: str, spec: imaging.ResizeSpec) -> list[dict]:
@@ -205,13 +213,11 @@ def run(cfg: ResizeConfig) -> ResizeResult:
 
     table = [{**state[r["path"]], "label": r["label"]} for r in rows]
     rejected = [r for r in table if r["status"] != "ok"]
-    _write_csv_if_changed(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
+    workdir.write_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
     workdir.write_json(wd.path(workdir.RESIZE_SETTINGS), dataclasses.asdict(spec))  # the settings, for manifest.json
-    _write_csv_if_changed(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
+    workdir.write_csv(wd.path(workdir.REJECTED), REJECTED_COLUMNS, rejected)
     journal_path.unlink(missing_ok=True)
-    for name in (workdir.RESIZED, workdir.REJECTED):  # temporaries of a run killed while writing
-        for stale in wd.root.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    workdir.remove_stale_temps(wd.root)  # temporaries of a run killed while writing
     _remove_orphans(out_dir, {r["resized"] for r in table if r["status"] == "ok"})
 
     result = ResizeResult(
@@ -234,13 +240,6 @@ def run(cfg: ResizeConfig) -> ResizeResult:
             f"--strict: {len(rejected)} images rejected, first {first['path']}: {first['reason']}"
         )
     return result
-
-
-def _write_csv_if_changed(path: Path, columns: list[str], rows: list[dict]) -> None:
-    """Write the CSV only if its bytes change, so a rerun with nothing to do rewrites nothing."""
-    data = workdir.csv_bytes(columns, rows)
-    if not path.is_file() or path.read_bytes() != data:
-        workdir.atomic_write_bytes(path, data)
 
 
 def _remove_orphans(out_dir: Path, keep: set[str]) -> None:

@@ -18,8 +18,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from natsort import natsort_keygen, ns
-
 from .. import workdir
 from ..errors import PrepError
 from .index import LABEL_COLUMNS
@@ -28,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = ["path", "label", "sha256", "resized", "split"]
-NATURAL = natsort_keygen(alg=ns.PATH)
+NATURAL = workdir.natural_key
 
 
 @dataclass

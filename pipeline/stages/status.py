@@ -61,9 +61,10 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     if not meta_path.exists():
         return StageStatus("index", "missing", ["run `prep index RAW`"])
     meta = workdir.read_json(meta_path)
-    labels = Path(meta.get("labels") or wd.path(workdir.LABELS))
-    if not labels.exists():
-        return StageStatus("index", "missing", [f"{labels} is missing"])
+    try:
+        labels = wd.labels()
+    except PrepError:
+        return StageStatus("index", "missing", ["labels.csv is missing; run `prep index RAW`"])
     root = meta["raw"]
     if not sources.exists(root):
         return StageStatus("index", "stale", [f"RAW {root} not found"])
@@ -168,7 +169,7 @@ def run(cfg: StatusConfig) -> StatusResult:
     wd = cfg.workdir
     if not wd.root.is_dir():
         raise PrepError(f"work directory {wd.root} does not exist; run `prep index RAW` first")
-    labels = wd.path(workdir.LABELS)
+    labels = wd.labels() if wd.path(workdir.INDEX_META).exists() else wd.path(workdir.LABELS)
     with_labels = [labels] + ([wd.path(workdir.RESIZED)] if wd.path(workdir.RESIZED).exists() else [])
     splits = wd.path(workdir.SPLITS)
     stages = [
