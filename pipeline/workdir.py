@@ -50,6 +50,7 @@ SPLITS = "splits.csv"
 CLASSES = "classes.json"
 ENCODED = "encoded.csv"
 MANIFEST = "manifest.json"
+VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
 

@@ -19,18 +19,18 @@ import json
 import shlex
 from typing import TYPE_CHECKING
 
+from ..formats import FORMATS, SPLITS
 from ..imaging import ResizeSpec
 
 if TYPE_CHECKING:
     from .report import Facts
 
-SPLITS = ("train", "valid", "test")
 # Hugging Face's size_categories buckets
 SIZE_CATEGORIES = (
     (1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
     (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"),
 )
-FILES = {"pkl.gz": "dataset.pkl.gz", "h5": "dataset.h5", "tfrecord": "tfrecord"}
+FILES = {name: module.OUTPUT for name, module in FORMATS.items()}
 LOADING = {
     "pkl.gz": """\
 import gzip, pickle

@@ -36,14 +36,13 @@ from pathlib import Path
 
 from .. import __version__, workdir
 from ..errors import PrepError
+from ..formats import SPLITS
 
 log = logging.getLogger(__name__)
 
 REPORT = "report/index.html"
 CARD = "README.md"
-SPLITS = ("train", "valid", "test")
 SPLIT_COLOURS = {"train": "#4c72b0", "valid": "#dd8452", "test": "#55a868"}
-VERIFY_DIR = "verify"
 VERIFY_PLOTS = (
     ("training_curves.png", "Training curves"),
     ("confusion_matrix.png", "Confusion matrix (test split)"),
@@ -208,7 +207,7 @@ def gather(wd: workdir.Workdir) -> Facts:
     classes = optional(workdir.CLASSES, workdir.read_json)
     facts.classes = classes.get("classes") if isinstance(classes, dict) else classes
     facts.manifest = optional(workdir.MANIFEST, workdir.read_json)
-    facts.metrics = optional(f"{VERIFY_DIR}/metrics.json", workdir.read_json)
+    facts.metrics = optional(f"{workdir.VERIFY_DIR}/metrics.json", workdir.read_json)
     return facts
 
 
@@ -660,7 +659,7 @@ def section_verify(facts: Facts) -> str:
         ["seconds", _num(m, "seconds", ".0f")],
     ]
     parts = []
-    trained, packed = facts.wd.path(f"{VERIFY_DIR}/metrics.json"), facts.wd.path(workdir.MANIFEST)
+    trained, packed = facts.wd.path(f"{workdir.VERIFY_DIR}/metrics.json"), facts.wd.path(workdir.MANIFEST)
     if packed.exists() and packed.stat().st_mtime > trained.stat().st_mtime:
         parts.append('<p class="missing">The data was packed again after this run:'
                      " run <code>prep verify-train</code> to check what is packaged now.</p>")
@@ -676,7 +675,7 @@ def section_verify(facts: Facts) -> str:
         ))
         parts.append("</div>")
     parts.append("</div>")
-    folder = facts.wd.path(VERIFY_DIR)
+    folder = facts.wd.path(workdir.VERIFY_DIR)
     plots = []
     for name, title in VERIFY_PLOTS:
         path = folder / name

@@ -177,6 +177,9 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     workers = cfg.workers or executors.cpu_count()
     if todo:
         shards = executors.chunk(todo, workers, max_size=64)
+        if journal_path.is_file() and not journal_path.read_bytes().endswith(b"\n") and journal_path.stat().st_size:
+            with open(journal_path, "a", encoding="utf-8") as journal:
+                journal.write("\n")  # end the line a killed run was writing, so the next record stands alone
         with open(journal_path, "a", encoding="utf-8") as journal, executors.progress(
             len(todo), "resize", cfg.progress
         ) as bar, executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool:

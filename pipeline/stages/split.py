@@ -20,11 +20,11 @@ from pathlib import Path
 
 from .. import workdir
 from ..errors import PrepError
+from ..formats import SPLITS
 from .index import LABEL_COLUMNS
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = ["path", "label", "sha256", "resized", "split"]
 NATURAL = workdir.natural_key
 

@@ -156,7 +156,7 @@ def pack_status(wd: workdir.Workdir) -> StageStatus:
 
 
 def train_status(wd: workdir.Workdir) -> StageStatus:
-    metrics = wd.path("verify") / "metrics.json"
+    metrics = wd.path(workdir.VERIFY_DIR) / "metrics.json"
     manifest_path = wd.path(workdir.MANIFEST)
     if not metrics.exists():
         return StageStatus("verify-train", "missing", ["run `prep verify-train`"])

@@ -27,8 +27,6 @@ from ..errors import PrepError, VerificationFailed
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "small", "mlp")
-FORMAT_FILES = {"pkl.gz": "dataset.pkl.gz", "h5": "dataset.h5", "tfrecord": "tfrecord"}
-VERIFY_DIR = "verify"
 P_VALUE = 0.01
 
 
@@ -63,16 +61,18 @@ class TrainResult:
 
 def packaged_path(wd: workdir.Workdir, fmt: str | None) -> tuple[str, Path]:
     """The packaged file of ``fmt``, or of the first format found (pkl.gz, h5, tfrecord)."""
+    from ..formats import FORMATS
+
     if fmt is not None:
-        if fmt not in FORMAT_FILES:
-            raise PrepError(f"--format must be one of {', '.join(FORMAT_FILES)}; received {fmt!r}")
-        path = wd.path(FORMAT_FILES[fmt])
+        if fmt not in FORMATS:
+            raise PrepError(f"--format must be one of {', '.join(FORMATS)}; received {fmt!r}")
+        path = wd.path(FORMATS[fmt].OUTPUT)
         if not path.exists():
             raise PrepError(f"{path} does not exist; run `prep pack --format {fmt}` first")
         return fmt, path
-    for name, file in FORMAT_FILES.items():
-        if wd.path(file).exists():
-            return name, wd.path(file)
+    for name, module in FORMATS.items():
+        if wd.path(module.OUTPUT).exists():
+            return name, wd.path(module.OUTPUT)
     raise PrepError(f"nothing packaged in {wd.root}; run `prep pack` first")
 
 
@@ -167,7 +167,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     train_ds = dataset("train", shuffle=True)
     input_shape = tuple(int(d) for d in train_ds.element_spec[0].shape[1:])
     model = build_model(cfg.model, input_shape, len(classes))
-    out = cfg.workdir.path(VERIFY_DIR)
+    out = cfg.workdir.path(workdir.VERIFY_DIR)
     out.mkdir(parents=True, exist_ok=True)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
     history = model.fit(
@@ -232,7 +232,7 @@ def _advice(metrics: dict) -> str:
     if per_class < 20:
         hints.append(f"only {per_class:.0f} training images per class on average: add images")
     hints.append("classes may be indistinguishable at this size: try a larger --size")
-    return "Check: " + "; ".join(hints) + f"; see {VERIFY_DIR}/metrics.json"
+    return "Check: " + "; ".join(hints) + f"; see {workdir.VERIFY_DIR}/metrics.json"
 
 
 def _grid_indices(y_true, predicted, classes: int, size: int = 25) -> list[int]:
