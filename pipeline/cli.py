@@ -6,6 +6,7 @@ does not pay for numpy, scikit-learn or tensorflow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -62,8 +63,13 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-def delegate(fn):
-    """Give a command -q/-v/--json, print its result, and turn a PrepError into one line and exit 1."""
+def delegate(fn=None, *, lock: bool = True):
+    """Give a command -q/-v/--json, print its result, and turn a PrepError into one line and exit 1.
+
+    A command that writes into the work directory holds its lock (``lock=True``) while it runs.
+    """
+    if fn is None:
+        return functools.partial(delegate, lock=lock)
 
     @functools.wraps(fn)
     def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, **kwargs):
@@ -71,7 +77,8 @@ def delegate(fn):
             ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
             ctx.configure_logging()
         try:
-            result = fn(ctx, *args, **kwargs)
+            with ctx.workdir.lock() if lock else contextlib.nullcontext():
+                result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise click.ClickException(str(err)) from None
         except KeyboardInterrupt:
@@ -178,6 +185,10 @@ def cli(ctx, workdir, quiet, verbose):
     """
     settings = _settings(ctx)
     if "workdir" in settings.group and ctx.get_parameter_source("workdir") == click.core.ParameterSource.DEFAULT:
+        if not isinstance(settings.group["workdir"], str):
+            raise click.ClickException(
+                f"{settings.source}: workdir must be a folder name in quotes; received {settings.group['workdir']!r}"
+            )
         workdir = Path(settings.group["workdir"])
     ctx.default_map = _default_map(settings)
     ctx.obj = Context(workdir, quiet, verbose)
@@ -196,7 +207,7 @@ def echo(ctx: Context, text: str) -> None:
 @click.argument("name", type=Choice(["digits"]))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @pass_ctx
-@delegate
+@delegate(lock=False)
 def sample(ctx, name, out):
     """Write a bundled real dataset as images into OUT/<class>/.
 
@@ -473,7 +484,7 @@ def _verify(ctx, workdir, executor, workers, scheduler):
 @click.argument("workdir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @executor_options
 @pass_ctx
-@delegate
+@delegate(lock=False)
 def verify(ctx, **options):
     """Check the packaged files of WORKDIR [default: --workdir] against manifest.json and their sources.
 
@@ -586,7 +597,7 @@ def effective_settings(ctx: click.Context, name: str) -> dict[str, tuple[object,
 @cli.command("config")
 @click.pass_context
 @pass_ctx
-@delegate
+@delegate(lock=False)
 def show_config(ctx, click_ctx):
     """Print the effective settings of every command and where each came from.
 
@@ -615,7 +626,7 @@ def show_config(ctx, click_ctx):
 @cli.command()
 @click.pass_context
 @pass_ctx
-@delegate
+@delegate(lock=False)
 def status(ctx, click_ctx):
     """For each stage: up to date, stale or missing, and why.
 

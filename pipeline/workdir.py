@@ -90,6 +90,35 @@ class Workdir:
         return candidate
 
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the work directory for one command: a second prep writing here fails at once.
+
+        A work directory that does not exist yet is not created here (the stage checks first
+        that it is not inside RAW); its first run goes unlocked.
+        """
+        import fcntl
+
+        if not self.root.is_dir():
+            yield
+            return
+        with open(self.root / ".lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise PrepError(f"another prep command ({holder}) is working in {self.root}; wait for it") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def relative(self, path: str | os.PathLike) -> str:
         """``path`` relative to the work directory when inside it (so a copied work directory
         still points at its own files), else absolute."""

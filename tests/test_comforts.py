@@ -149,3 +149,21 @@ def test_status_follows_inputs_and_settings(project: Path):
     assert "setting width: 32 -> 20" in states["resize"]["reasons"]
     assert any(r.startswith("setting seed: 42 -> 7") for r in states["split"]["reasons"])
     assert states["encode"]["state"] == "up to date"
+
+
+def test_non_string_workdir_in_settings_is_one_line(project: Path):
+    (project / "prep.toml").write_text("workdir = 5\n")
+    result = invoke("status")
+    assert result.exit_code == 1 and "workdir must be a folder name" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_second_command_in_the_same_workdir_fails_at_once(project: Path):
+    from pipeline.workdir import Workdir
+
+    (project / "processed").mkdir()
+    with Workdir(project / "processed").lock():
+        result = invoke("index", "raw")
+        assert result.exit_code == 1 and "another prep command (pid" in result.output
+        assert invoke("status").exit_code == 0  # reading needs no lock
+    assert invoke("index", "raw").exit_code == 0

@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 
 from conftest import assert_one_line_error, make_tree, tree_digests, write_image
+from click.testing import CliRunner
+
 from pipeline import workdir
+from pipeline.cli import cli
 from pipeline.errors import PrepError
 from pipeline.stages import index
 
@@ -288,3 +291,62 @@ def test_no_name_matching_the_pattern_is_a_one_line_error_saying_so(tmp_path, pr
     write_image(tmp_path / "raw" / "cat" / "photo.png")
     result = prep("index", tmp_path / "raw", "--labels-from", "filename")
     assert_one_line_error(result, "matches --pattern", "cat/photo.png")
+
+
+def test_order_is_stable_for_names_natsort_holds_equal(tmp_path, monkeypatch):
+    """img1/img01 and classes 1/01 sort the same way whatever order the listing gives."""
+    from pipeline import sources
+
+    raw = tmp_path / "raw"
+    for label in ("01", "1"):
+        for name in ("img01.png", "img1.png", "img2.png"):
+            write_image(raw / label / name, color=(len(label) * 40, len(name), 9))
+    outputs = []
+    real = sources.list_files
+    for reverse in (False, True):
+        def listing(*args, _reverse=reverse, **kwargs):
+            found = real(*args, **kwargs)
+            found.files.sort(reverse=_reverse)
+            return found
+
+        monkeypatch.setattr(sources, "list_files", listing)
+        work = tmp_path / f"work{reverse}"
+        result = CliRunner().invoke(cli, ["--workdir", str(work), "index", str(raw)])
+        assert result.exit_code == 0, result.output
+        outputs.append((work / "labels.csv").read_bytes())
+    assert outputs[0] == outputs[1]
+    paths = [line.split(",")[0] for line in outputs[0].decode().splitlines()[1:]]
+    assert paths == ["01/img01.png", "01/img1.png", "01/img2.png", "1/img01.png", "1/img1.png", "1/img2.png"]
+
+
+def test_an_unreadable_file_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    from pipeline import sources
+
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 3})
+    real = sources.read_bytes
+
+    def read_bytes(root, rel):
+        if rel == "a/img1.png":
+            raise PermissionError(13, "Permission denied")
+        return real(root, rel)
+
+    monkeypatch.setattr(sources, "read_bytes", read_bytes)
+    work = tmp_path / "work"
+    result = CliRunner().invoke(cli, ["--workdir", str(work), "index", str(raw), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Found 5 images in 2 classes (skipped 1 files)" in result.output
+    assert "a/img1.png" not in (work / "labels.csv").read_text()
+    meta = json.loads((work / "index.json").read_text())
+    assert meta["skipped"] == {"unreadable (Permission denied)": 1}
+
+
+def test_a_copied_work_directory_uses_its_own_labels(tmp_path):
+    import shutil
+
+    from pipeline.workdir import Workdir
+
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 3})
+    work = tmp_path / "work"
+    assert CliRunner().invoke(cli, ["--workdir", str(work), "index", str(raw)]).exit_code == 0
+    shutil.copytree(work, tmp_path / "copy")
+    assert Workdir(tmp_path / "copy").labels() == tmp_path / "copy" / "labels.csv"

@@ -197,6 +197,14 @@ def test_output_names_keep_colliding_names_apart():
     assert len(set(names.values())) == len(names)
 
 
+def test_output_names_stay_apart_when_the_fallback_clashes_too():
+    rels = ["cat/a.jpg", "cat/a.png", "cat/a.jpg.png", "cat/B.png", "cat/b.PNG"]
+    names = resize.output_names(rels)
+    assert len({n.casefold() for n in names.values()}) == len(rels)
+    assert all(n.startswith("cat/") and n.endswith(".png") for n in names.values())
+    assert names == resize.output_names(list(reversed(rels)))  # independent of row order
+
+
 def test_workdir_inside_raw_is_refused(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     before = tree_digests(tree)
