@@ -114,10 +114,15 @@ def encode_png(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def decode_png(data: bytes, channels: int) -> np.ndarray:
-    """The (H, W, C) uint8 array of a PNG written by :func:`encode_png`."""
-    with Image.open(io.BytesIO(data)) as img:
-        return to_array(img.convert("L" if channels == 1 else "RGB"))
+def decode_png(data: bytes) -> np.ndarray:
+    """The (H, W, C) uint8 pixels of a PNG written by :func:`encode_png`; ValueError for anything else."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG" or img.mode not in ("L", "RGB"):
+                raise ValueError(f"expected an 8-bit L or RGB PNG, found {img.format} {img.mode}")
+            return to_array(img)
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"not a readable PNG ({err})") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -222,7 +222,7 @@ def test_output_shape(mode, size, channels, source):
     img, info = imaging.transform(data, ResizeSpec(width=width, height=height, mode=mode, channels=channels))
     assert img.mode == ("L" if channels == 1 else "RGB") and img.size == (width, height)
     assert (info.width, info.height) == source
-    decoded = imaging.decode_png(imaging.encode_png(img), channels)
+    decoded = imaging.decode_png(imaging.encode_png(img))
     assert decoded.shape == (height, width, channels) and decoded.dtype == np.uint8
 
 

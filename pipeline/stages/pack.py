@@ -88,26 +88,13 @@ def parse_formats(names) -> tuple[str, ...]:
 # -- worker ---------------------------------------------------------------------------------
 
 
-def decode(data: bytes) -> np.ndarray:
-    """The uint8 (H, W, C) pixels of a resized PNG (mode L or RGB); ValueError otherwise."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "PNG" or img.mode not in ("L", "RGB"):
-                raise ValueError(f"expected an 8-bit L or RGB PNG, found {img.format} {img.mode}")
-            return imaging.to_array(img)
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"not a readable PNG ({err})") from None
-
-
 def read_pngs(names: list[str], folder: str, want_png: bool) -> list[tuple[bytes | None, np.ndarray] | str]:
     """(PNG bytes or None, pixels) for each resized file, or the reason it cannot be used."""
     results: list = []
     for name in names:
         try:
             data = (Path(folder) / name).read_bytes()
-            results.append((data if want_png else None, decode(data)))
+            results.append((data if want_png else None, imaging.decode_png(data)))
         except OSError as err:
             results.append(f"cannot read ({err.strerror or err})")
         except ValueError as err:

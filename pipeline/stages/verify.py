@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .. import executors, manifest, workdir
+from .. import executors, imaging, manifest, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .encode import ENCODED_COLUMNS
-from .pack import decode
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def digest_pngs(names: list[str], folder: str) -> list[bytes | str]:
     out: list[bytes | str] = []
     for name in names:
         try:
-            out.append(hashlib.sha256(decode((Path(folder) / name).read_bytes()).tobytes()).digest())
+            out.append(hashlib.sha256(imaging.decode_png((Path(folder) / name).read_bytes()).tobytes()).digest())
         except OSError as err:
             out.append(f"cannot read ({err.strerror or err})")
         except ValueError as err:
