@@ -102,10 +102,12 @@ class Workdir:
         if not self.root.is_dir():
             yield
             return
+        # a POSIX record lock: owned by this process alone (worker processes forked from it do
+        # not hold it) and released by the kernel when the process dies, even by kill -9
         with open(self.root / ".lock", "a+") as handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 raise PrepError(f"another prep command ({holder}) is working in {self.root}; wait for it") from None
@@ -117,7 +119,7 @@ class Workdir:
                 yield
             finally:
                 handle.truncate(0)
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.lockf(handle, fcntl.LOCK_UN)
 
     def relative(self, path: str | os.PathLike) -> str:
         """``path`` relative to the work directory when inside it (so a copied work directory

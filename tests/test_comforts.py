@@ -159,11 +159,15 @@ def test_non_string_workdir_in_settings_is_one_line(project: Path):
 
 
 def test_a_second_command_in_the_same_workdir_fails_at_once(project: Path):
+    import subprocess
+    import sys
+
     from pipeline.workdir import Workdir
 
     (project / "processed").mkdir()
-    with Workdir(project / "processed").lock():
-        result = invoke("index", "raw")
-        assert result.exit_code == 1 and "another prep command (pid" in result.output
-        assert invoke("status").exit_code == 0  # reading needs no lock
+    with Workdir(project / "processed").lock():  # held by this process; the CLI runs in another
+        result = subprocess.run([sys.executable, "-m", "pipeline", "index", "raw"], capture_output=True, text=True)
+        assert result.returncode == 1 and f"another prep command (pid {os.getpid()})" in result.stderr
+        status = subprocess.run([sys.executable, "-m", "pipeline", "status"], capture_output=True, text=True)
+        assert status.returncode == 0  # reading needs no lock
     assert invoke("index", "raw").exit_code == 0
