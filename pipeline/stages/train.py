@@ -140,13 +140,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     classes = loaders.load_classes(path)
     if len(classes) < 2:
         raise PrepError(f"{path} has {len(classes)} class; verify-train needs at least two")
-    labels = {split: _labels(loaders, path, split) for split in ("train", "valid", "test")}
-    for split, y in labels.items():
-        if len(y) == 0:
+    counts = _class_counts(loaders, path, classes)
+    for split, per_class in counts.items():
+        if sum(per_class.values()) == 0:
             raise PrepError(f"the {split} split in {path} is empty; pack with ratios that give every split images")
-    present = sorted(set(int(v) for v in labels["train"]))
-    if len(present) < 2:
-        raise PrepError(f"the train split in {path} has only one class ({classes[present[0]]})")
+    if len(counts["train"]) < 2:
+        raise PrepError(f"the train split in {path} has only one class ({classes[next(iter(counts['train']))]})")
+    sizes = {split: sum(per_class.values()) for split, per_class in counts.items()}
 
     from ..formats.tfrecord import import_tf
 
@@ -158,9 +158,10 @@ def run(cfg: TrainConfig) -> TrainResult:
     tf.config.experimental.enable_op_determinism()
 
     def dataset(split: str, shuffle: bool):
-        ds = loaders.load_tf(path, split)
+        # the known size lets Keras show progress and stops it warning that data "ran out"
+        ds = loaders.load_tf(path, split).apply(tf.data.experimental.assert_cardinality(sizes[split]))
         if shuffle:
-            ds = ds.shuffle(min(len(labels[split]), 10_000), seed=cfg.seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(min(sizes[split], 10_000), seed=cfg.seed, reshuffle_each_iteration=True)
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -176,13 +177,16 @@ def run(cfg: TrainConfig) -> TrainResult:
     )
     _save_model(model, out / "model.keras")
 
-    test_loss, test_acc = model.evaluate(dataset("test", shuffle=False), verbose=0)
-    probabilities = model.predict(dataset("test", shuffle=False), verbose=0)
+    # one pass over test: the labels come with the predictions
+    batches = [(model(x, training=False).numpy(), y.numpy()) for x, y in dataset("test", shuffle=False)]
+    probabilities = np.concatenate([p for p, _ in batches])
+    y_test = np.concatenate([y for _, y in batches]).astype(np.int64)
     predicted = probabilities.argmax(axis=1)
-    y_test = np.asarray(labels["test"], dtype=np.int64)
-    majority = Counter(int(v) for v in labels["train"]).most_common(1)[0][0]
+    test_acc = float(np.mean(predicted == y_test))
+    test_loss = float(np.mean(-np.log(np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0))))
+    majority = counts["train"].most_common(1)[0][0]
     baseline = float(np.mean(y_test == majority))
-    learned, required, p_value = verdict(float(test_acc), baseline, len(y_test), cfg.margin)
+    learned, required, p_value = verdict(test_acc, baseline, len(y_test), cfg.margin)
 
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -204,7 +208,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         "required_accuracy": required,
         "p_value": p_value,
         "verdict": "learned" if learned else "did not learn",
-        "counts": {split: len(y) for split, y in labels.items()},
+        "counts": sizes,
         "classes": classes,
         "per_class": {c: report[c] for c in classes},
         "confusion_matrix": matrix.tolist(),
@@ -219,10 +223,19 @@ def run(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _labels(loaders, path: Path, split: str):
-    import numpy as np
+def _class_counts(loaders, path: Path, classes: list[str]) -> dict[str, Counter]:
+    """split -> Counter of label ids: from the manifest beside the data, else by reading the labels."""
+    from ..formats import SPLITS
 
-    return np.fromiter((int(y) for _, y in loaders.load_tf(path, split).as_numpy_iterator()), dtype=np.int64)
+    manifest = path.parent / workdir.MANIFEST
+    if manifest.is_file():
+        splits = workdir.read_json(manifest).get("splits", {})
+        if all(s in splits for s in SPLITS):
+            ids = {name: i for i, name in enumerate(classes)}
+            return {s: Counter({ids[c]: n for c, n in splits[s]["classes"].items() if n}) for s in SPLITS}
+    return {
+        s: Counter(int(y) for _, y in loaders.load_tf(path, s).as_numpy_iterator()) for s in SPLITS
+    }
 
 
 def _advice(metrics: dict) -> str:
