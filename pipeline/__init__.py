@@ -3,13 +3,15 @@
 Architecture (data flows one way, top to bottom; no module imports one above it)::
 
     cli.py          parse options, build a stage config, call the stage, report
-    loaders.py      the public load API: load, load_tf, load_classes
-    stages/         one module per command: sample, index, resize, split, encode, pack, ...
+    config.py       defaults from prep.toml / [tool.prep], checked against the CLI's options
+    stages/         one module per command: sample, index, resize, split, encode, pack, verify,
+                    train (verify-train), report and card, status
+    loaders.py      the public load API (load, load_tf, load_classes); verify-train uses it too
     imaging.py      the pure per-image transform: bytes in, 8-bit pixels or a reason out
     executors.py    serial / local processes / Dask behind concurrent.futures.Executor
-    sources.py      listing and reading the RAW tree
+    sources.py      listing and reading the RAW tree, a folder or an fsspec URL
     manifest.py     manifest.json: settings, counts and checksums of what was packaged
-    workdir.py      the work directory's files, atomic writes, CSV/JSON, up-to-date stamps
+    workdir.py      the work directory's files, atomic writes, CSV/JSON, locks, up-to-date stamps
     formats/        pkl.gz, h5, tfrecord: a writer and readers each, in one registry
     errors.py       the exceptions the CLI prints as one-line messages
 """
