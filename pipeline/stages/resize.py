@@ -149,6 +149,8 @@ def run(cfg: ResizeConfig) -> ResizeResult:
         raise PrepError(f"--channels must be 1 or 3; received {spec.channels}")
     root = raw_root(wd, cfg.raw)
     if not sources.is_dir(root):
+        if cfg.raw is not None:
+            raise PrepError(f"--raw {cfg.raw} is not a folder (expected the RAW root given to `prep index`)")
         raise PrepError(f"RAW folder {root} recorded by `prep index` does not exist (pass --raw)")
     rows = workdir.read_csv(cfg.labels, LABEL_COLUMNS)
     if not rows:

@@ -1,0 +1,184 @@
+"""The Dask executor on a real cluster of 2 worker processes on 127.0.0.1.
+
+Outputs must be byte-identical to a serial run, from a folder or from a bucket, and a worker
+killed mid-run must cost only a retry of its shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, make_tree, tree_digests
+from pipeline import executors
+from pipeline.errors import PrepError
+from pipeline.stages import resize
+from test_sources import s3, upload  # noqa: F401  (s3 is a fixture)
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):  # noqa: F811  (after s3: the workers inherit its AWS environment)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+    ) as cluster, distributed.Client(cluster) as client:
+        cluster.client = client
+        yield cluster
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    raw = make_tree(tmp_path / "raw", {"cat": 14, "dog": 11, "bird": 9}, size=(48, 40))
+    (raw / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (raw / "dog" / "empty.png").write_bytes(b"")
+    return raw
+
+
+def run_stages(prep, raw, workdir: Path, *options, env=None) -> None:
+    for args in (("index", raw), ("resize", "--size", "20x16", "--mode", "crop")):
+        result = prep(*args, *options, workdir=workdir, env=env)
+        assert result.exit_code == 0, result.output
+
+
+def assert_same_outputs(a: Path, b: Path) -> None:
+    for name in ("labels.csv", "resized.csv", "rejected.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert tree_digests(a / "resized") == tree_digests(b / "resized")
+
+
+class Bar:
+    """Stands in for the progress bar and remembers what it was told."""
+
+    def __init__(self, total, desc, enabled=True, unit="img"):
+        self.total, self.desc, self.done = total, desc, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        self.done += n
+
+
+def pack(prep, workdir: Path, *options, env=None) -> None:
+    for args in (("split",), ("encode",), ("pack", "--format", "pkl.gz", "--format", "h5", *options)):
+        result = prep(*args, workdir=workdir, env=env)
+        assert result.exit_code == 0, result.output
+
+
+def test_dask_run_matches_serial_run_byte_for_byte(tmp_path, corpus, cluster, prep, monkeypatch):
+    run_stages(prep, corpus, tmp_path / "serial", "--executor", "serial")
+    pack(prep, tmp_path / "serial", "--executor", "serial")
+    bars = []
+    monkeypatch.setattr(executors, "progress", lambda *a, **kw: bars.append(Bar(*a, **kw)) or bars[-1])
+    monkeypatch.setattr(distributed, "LocalCluster", None)  # PREP_SCHEDULER must pick the running one
+    env = {"PREP_SCHEDULER": cluster.scheduler_address}
+    run_stages(prep, corpus, tmp_path / "dask", "--executor", "dask", env=env)
+    pack(prep, tmp_path / "dask", "--executor", "dask", env=env)
+
+    assert_same_outputs(tmp_path / "serial", tmp_path / "dask")
+    for name in ("dataset.pkl.gz", "dataset.h5", "manifest.json"):
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
+    rejected = (tmp_path / "dask" / "rejected.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in rejected[1:]] == ["cat/broken.jpg", "dog/empty.png"]
+    assert [(b.desc, b.total, b.done) for b in bars] == [("hash", 36, 36), ("resize", 36, 36), ("pack", 34, 34)]
+    assert {"hash_shard", "resize_shard", "read_pngs"} <= set(cluster.scheduler.task_prefixes)
+
+
+def test_s3_raw_read_by_dask_workers_matches_the_local_folder(tmp_path, corpus, s3, cluster, prep):  # noqa: F811
+    url = upload(s3, corpus)
+    run_stages(prep, corpus, tmp_path / "local", "--executor", "serial")
+    run_stages(prep, url, tmp_path / "s3", "--executor", "dask", "--scheduler", cluster.scheduler_address)
+    assert_same_outputs(tmp_path / "local", tmp_path / "s3")
+
+
+def test_without_a_scheduler_a_local_cluster_is_started(tmp_path, corpus, prep, monkeypatch):
+    monkeypatch.delenv("PREP_SCHEDULER", raising=False)
+    run_stages(prep, corpus, tmp_path / "serial", "--executor", "serial")
+    assert prep("index", corpus, "--executor", "serial", workdir=tmp_path / "dask").exit_code == 0
+    started = []
+    local_cluster = distributed.LocalCluster
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.append(kw) or local_cluster(**kw))
+    result = prep("resize", "--size", "20x16", "--mode", "crop", "--executor", "dask", "--workers", "1",
+                  workdir=tmp_path / "dask")
+    assert result.exit_code == 0, result.output
+    assert_same_outputs(tmp_path / "serial", tmp_path / "dask")
+    assert [(kw["n_workers"], kw["threads_per_worker"], kw["host"]) for kw in started] == [(1, 1, "127.0.0.1")]
+
+
+def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(PrepError, match=r"pip install 'prep\[dask\]'"):
+        with executors.make_executor("dask"):
+            pass
+    result = prep("index", corpus, "--executor", "dask")
+    assert_one_line_error(result, "--executor dask", "pip install 'prep[dask]'")
+    assert not (tmp_path / "work" / "labels.csv").exists()
+
+
+def test_workers_running_another_prep_version_are_refused(cluster, monkeypatch):
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "__version__", "0.0.0-not-the-workers")
+    with pytest.raises(PrepError, match=r"2 Dask workers run another prep version .*install prep 0\.0\.0-not"):
+        with executors.make_executor("dask", scheduler=cluster.scheduler_address):
+            pass
+
+
+def slowly(fn, shard, *args):
+    """A shard function that takes long enough for a worker to be killed in the middle of it."""
+    time.sleep(0.4)
+    return fn(shard, *args)
+
+
+def kill_a_busy_worker(client, killed: list) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not killed:
+        busy = [worker for worker, keys in client.processing().items() if keys]
+        if busy:
+            pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_mid_run_costs_only_a_retry(tmp_path, corpus, cluster, prep, monkeypatch):
+    import cloudpickle
+
+    run_stages(prep, corpus, tmp_path / "serial", "--executor", "serial")
+    result = prep("index", corpus, "--executor", "serial", workdir=tmp_path / "dask")
+    assert result.exit_code == 0, result.output
+
+    # ship `slowly` by value: the workers cannot import this test module
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    map_shards = executors.map_shards
+    monkeypatch.setattr(
+        executors, "map_shards", lambda pool, fn, *a, **kw: map_shards(pool, functools.partial(slowly, fn), *a, **kw)
+    )
+    client = cluster.client
+    pids_before = set(client.run(os.getpid).values())
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_busy_worker, args=(client, killed))
+    killer.start()
+    try:
+        # --workers 8 only cuts more, smaller shards, so the run outlasts the kill
+        result = prep("resize", "--size", "20x16", "--mode", "crop", "--executor", "dask", "--workers", "8",
+                      "--scheduler", cluster.scheduler_address, workdir=tmp_path / "dask")
+    finally:
+        killer.join()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert result.exit_code == 0, result.output
+    assert len(killed) == 1 and killed[0] in pids_before
+    assert_same_outputs(tmp_path / "serial", tmp_path / "dask")
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+    assert killed[0] not in client.run(os.getpid, on_error="ignore").values()
