@@ -28,7 +28,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -150,28 +150,24 @@ _NATURAL = natsort_keygen(alg=ns.PATH)
 # -- atomic writes ---------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, **open_kwargs) -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success (fsync it and) rename it over ``path``.
 
     Without fsync the rename is still atomic for any reader and survives the process being
-    killed; only a power cut can lose the data, which is why per-image files skip it.
+    killed; only a power cut can lose the data, which is why per-image files skip it. The
+    temporary name carries the process and thread, so concurrent writers never share one, and
+    the file gets the usual permissions (0666 less the umask).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
+        try:
+            handle = open(tmp, mode, **open_kwargs)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(tmp, mode, **open_kwargs)
+        with handle:
             yield handle
             handle.flush()
             if fsync:
@@ -196,9 +192,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that had this pid
+    tmp.mkdir()  # the usual permissions (0777 less the umask)
     try:
-        tmp.chmod(0o777 & ~_UMASK)
         yield tmp
         old = path.with_name(f".{path.name}.old")
         if old.exists():

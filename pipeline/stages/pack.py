@@ -252,7 +252,7 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
             for name in todo
         ]
         bar = stack.enter_context(executors.progress(len(rows), "pack", cfg.progress))
-        results = executors.map_shards(pool, read_pngs, names, str(folder), "tfrecord" in todo)
+        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), "tfrecord" in todo)
         for shard, shard_results in zip(shards, results, strict=True):
             for row, result in zip(shard, shard_results, strict=True):
                 path = folder / row["resized"]

@@ -158,7 +158,7 @@ def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Ite
 def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
     folder = cfg.workdir.path(workdir.RESIZED_DIR)
     shards = executors.chunk([r["resized"] for r in rows], cfg.workers or executors.cpu_count(), max_size=256)
-    for digests in executors.map_shards(pool, digest_pngs, shards, str(folder)):
+    for digests in executors.map_shards(pool, digest_pngs, shards, str(folder.resolve())):
         yield from digests
 
 
