@@ -110,7 +110,7 @@ def to_array(img: Image.Image) -> np.ndarray:
 def encode_png(img: Image.Image) -> bytes:
     """Lossless, deterministic PNG bytes (no timestamps or text chunks)."""
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", compress_level=6)
+    img.save(buffer, format="PNG", compress_level=1)  # level 6 costs twice the time for 4% smaller files
     return buffer.getvalue()
 
 
