@@ -57,6 +57,10 @@ class LocalExecutor(ProcessPoolExecutor):
         method = "fork" if sys.platform == "linux" else "spawn"
         super().__init__(workers, mp_context=multiprocessing.get_context(method))
         self.slots = workers
+        # Fork every worker now, while this process is still small and has no other threads:
+        # a pool forks on its first task, which may come after a progress bar's thread has
+        # started or tensorflow has been imported (a known deadlock hazard, and wasted memory).
+        self.submit(int).result()
 
 
 def require(kind: str) -> None:

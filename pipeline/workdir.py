@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -138,6 +139,7 @@ class Workdir:
         return self.input(given, LABELS, made_by="index RAW")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # class names repeat on every row
 def natural_key(text: str):
     """Natural order (``img2`` before ``img10``) with the plain string as tie-break, so names
     natsort holds equal (``img1``, ``img01``) still sort the same way every time."""

@@ -1,8 +1,10 @@
 """`prep encode`: one label -> id map for the whole dataset, ``classes.json`` and ``encoded.csv``.
 
-scikit-learn's LabelEncoder is fitted once on all classes of all splits (never per split,
-which would shift ids when a split lacks a class). Ids follow the natural order of the class
-names; ``--classes FILE`` pins an existing map so new data keeps old ids.
+One map is fitted on the classes of all splits together (never per split, which would shift
+ids when a split lacks a class). Ids follow the natural order of the class names (``img2``
+before ``img10``); ``--classes FILE`` pins an existing map so new data keeps old ids.
+scikit-learn's LabelEncoder is not used: it always sorts classes lexicographically, and
+importing scikit-learn would cost more than the whole stage.
 """
 
 from __future__ import annotations
@@ -57,9 +59,6 @@ def run(cfg: EncodeConfig) -> EncodeResult:
     if stamp.is_current(inputs, settings) and cfg.out.exists() and cfg.classes_out.exists():
         return EncodeResult(read_classes(cfg.classes_out), cfg.out, up_to_date=True)
 
-    import numpy as np
-    from sklearn.preprocessing import LabelEncoder
-
     rows = workdir.read_csv(cfg.splits, SPLIT_COLUMNS)
     if not rows:
         raise PrepError(f"{cfg.splits} has no rows; run `prep split` first")
@@ -76,15 +75,9 @@ def run(cfg: EncodeConfig) -> EncodeResult:
     else:
         classes = present
 
-    encoder = LabelEncoder().fit(labels)
-    # LabelEncoder sorts classes lexicographically; ids follow the natural (or pinned) order
-    # instead, so set that order and check the round trip.
-    encoder.classes_ = np.array(classes, dtype=object)
-    ids = encoder.transform(np.array(labels, dtype=object))
-    if list(encoder.inverse_transform(ids)) != labels:
-        raise PrepError("label encoding did not round-trip; please report this")
+    ids = {name: i for i, name in enumerate(classes)}
 
     workdir.write_json(cfg.classes_out, {"classes": classes})
-    workdir.write_csv(cfg.out, ENCODED_COLUMNS, ({**r, "label_id": int(i)} for r, i in zip(rows, ids)))
+    workdir.write_csv(cfg.out, ENCODED_COLUMNS, ({**r, "label_id": ids[r["label"]]} for r in rows))
     stamp.record(inputs, settings, [cfg.out, cfg.classes_out])
     return EncodeResult(classes, cfg.out)

@@ -115,9 +115,9 @@ def hash_files(
             todo.append(rel)
     if todo:
         shards = executors.chunk(todo, cfg.workers or executors.cpu_count(), max_size=64)
-        with executors.progress(len(todo), "hash", cfg.progress, unit="file") as bar, executors.make_executor(
-            cfg.executor, cfg.workers, cfg.scheduler
-        ) as pool:
+        with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, executors.progress(
+            len(todo), "hash", cfg.progress, unit="file"
+        ) as bar:
             for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
                 for rel, outcome in zip(shard, hashed):
                     if isinstance(outcome, str):

@@ -182,9 +182,9 @@ def run(cfg: ResizeConfig) -> ResizeResult:
         if journal_path.is_file() and not journal_path.read_bytes().endswith(b"\n") and journal_path.stat().st_size:
             with open(journal_path, "a", encoding="utf-8") as journal:
                 journal.write("\n")  # end the line a killed run was writing, so the next record stands alone
-        with open(journal_path, "a", encoding="utf-8") as journal, executors.progress(
-            len(todo), "resize", cfg.progress
-        ) as bar, executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool:
+        with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, open(
+            journal_path, "a", encoding="utf-8"
+        ) as journal, executors.progress(len(todo), "resize", cfg.progress) as bar:
             by_path = {r["path"]: r for r in rows}
             for results in executors.map_shards(pool, resize_shard, shards, root, spec):
                 for res in results:

@@ -51,7 +51,8 @@ class SplitResult:
     @property
     def summary(self) -> str:
         totals = {s: sum(c[s] for c in self.table.values()) for s in SPLITS}
-        return "Split " + ", ".join(f"{s} {totals[s]}" for s in SPLITS) + f" across {len(self.table)} classes"
+        head = "Up to date: split " if self.up_to_date else "Split "
+        return head + ", ".join(f"{s} {totals[s]}" for s in SPLITS) + f" across {len(self.table)} classes"
 
 
 def parse_ratios(text: str) -> tuple[float, float, float]:
@@ -101,7 +102,8 @@ def assign(rows: list[dict], ratios: tuple[float, float, float], seed: int) -> d
         units[row["sha256"]].append(row)
     by_class: dict[str, list[str]] = defaultdict(list)
     for sha, members in units.items():
-        owner = min(members, key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))["label"]
+        first = members[0] if len(members) == 1 else min(members, key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))
+        owner = first["label"]
         by_class[owner].append(sha)
 
     result: dict[str, str] = {}
@@ -152,7 +154,21 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
     return usable, len(rows) - len(usable), inputs
 
 
+def count_table(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """class -> split -> images, classes in natural order."""
+    table = {label: dict.fromkeys(SPLITS, 0) for label in sorted({r["label"] for r in rows}, key=NATURAL)}
+    for r in rows:
+        table[r["label"]][r["split"]] += 1
+    return table
+
+
 def run(cfg: SplitConfig) -> SplitResult:
+    settings = {"ratios": list(cfg.ratios), "seed": cfg.seed, "drop_small": cfg.drop_small}
+    stamp = workdir.Stamp(cfg.workdir, "split")
+    inputs = [cfg.labels] + [p for p in [cfg.workdir.path(workdir.RESIZED)] if p.exists()]
+    if cfg.out.exists() and stamp.is_current(inputs, settings):
+        rows = workdir.read_csv(cfg.out, SPLIT_COLUMNS)
+        return SplitResult(cfg.out, count_table(rows), up_to_date=True)
     rows, excluded, inputs = usable_rows(cfg.workdir, cfg.labels)
     if not rows:
         raise PrepError(f"no usable images in {cfg.labels}")
@@ -182,13 +198,8 @@ def run(cfg: SplitConfig) -> SplitResult:
     splits = assign(rows, cfg.ratios, cfg.seed)
     out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
     workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
-    settings = {"ratios": list(cfg.ratios), "seed": cfg.seed, "drop_small": cfg.drop_small}
     workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), settings)  # for manifest.json
     workdir.Stamp(cfg.workdir, "split").record(inputs, settings, [cfg.out])
 
-    table: dict[str, dict[str, int]] = {}
-    for label in sorted({r["label"] for r in rows}, key=NATURAL):
-        table[label] = {s: 0 for s in SPLITS}
-    for r in out_rows:
-        table[r["label"]][r["split"]] += 1
+    table = count_table(out_rows)
     return SplitResult(cfg.out, table, conflicts, small, excluded)
