@@ -173,6 +173,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
     history = model.fit(
         train_ds, validation_data=dataset("valid", shuffle=False), epochs=cfg.epochs, callbacks=[stop],
+        shuffle=False,  # the dataset shuffles itself, seeded; Keras cannot shuffle a tf.data.Dataset
         verbose=2 if cfg.progress else 0,
     )
     _save_model(model, out / "model.keras")
@@ -241,10 +242,10 @@ def _class_counts(loaders, path: Path, classes: list[str]) -> dict[str, Counter]
 def _advice(metrics: dict) -> str:
     counts = metrics["counts"]
     per_class = counts["train"] / max(1, len(metrics["classes"]))
-    hints = ["check that labels line up with images (labels.csv, encoded.csv)"]
+    hints = ["that labels line up with images (labels.csv, encoded.csv)"]
     if per_class < 20:
         hints.append(f"only {per_class:.0f} training images per class on average: add images")
-    hints.append("classes may be indistinguishable at this size: try a larger --size")
+    hints.append("whether the classes can be told apart at this size (try a larger --size)")
     return "Check: " + "; ".join(hints) + f"; see {workdir.VERIFY_DIR}/metrics.json"
 
 
