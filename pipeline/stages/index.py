@@ -175,7 +175,11 @@ def run(cfg: IndexConfig) -> IndexResult:
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
             f" skipped {listing.skipped_count} files)"
         )
-    labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
+    previous = _previous_order(cfg.out)
+    if previous is not None and len(previous) == len(labelled) and set(previous) == set(labelled):
+        labelled = previous  # the same images as last time, already in natural order (sorting costs more)
+    else:
+        labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
 
     hashes, failed = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled})
     for rel, reason in failed.items():
@@ -215,6 +219,14 @@ def run(cfg: IndexConfig) -> IndexResult:
         },
     )
     return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
+
+
+def _previous_order(labels: Path) -> list[tuple[str, str]] | None:
+    """(label, path) of each row of the labels CSV an earlier run wrote, or None."""
+    try:
+        return [(r["label"], r["path"]) for r in workdir.read_csv(labels, ["path", "label"])]
+    except (PrepError, OSError):
+        return None
 
 
 def raw_root(wd: workdir.Workdir, given: str | Path | None = None) -> str:
