@@ -81,6 +81,9 @@ def delegate(fn=None, *, lock: bool = True):
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # a folder that cannot be created or written, a full disk, ...
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from None
         except KeyboardInterrupt:
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(130)
@@ -516,6 +519,11 @@ def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolat
             max_pixels, strict, ratios, seed, drop_small, classes, formats, flat, as_float, shard_mb,
             tfrecord_compression, executor, workers, scheduler):
     """Run every stage on RAW with one set of options."""
+    from .stages.split import parse_ratios
+
+    # check every value before the first stage starts, not when its stage is reached
+    parse_ratios(ratios)
+    build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
     return {
         "index": _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options),

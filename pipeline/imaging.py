@@ -135,7 +135,7 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or min(values) < 1 or max(values) > 16384:
-        raise ValueError(f"expected N or WxH with positive integers (e.g. 32 or 64x48); received {text!r}")
+        raise ValueError(f"expected N or WxH with whole numbers from 1 to 16384 (e.g. 32 or 64x48); received {text!r}")
     return values[0], values[1]
 
 

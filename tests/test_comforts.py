@@ -171,3 +171,16 @@ def test_a_second_command_in_the_same_workdir_fails_at_once(project: Path):
         status = subprocess.run([sys.executable, "-m", "pipeline", "status"], capture_output=True, text=True)
         assert status.returncode == 0  # reading needs no lock
     assert invoke("index", "raw").exit_code == 0
+
+
+def test_an_unwritable_output_is_one_line(project: Path):
+    (project / "blocker").write_text("a file where a folder is needed")
+    result = invoke("index", "raw", "--out", str(project / "blocker" / "labels.csv"))
+    assert result.exit_code == 1 and "blocker" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_run_checks_every_value_before_the_first_stage(project: Path):
+    result = invoke("run", "raw", "--ratios", "7:2")
+    assert result.exit_code == 1 and "--ratios needs three numbers" in result.output
+    assert not (project / "processed" / "labels.csv").exists()  # index did not run

@@ -50,7 +50,7 @@ def test_files_directly_in_raw_are_skipped_in_folder_mode(tmp_path, prep):
     raw = make_tree(tmp_path / "raw", {"a": 2})
     write_image(raw / "loose.png")
     result = prep("index", raw)
-    assert "Found 2 images in 1 classes (skipped 1 files)" in result.stdout
+    assert "Found 2 images in 1 class (skipped 1 file)" in result.stdout
     meta = json.loads((tmp_path / "work" / "index.json").read_text())
     assert meta["skipped"] == {"not in a class folder": 1}
 
@@ -69,7 +69,7 @@ def test_labels_from_filename_with_the_default_pattern(tmp_path, prep):
         ("motor-10.jpg", "motor"),
         ("wet-road-7.png", "wet-road"),
     ]
-    assert "Found 5 images in 3 classes (skipped 1 files)" in result.stdout
+    assert "Found 5 images in 3 classes (skipped 1 file)" in result.stdout
 
 
 def test_labels_from_filename_with_a_custom_pattern(tmp_path, prep):
@@ -101,7 +101,7 @@ def test_extensions_are_case_insensitive(tmp_path, prep):
     result = prep("index", raw)
     rows = read_labels(tmp_path / "work" / "labels.csv")
     assert sorted(r["path"].split("/")[1] for r in rows) == sorted(kinds)
-    assert "Found 8 images in 1 classes (skipped 2 files)" in result.stdout
+    assert "Found 8 images in 1 class (skipped 2 files)" in result.stdout
 
 
 def test_hidden_and_junk_files_are_skipped_counted_and_never_classes(tmp_path, prep):
@@ -214,7 +214,7 @@ def test_raw_that_is_a_file_is_a_one_line_error(tmp_path, prep):
 def test_raw_without_images_is_a_one_line_error(tmp_path, prep):
     (tmp_path / "raw" / "cat").mkdir(parents=True)
     (tmp_path / "raw" / "cat" / "notes.txt").write_text("hello")
-    assert_one_line_error(prep("index", tmp_path / "raw"), "no images found", "skipped 1 files")
+    assert_one_line_error(prep("index", tmp_path / "raw"), "no images found", "skipped 1 file")
     assert not (tmp_path / "work" / "labels.csv").exists()
 
 
@@ -228,7 +228,7 @@ def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 2
     assert "empty_class" in warnings[0] and "only_text" in warnings[1]
-    assert "Found 2 images in 1 classes" in result.stdout
+    assert "Found 2 images in 1 class" in result.stdout
 
 
 def test_workdir_inside_raw_is_refused(tmp_path, prep):
@@ -334,7 +334,7 @@ def test_an_unreadable_file_is_skipped_with_its_reason(tmp_path, monkeypatch):
     work = tmp_path / "work"
     result = CliRunner().invoke(cli, ["--workdir", str(work), "index", str(raw), "--workers", "1"])
     assert result.exit_code == 0, result.output
-    assert "Found 5 images in 2 classes (skipped 1 files)" in result.output
+    assert "Found 5 images in 2 classes (skipped 1 file)" in result.output
     assert "a/img1.png" not in (work / "labels.csv").read_text()
     meta = json.loads((work / "index.json").read_text())
     assert meta["skipped"] == {"unreadable (Permission denied)": 1}

@@ -51,10 +51,18 @@ FEATURES = {
 def import_tf():
     """TensorFlow, imported on first use (it takes seconds), quiet about its C++ start-up."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # its C++ start-up writes a few lines (absl, oneDNN, CUDA) straight to file descriptor 2
+    # that no Python setting silences; hold them back while it loads
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     try:
         import tensorflow as tf
     except ImportError:
         raise PrepError("this needs TensorFlow: pip install tensorflow") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
     return tf
 
 

@@ -70,7 +70,7 @@ def run(cfg: EncodeConfig) -> EncodeResult:
         if unknown:
             raise PrepError(
                 f"class {unknown[0]!r} is not in the pinned map {cfg.pinned}"
-                f" ({len(unknown)} unknown: {', '.join(unknown[:5])})"
+                f" ({len(unknown)} unknown: {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''})"
             )
     else:
         classes = present

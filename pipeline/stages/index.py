@@ -50,9 +50,13 @@ class IndexResult:
     @property
     def summary(self) -> str:
         return (
-            f"Found {self.images} images in {len(self.class_counts)} classes"
-            f" (skipped {sum(self.skipped.values())} files)"
+            f"Found {self.images} images in {len(self.class_counts)} class{'es' * (len(self.class_counts) != 1)}"
+            f" (skipped {_files(sum(self.skipped.values()))})"
         )
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def label_from_filename(rel: str, pattern: re.Pattern) -> str | None:
@@ -173,7 +177,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         raise PrepError(
             f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
-            f" skipped {listing.skipped_count} files)"
+            f" skipped {_files(listing.skipped_count)})"
         )
     previous = _previous_order(cfg.out)
     if previous is not None and len(previous) == len(labelled) and set(previous) == set(labelled):
