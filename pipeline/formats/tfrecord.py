@@ -57,6 +57,8 @@ def import_tf():
     os.dup2(devnull, 2)
     try:
         import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device discovery logs too (a machine without CUDA)
     except ImportError:
         raise PrepError("this needs TensorFlow: pip install tensorflow") from None
     finally:
