@@ -52,6 +52,11 @@ class Context:
     def progress(self) -> bool:
         return not self.quiet
 
+    def execution(self, executor: str, workers: int | None, scheduler: str | None):
+        from .executors import Execution
+
+        return Execution(executor, workers, scheduler, self.progress)
+
     def configure_logging(self) -> None:
         if self.quiet:
             level = logging.ERROR
@@ -231,8 +236,8 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 
     cfg = stage.IndexConfig(
         raw=raw, workdir=ctx.workdir, out=ctx.workdir.output(out, "labels.csv"), labels_from=labels_from,
-        pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links, executor=executor,
-        workers=workers, scheduler=scheduler, progress=ctx.progress,
+        pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links,
+        execution=ctx.execution(executor, workers, scheduler),
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
@@ -271,7 +276,7 @@ def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, f
     spec = build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     cfg = stage.ResizeConfig(
         workdir=ctx.workdir, labels=ctx.workdir.labels(labels), raw=raw,
-        spec=spec, strict=strict, executor=executor, workers=workers, scheduler=scheduler, progress=ctx.progress,
+        spec=spec, strict=strict, execution=ctx.execution(executor, workers, scheduler),
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
@@ -450,7 +455,7 @@ def _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, executor
     cfg = stage.PackConfig(
         workdir=ctx.workdir, encoded=ctx.workdir.path("encoded.csv"),
         formats=stage.parse_formats(formats), options=PackOptions(flat, as_float, shard_mb, tfrecord_compression),
-        executor=executor, workers=workers, scheduler=scheduler, progress=ctx.progress,
+        execution=ctx.execution(executor, workers, scheduler),
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
@@ -475,8 +480,7 @@ def _verify(ctx, workdir, executor, workers, scheduler):
     from .workdir import Workdir
 
     cfg = stage.VerifyConfig(
-        workdir=Workdir(workdir) if workdir else ctx.workdir, executor=executor, workers=workers,
-        scheduler=scheduler, progress=ctx.progress,
+        workdir=Workdir(workdir) if workdir else ctx.workdir, execution=ctx.execution(executor, workers, scheduler),
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)

@@ -16,6 +16,7 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from .errors import PrepError
@@ -160,6 +161,27 @@ def _check_workers(client, scheduler: str) -> None:
             f"{len(wrong)} Dask workers run another prep version (e.g. {worker}: {version});"
             f" install prep {__version__} on every worker"
         )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a stage runs its shards: the executor, its workers and cluster, and a progress bar or not."""
+
+    executor: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    progress: bool = True
+
+    @property
+    def slots(self) -> int:
+        """Workers to plan shards for (all cores when not given)."""
+        return self.workers or cpu_count()
+
+    def open(self):
+        return make_executor(self.executor, self.workers, self.scheduler)
+
+    def bar(self, total: int, desc: str, unit: str = "img"):
+        return progress(total, desc, self.progress, unit)
 
 
 def map_shards(

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from pipeline import workdir
 from pipeline.cli import cli
 from pipeline.errors import PrepError
+from pipeline.executors import Execution
 from pipeline.stages import index
 
 
@@ -27,7 +28,7 @@ def read_labels(path):
 
 def config(tmp_path, raw, **kw):
     wd = workdir.Workdir(tmp_path / "work")
-    return index.IndexConfig(raw=raw, workdir=wd, out=wd.path("labels.csv"), executor="serial", progress=False, **kw)
+    return index.IndexConfig(raw=raw, workdir=wd, out=wd.path("labels.csv"), execution=Execution("serial", progress=False), **kw)
 
 
 def test_class_is_the_first_level_folder_and_deeper_files_belong_to_it(tmp_path, prep):

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import assert_one_line_error, make_tree, tree_digests, write_image
 from pipeline import sources
+from pipeline.executors import Execution
 from pipeline.stages import index
 
 S3_ENV = {
@@ -156,7 +157,7 @@ def test_index_and_resize_from_s3_give_the_outputs_of_the_local_folder(tmp_path,
 def test_index_rehashes_an_object_only_when_its_etag_changes(tmp_path, s3, monkeypatch):
     url = upload(s3, make_tree(tmp_path / "raw", {"cat": 3, "dog": 3}))
     wd = index.workdir.Workdir(tmp_path / "work")
-    cfg = index.IndexConfig(raw=url, workdir=wd, out=wd.path("labels.csv"), executor="serial", progress=False)
+    cfg = index.IndexConfig(raw=url, workdir=wd, out=wd.path("labels.csv"), execution=Execution("serial", progress=False))
     index.run(cfg)
     reads = []
     read_bytes = sources.read_bytes

@@ -32,10 +32,7 @@ class IndexConfig:
     labels_from: str = "folder"
     pattern: str = DEFAULT_PATTERN
     follow_links: bool = False
-    executor: str = "local"
-    workers: int | None = None
-    scheduler: str | None = None
-    progress: bool = True
+    execution: executors.Execution = field(default_factory=executors.Execution)
 
 
 @dataclass
@@ -118,10 +115,8 @@ def hash_files(
         else:
             todo.append(rel)
     if todo:
-        shards = executors.chunk(todo, cfg.workers or executors.cpu_count(), max_size=64)
-        with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, executors.progress(
-            len(todo), "hash", cfg.progress, unit="file"
-        ) as bar:
+        shards = executors.chunk(todo, cfg.execution.slots, max_size=64)
+        with cfg.execution.open() as pool, cfg.execution.bar(len(todo), "hash", unit="file") as bar:
             for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
                 for rel, outcome in zip(shard, hashed):
                     if isinstance(outcome, str):

@@ -34,10 +34,7 @@ class PackConfig:
     encoded: Path
     formats: tuple[str, ...] = tuple(FORMATS)
     options: PackOptions = field(default_factory=PackOptions)
-    executor: str = "local"
-    workers: int | None = None
-    scheduler: str | None = None
-    progress: bool = True
+    execution: executors.Execution = field(default_factory=executors.Execution)
 
 
 @dataclass
@@ -241,17 +238,16 @@ def run(cfg: PackConfig) -> PackResult:
 def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) -> None:
     wd = cfg.workdir
     folder = wd.path(workdir.RESIZED_DIR)
-    workers = cfg.workers or executors.cpu_count()
-    shards = executors.chunk(rows, workers, max_size=256)
+    shards = executors.chunk(rows, cfg.execution.slots, max_size=256)
     names = [[r["resized"] for r in shard] for shard in shards]
     position = dict.fromkeys(SPLITS, 0)
     with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler))
+        pool = stack.enter_context(cfg.execution.open())
         writers = [
             stack.enter_context(FORMATS[name].writer(wd.path(FORMATS[name].OUTPUT), layout, cfg.options))
             for name in todo
         ]
-        bar = stack.enter_context(executors.progress(len(rows), "pack", cfg.progress))
+        bar = stack.enter_context(cfg.execution.bar(len(rows), "pack"))
         results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), "tfrecord" in todo)
         for shard, shard_results in zip(shards, results, strict=True):
             for row, result in zip(shard, shard_results, strict=True):

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import executors, imaging, sources, workdir
@@ -37,10 +37,7 @@ class ResizeConfig:
     raw: str | Path | None = None  # a folder or an fsspec URL; default: the one index recorded
     spec: imaging.ResizeSpec = dataclasses.field(default_factory=imaging.ResizeSpec)
     strict: bool = False
-    executor: str = "local"
-    workers: int | None = None
-    scheduler: str | None = None
-    progress: bool = True
+    execution: executors.Execution = field(default_factory=executors.Execution)
 
 
 @dataclass
@@ -176,15 +173,14 @@ def run(cfg: ResizeConfig) -> ResizeResult:
 
     journal_path = wd.path(JOURNAL)
     made_dirs: set[Path] = set()
-    workers = cfg.workers or executors.cpu_count()
     if todo:
-        shards = executors.chunk(todo, workers, max_size=64)
+        shards = executors.chunk(todo, cfg.execution.slots, max_size=64)
         if journal_path.is_file() and not journal_path.read_bytes().endswith(b"\n") and journal_path.stat().st_size:
             with open(journal_path, "a", encoding="utf-8") as journal:
                 journal.write("\n")  # end the line a killed run was writing, so the next record stands alone
-        with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, open(
+        with cfg.execution.open() as pool, open(
             journal_path, "a", encoding="utf-8"
-        ) as journal, executors.progress(len(todo), "resize", cfg.progress) as bar:
+        ) as journal, cfg.execution.bar(len(todo), "resize") as bar:
             by_path = {r["path"]: r for r in rows}
             for results in executors.map_shards(pool, resize_shard, shards, root, spec):
                 for res in results:

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -35,10 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class VerifyConfig:
     workdir: workdir.Workdir
-    executor: str = "local"
-    workers: int | None = None
-    scheduler: str | None = None
-    progress: bool = True
+    execution: executors.Execution = field(default_factory=executors.Execution)
 
 
 @dataclass
@@ -157,7 +154,7 @@ def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Ite
 
 def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
     folder = cfg.workdir.path(workdir.RESIZED_DIR)
-    shards = executors.chunk([r["resized"] for r in rows], cfg.workers or executors.cpu_count(), max_size=256)
+    shards = executors.chunk([r["resized"] for r in rows], cfg.execution.slots, max_size=256)
     for digests in executors.map_shards(pool, digest_pngs, shards, str(folder.resolve())):
         yield from digests
 
@@ -170,9 +167,7 @@ def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOp
     streams = {name: _samples(name, wd.path(FORMATS[name].OUTPUT), layout, options) for name in names}
     index = dict.fromkeys(SPLITS, 0)
     end = object()
-    with executors.make_executor(cfg.executor, cfg.workers, cfg.scheduler) as pool, executors.progress(
-        len(rows), "verify", cfg.progress
-    ) as bar:
+    with cfg.execution.open() as pool, cfg.execution.bar(len(rows), "verify") as bar:
         source = _source(cfg, rows, pool) if against_source else [None] * len(rows)
         for row, expected in zip(rows, source, strict=True):
             split = row["split"]
