@@ -17,7 +17,7 @@ import sys
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from .errors import PrepError
 
@@ -229,9 +229,3 @@ def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True, leave=False)
-
-
-def iter_with_progress(results: Iterable[Any], bar, weight: Callable[[Any], int] = len) -> Iterator[Any]:
-    for result in results:
-        bar.update(weight(result))
-        yield result

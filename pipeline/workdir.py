@@ -38,7 +38,6 @@ from natsort import natsort_keygen, ns
 
 from .errors import PrepError, StageInputMissing
 
-DEFAULT_WORKDIR = "processed"
 
 LABELS = "labels.csv"
 INDEX_META = "index.json"

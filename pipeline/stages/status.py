@@ -15,8 +15,6 @@ from pathlib import Path
 from .. import imaging, sources, workdir
 from ..errors import PrepError
 
-STATES = ("up to date", "stale", "missing")
-
 
 @dataclass
 class StatusConfig:
