@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+from isal import isal_zlib
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
@@ -108,14 +111,34 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 
 def encode_png(img: Image.Image) -> bytes:
-    """Lossless, deterministic PNG bytes (no timestamps or text chunks)."""
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG", compress_level=1)  # level 6 costs twice the time for 4% smaller files
-    return buffer.getvalue()
+    """Lossless, deterministic PNG bytes of an RGB or L image.
+
+    A standard 8-bit grey or RGB PNG with the Sub filter on every row, one IDAT deflated by
+    ISA-L at level 1, and no ancillary chunks (so no timestamps). Written here, not by Pillow:
+    for dataset-sized images Pillow's encoder (Python set-up, adaptive filters and zlib) costs
+    five times as much, for files of the same size.
+    """
+    pixels = to_array(img)
+    height, width, channels = pixels.shape
+    flat = pixels.reshape(height, width * channels)
+    rows = np.empty((height, width * channels + 1), np.uint8)
+    rows[:, 0] = _PNG_SUB
+    rows[:, 1 : channels + 1] = flat[:, :channels]
+    np.subtract(flat[:, channels:], flat[:, :-channels], out=rows[:, channels + 1 :])  # wraps mod 256
+    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR[channels], 0, 0, 0)
+    idat = isal_zlib.compress(rows.tobytes(), 1)
+    return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """The (H, W, C) uint8 pixels of a PNG written by :func:`encode_png`; ValueError for anything else."""
+    """The (H, W, C) uint8 pixels of an 8-bit L or RGB PNG; ValueError for anything else.
+
+    PNGs laid out as :func:`encode_png` writes them are decoded here directly (a fifth of
+    Pillow's time); any other PNG goes through Pillow.
+    """
+    pixels = _decode_own_png(data)
+    if pixels is not None:
+        return pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
@@ -123,6 +146,53 @@ def decode_png(data: bytes) -> np.ndarray:
             return to_array(img)
     except (OSError, SyntaxError) as err:
         raise ValueError(f"not a readable PNG ({err})") from None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR = {1: 0, 3: 2}  # channels -> PNG colour type (grey, truecolour)
+_PNG_CHANNELS = {0: 1, 2: 3}
+_PNG_SUB = 1  # the row filter type: each byte minus the one a pixel to its left
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _decode_own_png(data: bytes) -> np.ndarray | None:
+    """Pixels of an 8-bit, non-interlaced grey or RGB PNG with only IHDR, IDAT and IEND chunks
+    and every row filtered Sub; None for any other PNG, or a damaged one (Pillow says why)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    chunks: dict[bytes, list[bytes]] = {}
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        body = data[pos + 8 : pos + 8 + length]
+        end = pos + 12 + length
+        if kind not in (b"IHDR", b"IDAT", b"IEND") or end > len(data):
+            return None
+        if struct.unpack_from(">I", data, end - 4)[0] != zlib.crc32(kind + body):
+            return None
+        chunks.setdefault(kind, []).append(body)
+        pos = end
+        if kind == b"IEND":
+            break
+    if pos != len(data) or b"IEND" not in chunks or len(chunks.get(b"IHDR", ())) != 1 or b"IDAT" not in chunks:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    channels = _PNG_CHANNELS.get(colour)
+    if channels is None or depth != 8 or (compression, filtering, interlace) != (0, 0, 0) or not width or not height:
+        return None
+    try:
+        raw = isal_zlib.decompress(b"".join(chunks[b"IDAT"]))
+    except isal_zlib.error:
+        return None
+    if len(raw) != height * (width * channels + 1):
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(height, width * channels + 1)
+    if not (rows[:, 0] == _PNG_SUB).all():
+        return None
+    return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -256,6 +256,56 @@ def test_transform_is_deterministic():
     assert imaging.encode_png(imaging.transform(data, spec)[0]) == first
 
 
+@pytest.mark.parametrize("shape", [(32, 32, 3), (5, 7, 1), (1, 1, 3), (3, 40, 3)])
+def test_encode_png_is_a_standard_png_of_the_exact_pixels(shape):
+    arr = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    img = Image.fromarray(arr[:, :, 0] if shape[2] == 1 else arr)
+    data = imaging.encode_png(img)
+    with Image.open(io.BytesIO(data)) as decoded:  # an independent decoder reads it back
+        assert decoded.format == "PNG" and decoded.mode == img.mode and not decoded.info
+        assert (np.asarray(decoded).reshape(shape) == arr).all()
+    assert (imaging.decode_png(data) == arr).all()
+    assert [data[i + 4 : i + 8] for i in _chunk_offsets(data)] == [b"IHDR", b"IDAT", b"IEND"]
+
+
+def _chunk_offsets(data: bytes) -> list[int]:
+    offsets, pos = [], 8
+    while pos < len(data):
+        offsets.append(pos)
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return offsets
+
+
+def test_decode_png_reads_pngs_other_tools_wrote():
+    arr = np.random.default_rng(3).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "another tool")
+    for params in ({"optimize": True}, {"compress_level": 9, "pnginfo": text}):  # adaptive filters, a text chunk
+        assert (imaging.decode_png(encode(Image.fromarray(arr), "PNG", **params)) == arr).all()
+    grey = arr[:, :, 0]
+    assert (imaging.decode_png(encode(Image.fromarray(grey), "PNG")) == grey[:, :, None]).all()
+
+
+@pytest.mark.parametrize("damage", ["idat byte", "truncated", "rgba", "jpeg"])
+def test_decode_png_refuses_damaged_or_other_images(damage):
+    arr = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    data = imaging.encode_png(Image.fromarray(arr))
+    if damage == "idat byte":
+        data = bytearray(data)
+        data[_chunk_offsets(bytes(data))[1] + 10] ^= 0xFF
+        data = bytes(data)
+    elif damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "rgba":
+        data = encode(Image.fromarray(arr).convert("RGBA"), "PNG")
+    else:
+        data = encode(Image.fromarray(arr), "JPEG")
+    with pytest.raises(ValueError):
+        imaging.decode_png(data)
+
+
 @pytest.mark.parametrize("text, expected", [("32", (32, 32)), ("64x48", (64, 48)), ("64X48", (64, 48))])
 def test_parse_size(text, expected):
     assert imaging.parse_size(text) == expected

@@ -16,8 +16,9 @@ Every format module offers the same small interface::
     load_tf(path, split)   a tf.data.Dataset of (uint8 H x W x C image, int64 label)
     classes(path)          the class names the file records, or None
 
-The modules import numpy only; h5py and tensorflow are imported inside the functions that
-use them, so picking a format or checking that one is up to date stays cheap.
+The modules import numpy (and small compression libraries) only; h5py and tensorflow are
+imported inside the functions that use them, so picking a format, checking that one is up to
+date, or writing pkl.gz or tfrecord never loads them.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ Each record holds the resized PNG bytes unchanged (no re-encoding) and the featu
 in :data:`FEATURES`. The number of shards of a split comes from the size of its PNG files
 (``shard_mb`` per shard) and samples fill the shards in order, so a rerun writes the same
 files. The folder is built under a temporary name and swapped in whole.
+
+Records are written without TensorFlow: :func:`encode_example` serializes the Example by hand
+and :func:`frame` adds the TFRecord length and masked CRC32C, so an uncompressed shard is
+byte-identical to what ``tf.io.TFRecordWriter`` writes. A gzip shard is one gzip stream of
+those records (header mtime 0, so reruns match), which TensorFlow reads as "GZIP". Only the
+readers import TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import contextlib
 import json
 import math
 import os
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
+import google_crc32c
 import numpy as np
 
 from .. import workdir
@@ -34,6 +42,7 @@ FEATURES_JSON = "features.json"
 COMPRESSION = {"none": "", "gzip": "GZIP"}  # option value -> TFRecord compression_type
 RECORD_OVERHEAD = 160  # bytes an Example adds to its PNG, for the shard-size estimate
 BATCH = 256
+BUFFER = 1 << 20  # bytes buffered per open shard file
 
 # name -> (tf dtype name, description); every feature is a scalar (FixedLenFeature([])).
 FEATURES = {
@@ -78,11 +87,79 @@ def shard_name(split: str, shard: int, shards: int) -> str:
     return f"{split}-{shard:05d}-of-{shards:05d}.tfrecord"
 
 
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint; a negative int64 is its 64-bit two's complement (10 bytes)."""
+    if 0 <= value < 0x80:
+        return bytes((value,))  # the usual case: tags, short lengths, small ints
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): tag, length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(features: dict[str, bytes | int]) -> bytes:
+    """A tf.train.Example of one-value features, as ``SerializeToString(deterministic=True)`` gives it.
+
+    Example{features(1): Features{feature(1): map<string, Feature>}}; each map entry is
+    {key(1), value(2)}, sorted by key (code point order is UTF-8 byte order). A Feature is
+    bytes_list(1): BytesList{value(1)} or int64_list(3): Int64List{value(1), packed}.
+    """
+    entries = []
+    for name in sorted(features):
+        value = features[name]
+        if isinstance(value, bytes):
+            feature = _field(1, _field(1, value))
+        else:
+            feature = _field(3, _field(1, _varint(int(value))))
+        entries.append(_field(1, _field(1, name.encode("utf-8")) + _field(2, feature)))
+    return _field(1, b"".join(entries))
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's checksum: CRC32C rotated right by 15 plus a constant, uint32 little-endian."""
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", ((crc >> 15 | crc << 17) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def frame(record: bytes) -> bytes:
+    """One TFRecord: uint64 LE length, masked CRC of those 8 bytes, the data, masked CRC of the data."""
+    length = struct.pack("<Q", len(record))
+    return b"".join((length, _masked_crc(length), record, _masked_crc(record)))
+
+
+class _Shard:
+    """An open shard file: framed records through a buffered handle, gzip-compressed or not."""
+
+    def __init__(self, path: Path, gzip: bool):
+        self.file = open(path, "wb", buffering=BUFFER)
+        self.out: BinaryIO = self.file
+        if gzip:
+            from isal import igzip
+
+            self.out = igzip.GzipFile(filename="", mode="wb", fileobj=self.file, mtime=0)
+
+    def write(self, record: bytes) -> None:
+        self.out.write(frame(record))
+
+    def close(self) -> None:
+        try:
+            self.out.close()  # a GzipFile writes its trailer; it leaves self.file open
+        finally:
+            self.file.close()
+
+
 class _Writer:
-    def __init__(self, folder: Path, layout, options, tf):
+    def __init__(self, folder: Path, layout, options):
         from . import SPLITS
 
-        self.tf = tf
         self.folder = folder
         self.layout = layout
         self.compression = COMPRESSION[options.tfrecord_compression]
@@ -92,12 +169,11 @@ class _Writer:
             shards = shard_count(n, layout.png_bytes.get(split, 0), options.shard_mb)
             self.bounds[split] = [k * n // shards for k in range(shards + 1)]
         self.files = {s: [shard_name(s, k, len(b) - 1) for k in range(len(b) - 1)] for s, b in self.bounds.items()}
-        self.open: dict[str, tuple[int, object]] = {}
+        self.open: dict[str, tuple[int, _Shard]] = {}
         self.written = dict.fromkeys(SPLITS, 0)
 
-    def _open(self, split: str, shard: int):
-        options = self.tf.io.TFRecordOptions(compression_type=self.compression)
-        return self.tf.io.TFRecordWriter(str(self.folder / self.files[split][shard]), options)
+    def _open(self, split: str, shard: int) -> _Shard:
+        return _Shard(self.folder / self.files[split][shard], gzip=bool(self.compression))
 
     def write(self, sample) -> None:
         split = sample.split
@@ -113,27 +189,17 @@ class _Writer:
         self.written[split] += 1
 
     def _example(self, sample) -> bytes:
-        tf = self.tf
-
-        def b(value: bytes):
-            return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-        def i(value: int):
-            return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-
         height, width, channels = sample.pixels.shape
-        feature = {
-            "image/encoded": b(sample.png),
-            "image/format": b(b"png"),
-            "image/height": i(height),
-            "image/width": i(width),
-            "image/channels": i(channels),
-            "image/class/label": i(sample.label),
-            "image/class/text": b(self.layout.classes[sample.label].encode("utf-8")),
-            "image/filename": b(sample.path.encode("utf-8")),
-        }
-        example = tf.train.Example(features=tf.train.Features(feature=feature))
-        return example.SerializeToString(deterministic=True)
+        return encode_example({
+            "image/encoded": sample.png,
+            "image/format": b"png",
+            "image/height": height,
+            "image/width": width,
+            "image/channels": channels,
+            "image/class/label": sample.label,
+            "image/class/text": self.layout.classes[sample.label].encode("utf-8"),
+            "image/filename": sample.path.encode("utf-8"),
+        })
 
     def close_files(self) -> None:
         for _, handle in self.open.values():
@@ -181,9 +247,8 @@ def describe(layout, compression: str, splits: dict) -> dict:
 @contextlib.contextmanager
 def writer(target: Path, layout, options) -> Iterator[_Writer]:
     """Write the shards into a temporary folder that replaces ``target`` on success."""
-    tf = import_tf()
     with workdir.atomic_dir(target) as folder:
-        w = _Writer(folder, layout, options, tf)
+        w = _Writer(folder, layout, options)
         try:
             yield w
         finally:

@@ -11,8 +11,8 @@ imports neither h5py nor tensorflow.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,7 +90,8 @@ def read_pngs(names: list[str], folder: str, want_png: bool) -> list[tuple[bytes
     results: list = []
     for name in names:
         try:
-            data = (Path(folder) / name).read_bytes()
+            with open(os.path.join(folder, name), "rb") as handle:
+                data = handle.read()
             results.append((data if want_png else None, imaging.decode_png(data)))
         except OSError as err:
             results.append(f"cannot read ({err.strerror or err})")
@@ -251,13 +252,12 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
         results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), "tfrecord" in todo)
         for shard, shard_results in zip(shards, results, strict=True):
             for row, result in zip(shard, shard_results, strict=True):
-                path = folder / row["resized"]
                 if isinstance(result, str):
-                    raise PrepError(f"resized image {path}: {result}; run `prep resize` again")
+                    raise PrepError(f"resized image {folder / row['resized']}: {result}; run `prep resize` again")
                 png, pixels = result
                 if pixels.shape != layout.shape:
                     raise PrepError(
-                        f"resized image {path} is {_shape(pixels.shape)} but {folder / rows[0]['resized']} is"
+                        f"resized image {folder / row['resized']} is {_shape(pixels.shape)} but {folder / rows[0]['resized']} is"
                         f" {_shape(layout.shape)}; the images must all have one shape (run `prep resize` again)"
                     )
                 sample = Sample(row["split"], position[row["split"]], row["label_id"], row["path"], png, pixels)
