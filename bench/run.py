@@ -53,6 +53,8 @@ TARGETS = {
     "resize/c": (">=", 0.8),
     "e/d": ("<=", 0.10),
     "prep --help seconds": ("<", 0.5),
+    "dask 2 workers / 1 worker": (">=", 1.7),
+    "dask overhead vs local": ("<=", 0.15),
 }
 LARGE_RSS_TARGET_MB = 500
 
@@ -153,6 +155,51 @@ def read_corpus_once(folder: Path) -> None:
         path.read_bytes()
 
 
+def clear(*folders: Path) -> None:
+    """Remove earlier outputs. Done at the start of a round, well before the timed rows that
+    write there: on a file system mounted with ``discard`` the blocks a large delete frees are
+    trimmed in the background for a while, and files created meanwhile cost several times more
+    system time, which would be charged to prep."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def dask_available() -> bool:
+    return subprocess.run([PYTHON, "-c", "import distributed"], check=False, capture_output=True).returncode == 0
+
+
+DASK_VARIANTS = (  # (key, label, executor options)
+    ("local", "prep resize, local, 2 processes", ["--executor", "local", "--workers", "2"]),
+    ("dask1", "prep resize, dask LocalCluster, 1 worker", ["--executor", "dask", "--workers", "1"]),
+    ("dask2", "prep resize, dask LocalCluster, 2 workers", ["--executor", "dask", "--workers", "2"]),
+)
+
+
+def run_resize_variant(key: str, label: str, options: list[str], workdir: Path, raw: Path, n: int) -> Row:
+    """`prep index` (not timed), then `prep resize` with ``options`` (timed) in a new work directory."""
+    index = [PREP, "--workdir", str(workdir), "index", str(raw)]
+    done = subprocess.run(index, check=False, capture_output=True)
+    if done.returncode:
+        raise SystemExit(f"`{' '.join(index)}` failed (exit {done.returncode}):\n{done.stderr.decode()[-500:]}")
+    cmd = [PREP, "--workdir", str(workdir), "resize", *options]
+    run = measure(cmd, WORK / "logs" / f"{key}-resize.log")
+    if not run.ok:
+        tail = "\n".join(Path(run.log).read_text().splitlines()[-5:])
+        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {run.returncode}):\n{tail}")
+    return Row(key, label, n, run.seconds, run.cpu_seconds, run.foreign_cpu,
+               run.peak_pss_mb, run.peak_rss_mb, run.ru_maxrss_mb)
+
+
+def same_outputs(first: Path, second: Path) -> bool:
+    """The resized images and resized.csv of two work directories are byte-identical."""
+    def files(root: Path) -> dict[str, bytes]:
+        out = {str(p.relative_to(root)): p.read_bytes() for p in (root / "resized").rglob("*") if p.is_file()}
+        out["resized.csv"] = (root / "resized.csv").read_bytes()
+        return out
+
+    return files(first) == files(second)
+
+
 def prep_commands(workdir: Path, raw: Path, pack: bool) -> list[tuple[str, list[str]]]:
     base = [PREP, "--workdir", str(workdir)]
     steps = [
@@ -247,10 +294,10 @@ def table(rows: list[Row]) -> str:
 
     def line(key, name, images, seconds, rate, cpu, foreign, pss, rss):
         flag = "!" if foreign > NOISY else " "
-        return (f"{key:<3}{name:<40}{images:>7}{seconds:>9.2f}{flag}{rate:>8.0f}{cpu:>8.1f}"
+        return (f"{key:<7}{name:<44}{images:>7}{seconds:>9.2f}{flag}{rate:>8.0f}{cpu:>8.1f}"
                 f"{pss:>10.0f}{rss:>10.0f}")
 
-    lines = [f"{'':3}{'row':<40}{'images':>7}{'seconds':>10}{'img/s':>8}{'CPU s':>8}{'PSS MB':>10}{'RSS MB':>10}"]
+    lines = [f"{'':7}{'row':<44}{'images':>7}{'seconds':>10}{'img/s':>8}{'CPU s':>8}{'PSS MB':>10}{'RSS MB':>10}"]
     for r in rows:
         lines.append(line(r.key + ")", r.name, str(r.images), r.seconds, r.rate, r.cpu_seconds, r.foreign_cpu,
                           r.peak_pss_mb, r.peak_rss_mb))
@@ -258,7 +305,7 @@ def table(rows: list[Row]) -> str:
             lines.append(line("", f"  prep {step}", "", s["seconds"], s["images_per_s"], s["cpu_seconds"],
                               s["foreign_cpu"], s["peak_pss_mb"], s["peak_rss_mb"]))
         if r.note:
-            lines.append(f"{'':5}({r.note})")
+            lines.append(f"{'':9}({r.note})")
     return "\n".join(lines)
 
 
@@ -326,10 +373,15 @@ def main_benchmark(args) -> int:
 
     workdir = WORK / "prep"
     note = "" if pack else "without pack: prep pack is not available"
+    dask = "dask" not in skip and dask_available()
+    if "dask" not in skip and not dask:
+        print("dask rows skipped: `distributed` is not installed (pip install 'prep[dask]')")
+    dask_dirs = {key: WORK / f"resize-{key}" for key, _, _ in DASK_VARIANTS}
     best: dict[str, Row] = {}
     for round_ in range(1, args.repeat + 1):
         if args.repeat > 1:
             print(f"round {round_} of {args.repeat}")
+        clear(workdir, *dask_dirs.values())
         measured = []
         if "a" not in skip:
             print("a) original workflow ...", flush=True)
@@ -340,11 +392,14 @@ def main_benchmark(args) -> int:
         if "c" not in skip:
             print("c) decode-only reference ...", flush=True)
             measured.append(run_baseline("c", "decode", f"decode only, draft, {corpus.cpu_count()} processes", raw, n))
-        shutil.rmtree(workdir, ignore_errors=True)
         print("d) prep, cold work directory ...", flush=True)
         measured.append(run_prep("d", "prep, 5 commands, cold", workdir, raw, n, pack, note))
         print("e) prep, warm rerun ...", flush=True)
         measured.append(run_prep("e", "prep, same 5 commands again (warm)", workdir, raw, n, pack, note))
+        if dask:
+            for key, label, options in DASK_VARIANTS:
+                print(f"{key}) {label} ...", flush=True)
+                measured.append(run_resize_variant(key, label, options, dask_dirs[key], raw, n))
         for row in measured:  # the fastest round of each row: noise only ever slows a run down
             if row.key not in best or row.seconds < best[row.key].seconds:
                 best[row.key] = row
@@ -360,6 +415,11 @@ def main_benchmark(args) -> int:
     if "c" in by:
         ratios["resize/c"] = d.steps["resize"]["images_per_s"] / by["c"].rate
     ratios["e/d"] = by["e"].seconds / d.seconds
+    if dask:
+        ratios["dask 2 workers / 1 worker"] = by["dask2"].rate / by["dask1"].rate
+        ratios["dask overhead vs local"] = by["dask2"].seconds / by["local"].seconds - 1
+        if not same_outputs(dask_dirs["local"], dask_dirs["dask2"]):
+            raise SystemExit("prep resize wrote different outputs with --executor dask and --executor local")
     checks = verdicts({**ratios, "prep --help seconds": help_times["median"]})
 
     print()
@@ -367,10 +427,11 @@ def main_benchmark(args) -> int:
     if any(r.foreign_cpu > NOISY or any(st["foreign_cpu"] > NOISY for st in r.steps.values()) for r in rows):
         print(f"! other processes used more than {NOISY:.0%} of the machine during that timing: rerun when idle")
     print()
-    print("ratios (throughput, except e/d = warm seconds / cold seconds):")
+    print("ratios (throughput, except e/d = warm seconds / cold seconds, and the dask overhead ="
+          " dask seconds / local seconds - 1):")
     for name, check in checks.items():
         verdict = "met" if check["met"] else "NOT MET"
-        print(f"  {name:<22}{check['value']:>8.3f}   target {check['target']:<8} {verdict}")
+        print(f"  {name:<28}{check['value']:>8.3f}   target {check['target']:<8} {verdict}")
     if not pack:
         print("  (prep pack missing: d and e leave out the pack step, so their ratios flatter prep)")
     print(f"prep output: {described}")
@@ -445,7 +506,8 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=2000, help="JPEG images per class (10 classes) [2000]")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
     parser.add_argument("--repeat", type=int, default=1, help="rounds; each row keeps its fastest [1]")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"], help="rows to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "dask"],
+                        help="rows to leave out (dask: the executor comparison)")
     parser.add_argument("--large", action="store_true", help="only the packing benchmark on 100k small images")
     parser.add_argument("--large-images", type=int, default=100_000, help="images for --large [100000]")
     args = parser.parse_args()

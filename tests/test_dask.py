@@ -116,6 +116,18 @@ def test_without_a_scheduler_a_local_cluster_is_started(tmp_path, corpus, prep, 
     assert [(kw["n_workers"], kw["threads_per_worker"], kw["host"]) for kw in started] == [(1, 1, "127.0.0.1")]
 
 
+def _environ() -> dict:
+    return {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkeypatch):
+    monkeypatch.delenv("PREP_SCHEDULER", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with executors.make_executor("dask", workers=1) as pool:
+        seen = pool.submit(_environ).result()  # in the worker process
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+
+
 def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(PrepError, match=r"pip install 'prep\[dask\]'"):

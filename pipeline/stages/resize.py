@@ -28,6 +28,7 @@ RESIZED_COLUMNS = ["path", "label", "sha256", "resized", "status", "reason", "fo
 REJECTED_COLUMNS = ["path", "label", "reason"]
 JOURNAL = "resized.journal"
 RETRY_REASONS = ("cannot read file", "file changed since")
+SHARD_PIXEL_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
@@ -174,7 +175,10 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     journal_path = wd.path(JOURNAL)
     made_dirs: set[Path] = set()
     if todo:
-        shards = executors.chunk(todo, cfg.execution.slots, max_size=64)
+        # Shards as large as memory allows (fewer round trips to workers, which counts on a
+        # cluster), but no more than ~8 MB of output pixels each, as several are in flight.
+        per_shard = max(1, min(256, SHARD_PIXEL_BYTES // (spec.width * spec.height * spec.channels)))
+        shards = executors.chunk(todo, cfg.execution.slots, max_size=per_shard, min_size=1)
         if journal_path.is_file() and not journal_path.read_bytes().endswith(b"\n") and journal_path.stat().st_size:
             with open(journal_path, "a", encoding="utf-8") as journal:
                 journal.write("\n")  # end the line a killed run was writing, so the next record stands alone
