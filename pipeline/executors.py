@@ -120,17 +120,15 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
         else:
             # Dask's defaults, tuned for this work (each measured on resize, 2 workers):
             # - the workers' sampling profiler (for the dashboard) costs them ~10% CPU;
-            # - its nanny sets MALLOC_TRIM_THRESHOLD_ in every worker to hand freed memory back
-            #   to the system at once, which costs ~25% on many small images (the other
-            #   variables, one BLAS/OpenMP thread per worker, stay);
+            # - the nanny sets MALLOC_TRIM_THRESHOLD_ in every worker it spawns, to hand freed
+            #   memory back to the system at once, which costs ~25% on many small images (None
+            #   unsets it; the other variables, one BLAS/OpenMP thread per worker, stay);
             # - compressing results (PNGs, already deflated) on loopback only costs time.
-            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
-            environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             stack.enter_context(
                 dask.config.set(
                     {
                         "distributed.worker.profile.enabled": False,
-                        "distributed.nanny.pre-spawn-environ": environ,
+                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                         "distributed.comm.compression": None,
                     }
                 )

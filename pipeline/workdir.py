@@ -53,6 +53,7 @@ MANIFEST = "manifest.json"
 VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
+SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every output holds them
 
 
 @dataclass(frozen=True)

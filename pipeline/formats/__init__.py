@@ -30,8 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..errors import PrepError
-
-SPLITS = ("train", "valid", "test")
+from ..workdir import SPLIT_NAMES as SPLITS
 
 
 @dataclass(frozen=True)

@@ -128,11 +128,11 @@ def _previous_state(wd: workdir.Workdir) -> dict[str, dict]:
     return state
 
 
-def _is_current(prev: dict | None, sha: str, settings: str, out_dir: Path) -> bool:
+def _is_current(prev: dict | None, sha: str, settings: str, out_dir: str) -> bool:
     if not prev or prev.get("sha256") != sha or prev.get("settings") != settings:
         return False
     if prev.get("status") == "ok":
-        return (out_dir / prev["resized"]).is_file()
+        return os.path.isfile(os.path.join(out_dir, prev["resized"]))  # not pathlib: once per image
     # a file that could not be read, or had changed, may be fine next time: try it again
     return prev.get("status") == "rejected" and not (prev.get("reason") or "").startswith(RETRY_REASONS)
 
@@ -165,7 +165,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     todo: list[tuple[str, str]] = []
     for row in rows:
         prev = previous.get(row["path"])
-        if _is_current(prev, row["sha256"], settings, out_dir) and (
+        if _is_current(prev, row["sha256"], settings, str(out_dir)) and (
             prev.get("status") != "ok" or prev.get("resized") == names[row["path"]]
         ):
             state[row["path"]] = prev

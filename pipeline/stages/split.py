@@ -20,8 +20,9 @@ from pathlib import Path
 
 from .. import workdir
 from ..errors import PrepError
-from ..formats import SPLITS
 from .index import LABEL_COLUMNS
+
+SPLITS = workdir.SPLIT_NAMES
 
 log = logging.getLogger(__name__)
 
