@@ -159,13 +159,14 @@ def run(cfg: ResizeConfig) -> ResizeResult:
         raise PrepError(f"the work directory {wd.root} is inside RAW {root}; prep never writes into RAW")
 
     settings = workdir.fingerprint(dataclasses.asdict(spec))
+    out_root = str(out_dir)
     names = output_names([r["path"] for r in rows])
     previous = _previous_state(wd)
     state: dict[str, dict] = {}
     todo: list[tuple[str, str]] = []
     for row in rows:
         prev = previous.get(row["path"])
-        if _is_current(prev, row["sha256"], settings, str(out_dir)) and (
+        if _is_current(prev, row["sha256"], settings, out_root) and (
             prev.get("status") != "ok" or prev.get("resized") == names[row["path"]]
         ):
             state[row["path"]] = prev
@@ -173,7 +174,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
             todo.append((row["path"], row["sha256"]))
 
     journal_path = wd.path(JOURNAL)
-    made_dirs: set[Path] = set()
+    made_dirs: set[str] = set()
     if todo:
         # Shards as large as memory allows (fewer round trips to workers, which counts on a
         # cluster), but no more than ~8 MB of output pixels each, as several are in flight.
@@ -199,10 +200,11 @@ def run(cfg: ResizeConfig) -> ResizeResult:
                         "resized": "",
                     }
                     if res["status"] == "ok":
-                        target = out_dir / names[res["path"]]
-                        if target.parent not in made_dirs:
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            made_dirs.add(target.parent)
+                        target = os.path.join(out_root, names[res["path"]])  # not pathlib: once per image
+                        folder = os.path.dirname(target)
+                        if folder not in made_dirs:
+                            os.makedirs(folder, exist_ok=True)
+                            made_dirs.add(folder)
                         workdir.atomic_write_bytes(target, res["png"], fsync=False)
                         record.update(
                             resized=names[res["path"]],
