@@ -83,6 +83,40 @@ def test_the_mnist_pickle_line_loads_it(work):
     assert header[4:8] == b"\0\0\0\0", "gzip mtime 0"
 
 
+def test_pkl_gz_is_cut_into_gzip_members_any_reader_joins(work, monkeypatch):
+    from pipeline.formats import pickle_gz
+
+    monkeypatch.setattr(pickle_gz, "MEMBER", 1000)  # this small dataset then spans several members
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    data = (work / "dataset.pkl.gz").read_bytes()
+    members = data.count(b"\x1f\x8b\x08\x00\x00\x00\x00\x00")  # each member's header: mtime 0, no name
+    plain = gzip.decompress(data)
+    assert members == -(-len(plain) // 1000) > 1
+    gunzip = subprocess.run(["gzip", "-dc"], input=data, capture_output=True, check=True).stdout
+    assert gunzip == plain  # the command-line tool reads the members as one stream too
+    train_x, _ = pickle.loads(plain)[0]
+    np.testing.assert_array_equal(train_x, source(work)["train"][0])
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5432])
+def test_gzip_members_do_not_depend_on_the_threads_or_the_writes(size, monkeypatch):
+    import io
+
+    from pipeline.formats import pickle_gz
+
+    monkeypatch.setattr(pickle_gz, "MEMBER", 1000)
+    payload = np.random.default_rng(size).integers(0, 4, size, dtype=np.uint8).tobytes()
+    outputs = set()
+    for threads, step in [(1, size or 1), (3, 7), (2, 1000), (4, 333)]:
+        out = io.BytesIO()
+        with pickle_gz.GzipMembers(out, threads) as gz:
+            for i in range(0, size, step):
+                assert gz.write(payload[i : i + step]) == len(payload[i : i + step])
+        outputs.add(out.getvalue())
+    assert len(outputs) == 1
+    assert gzip.decompress(outputs.pop()) == payload
+
+
 def test_pkl_gz_flat_float(work):
     ok(cli_run(work, "pack", "--format", "pkl.gz", "--flat", "--float", "--executor", "serial"))
     expected = source(work)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -266,6 +267,10 @@ def test_encode_png_is_a_standard_png_of_the_exact_pixels(shape):
         assert (np.asarray(decoded).reshape(shape) == arr).all()
     assert (imaging.decode_png(data) == arr).all()
     assert [data[i + 4 : i + 8] for i in _chunk_offsets(data)] == [b"IHDR", b"IDAT", b"IEND"]
+    # the deflate stream is zlib's, level 1: the same bytes in every process (ISA-L's are not)
+    idat_at = _chunk_offsets(data)[1]
+    idat = data[idat_at + 8 : idat_at + 8 + int.from_bytes(data[idat_at : idat_at + 4], "big")]
+    assert idat == zlib.compress(zlib.decompress(idat), 1)
 
 
 def _chunk_offsets(data: bytes) -> list[int]:

@@ -142,9 +142,9 @@ class _Shard:
         self.file = open(path, "wb", buffering=BUFFER)
         self.out: BinaryIO = self.file
         if gzip:
-            from isal import igzip
+            import gzip as gzip_module
 
-            self.out = igzip.GzipFile(filename="", mode="wb", fileobj=self.file, mtime=0)
+            self.out = gzip_module.GzipFile(filename="", mode="wb", fileobj=self.file, compresslevel=1, mtime=0)
 
     def write(self, record: bytes) -> None:
         self.out.write(frame(record))
