@@ -40,6 +40,7 @@ import corpus
 
 WORK = HERE / "work"
 RESULTS = HERE / "results.json"
+TRASH = WORK / "trash"
 PYTHON = sys.executable
 PREP = str(Path(sys.executable).with_name("prep"))
 SAMPLE_SECONDS = 0.05
@@ -155,13 +156,21 @@ def read_corpus_once(folder: Path) -> None:
         path.read_bytes()
 
 
-def clear(*folders: Path) -> None:
-    """Remove earlier outputs. Done at the start of a round, well before the timed rows that
-    write there: on a file system mounted with ``discard`` the blocks a large delete frees are
-    trimmed in the background for a while, and files created meanwhile cost several times more
-    system time, which would be charged to prep."""
+def set_aside(*folders: Path) -> None:
+    """Move earlier outputs out of the way, to be deleted after the timings (:func:`empty_trash`).
+
+    Not deleted here: on a file system mounted with ``discard`` (common on cloud disks) the
+    blocks a large delete frees are trimmed in the background for minutes, and every file
+    created meanwhile costs several times the usual system time, which would be charged to
+    the prep rows that write thousands of files."""
+    TRASH.mkdir(parents=True, exist_ok=True)
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            folder.rename(TRASH / f"{folder.name}-{time.time_ns()}")
+
+
+def empty_trash() -> None:
+    shutil.rmtree(TRASH, ignore_errors=True)
 
 
 def dask_available() -> bool:
@@ -381,7 +390,7 @@ def main_benchmark(args) -> int:
     for round_ in range(1, args.repeat + 1):
         if args.repeat > 1:
             print(f"round {round_} of {args.repeat}")
-        clear(workdir, *dask_dirs.values())
+        set_aside(workdir, *dask_dirs.values())
         measured = []
         if "a" not in skip:
             print("a) original workflow ...", flush=True)
@@ -449,6 +458,7 @@ def main_benchmark(args) -> int:
         "prep_output": described,
     })
     print(f"results: {RESULTS}")
+    empty_trash()  # after every timing: see set_aside
     return 0
 
 
