@@ -386,6 +386,13 @@ def main_benchmark(args) -> int:
     if "dask" not in skip and not dask:
         print("dask rows skipped: `distributed` is not installed (pip install 'prep[dask]')")
     dask_dirs = {key: WORK / f"resize-{key}" for key, _, _ in DASK_VARIANTS}
+    try:
+        return measure_rounds(args, raw, n, pack, skip, workdir, note, dask, dask_dirs, help_times)
+    finally:
+        empty_trash()  # after every timing, or a failure: see set_aside
+
+
+def measure_rounds(args, raw, n, pack, skip, workdir, note, dask, dask_dirs, help_times) -> int:
     best: dict[str, Row] = {}
     for round_ in range(1, args.repeat + 1):
         if args.repeat > 1:
@@ -458,7 +465,6 @@ def main_benchmark(args) -> int:
         "prep_output": described,
     })
     print(f"results: {RESULTS}")
-    empty_trash()  # after every timing: see set_aside
     return 0
 
 

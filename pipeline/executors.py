@@ -118,18 +118,16 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                 raise PrepError(f"cannot reach the Dask scheduler at {scheduler!r}: {err}") from None
             _check_workers(client, scheduler)
         else:
-            # Dask's defaults, tuned for this work (each measured on resize, 2 workers):
+            # Two of Dask's defaults, changed for this work (each measured on resize):
             # - the workers' sampling profiler (for the dashboard) costs them ~10% CPU;
             # - the nanny sets MALLOC_TRIM_THRESHOLD_ in every worker it spawns, to hand freed
-            #   memory back to the system at once, which costs ~25% on many small images (None
-            #   unsets it; the other variables, one BLAS/OpenMP thread per worker, stay);
-            # - compressing results (PNGs, already deflated) on loopback only costs time.
+            #   memory back to the system at once, which costs 25-50% on many small images (None
+            #   unsets it; the other variables, one BLAS/OpenMP thread per worker, stay).
             stack.enter_context(
                 dask.config.set(
                     {
                         "distributed.worker.profile.enabled": False,
                         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                        "distributed.comm.compression": None,
                     }
                 )
             )
@@ -143,7 +141,7 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                     silence_logs=logging.WARNING,
                 )
             )
-            client = stack.enter_context(Client(cluster, direct_to_workers=True))
+            client = stack.enter_context(Client(cluster))
         log.info("dask: %s", client)
         # pure=False: two shards with equal arguments are still two tasks. retries covers a
         # task that raised; the tasks of a worker that died are rescheduled by Dask itself.

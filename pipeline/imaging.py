@@ -118,6 +118,8 @@ def encode_png(img: Image.Image) -> bytes:
     twice as much, for files of the same size. Not ISA-L, though faster: its output for the same
     input can differ from one process to another, and outputs must be byte-identical.
     """
+    if img.mode not in ("L", "RGB"):
+        raise ValueError(f"encode_png takes an L or RGB image (what transform returns); received mode {img.mode}")
     pixels = to_array(img)
     height, width, channels = pixels.shape
     flat = pixels.reshape(height, width * channels)
@@ -148,6 +150,7 @@ def decode_png(data: bytes) -> np.ndarray:
         raise ValueError(f"not a readable PNG ({err})") from None
 
 
+PNG_ENCODING = "sub-zlib1"  # how encode_png lays out its files: part of the resize settings
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR = {1: 0, 3: 2}  # channels -> PNG colour type (grey, truecolour)
 _PNG_CHANNELS = {0: 1, 2: 3}
@@ -179,15 +182,19 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
             break
     if pos != len(data) or b"IEND" not in chunks or len(chunks.get(b"IHDR", ())) != 1 or b"IDAT" not in chunks:
         return None
+    if len(chunks[b"IHDR"][0]) != 13:
+        return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
     channels = _PNG_CHANNELS.get(colour)
     if channels is None or depth != 8 or (compression, filtering, interlace) != (0, 0, 0) or not width or not height:
         return None
-    try:
-        raw = zlib.decompress(b"".join(chunks[b"IDAT"]))
+    expected = height * (width * channels + 1)
+    inflate = zlib.decompressobj()
+    try:  # never more than the header promises (plus a byte, to notice extra data)
+        raw = inflate.decompress(b"".join(chunks[b"IDAT"]), expected + 1)
     except zlib.error:
         return None
-    if len(raw) != height * (width * channels + 1):
+    if len(raw) != expected or not inflate.eof:  # eof: the stream ended and its checksum matched
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(height, width * channels + 1)
     if not (rows[:, 0] == _PNG_SUB).all():

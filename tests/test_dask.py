@@ -121,8 +121,12 @@ def _environ() -> dict:
 
 
 def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkeypatch):
-    monkeypatch.delenv("PREP_SCHEDULER", raising=False)
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    # A value in this process's environment wins over the config, and the nanny copies its
+    # variables into this environment: clear them here, and have them put back afterwards.
+    for name in ("PREP_SCHEDULER", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                 "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED"):
+        monkeypatch.setenv(name, "")  # records the value to restore
+        monkeypatch.delenv(name)
     with executors.make_executor("dask", workers=1) as pool:
         seen = pool.submit(_environ).result()  # in the worker process
     assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}

@@ -114,7 +114,25 @@ def test_gzip_members_do_not_depend_on_the_threads_or_the_writes(size, monkeypat
                 assert gz.write(payload[i : i + step]) == len(payload[i : i + step])
         outputs.add(out.getvalue())
     assert len(outputs) == 1
-    assert gzip.decompress(outputs.pop()) == payload
+    data = outputs.pop()
+    assert gzip.decompress(data) == payload
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # mtime 0, no name, OS unknown
+    assert data.count(header) == max(1, -(-size // 1000)) and data.startswith(header)
+
+
+def test_gzip_members_abandoned_on_an_error_write_nothing_more(monkeypatch):
+    import io
+
+    from pipeline.formats import pickle_gz
+
+    monkeypatch.setattr(pickle_gz, "MEMBER", 1000)
+    out = io.BytesIO()
+    with pytest.raises(RuntimeError, match="pickling failed"):
+        with pickle_gz.GzipMembers(out, 2) as gz:
+            gz.write(b"a" * 1500)
+            raise RuntimeError("pickling failed")
+    assert out.getvalue() == b""  # the one full member is still queued, not written
+    assert gz.pool._shutdown
 
 
 def test_pkl_gz_flat_float(work):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -266,6 +268,7 @@ def test_encode_png_is_a_standard_png_of_the_exact_pixels(shape):
         assert decoded.format == "PNG" and decoded.mode == img.mode and not decoded.info
         assert (np.asarray(decoded).reshape(shape) == arr).all()
     assert (imaging.decode_png(data) == arr).all()
+    assert (imaging._decode_own_png(data) == arr).all()  # the fast path reads it, not Pillow
     assert [data[i + 4 : i + 8] for i in _chunk_offsets(data)] == [b"IHDR", b"IDAT", b"IEND"]
     # the deflate stream is zlib's, level 1: the same bytes in every process (ISA-L's are not)
     idat_at = _chunk_offsets(data)[1]
@@ -293,11 +296,23 @@ def test_decode_png_reads_pngs_other_tools_wrote():
     assert (imaging.decode_png(encode(Image.fromarray(grey), "PNG")) == grey[:, :, None]).all()
 
 
-@pytest.mark.parametrize("damage", ["idat byte", "truncated", "rgba", "jpeg"])
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "I;16", "1"])
+def test_encode_png_takes_only_what_transform_returns(mode):
+    with pytest.raises(ValueError, match=f"received mode {re.escape(mode)}"):
+        imaging.encode_png(Image.new(mode, (4, 3)))
+
+
+def _with_chunk(kind: bytes, body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("damage", ["idat byte", "truncated", "rgba", "jpeg", "short ihdr"])
 def test_decode_png_refuses_damaged_or_other_images(damage):
     arr = np.random.default_rng(4).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     data = imaging.encode_png(Image.fromarray(arr))
-    if damage == "idat byte":
+    if damage == "short ihdr":  # checksums right, header a byte short
+        data = data[:8] + _with_chunk(b"IHDR", data[16:28]) + data[33:]
+    elif damage == "idat byte":
         data = bytearray(data)
         data[_chunk_offsets(bytes(data))[1] + 10] ^= 0xFF
         data = bytes(data)
@@ -309,6 +324,21 @@ def test_decode_png_refuses_damaged_or_other_images(damage):
         data = encode(Image.fromarray(arr), "JPEG")
     with pytest.raises(ValueError):
         imaging.decode_png(data)
+
+
+def test_decode_png_inflates_no_more_than_the_header_promises():
+    arr = np.zeros((8, 8, 3), np.uint8)
+    data = imaging.encode_png(Image.fromarray(arr))
+    idat, iend = _chunk_offsets(data)[1:]
+    bomb = data[:idat] + _with_chunk(b"IDAT", zlib.compress(b"\x01" * 50_000_000)) + data[iend:]  # 50 MB
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        assert imaging._decode_own_png(bomb) is None  # stopped after 8 rows' worth, then left to Pillow
+        assert tracemalloc.get_traced_memory()[1] < 1_000_000  # peak: the 50 MB were never inflated
+    finally:
+        tracemalloc.stop()
+    assert imaging.decode_png(bomb).shape == (8, 8, 3)  # which reads what the header promises, too
 
 
 @pytest.mark.parametrize("text, expected", [("32", (32, 32)), ("64x48", (64, 48)), ("64X48", (64, 48))])

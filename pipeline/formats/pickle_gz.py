@@ -8,9 +8,10 @@ x is uint8 (N, H, W, C); ``flat`` makes it (N, H*W*C) and ``as_float`` float32 i
 y is int64 label ids. The format is one pickle, so the dataset is held in memory while
 writing and loading. The gzip header has mtime 0 and no file name, and the pickle protocol
 is fixed, so the bytes depend on the data only. The file is a series of gzip members, one per
-4 MiB of pickle, compressed on all cores (what bgzip does; ``gzip.open``, ``gunzip`` and every
-standard reader read them as one stream). The members are cut at fixed offsets, so the bytes do
-not depend on the number of cores either.
+4 MiB of pickle, compressed on several cores; readers that follow the gzip standard's
+multi-member rule (``gzip.open``, ``gunzip``, ``zcat``, ``pigz -d``) read them as one stream,
+while a bare ``zlib.decompress(data, 31)`` stops after the first member. The members are cut at
+fixed offsets, so the bytes do not depend on the number of cores either.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import pickle
+import struct
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +36,9 @@ from ..errors import PrepError, VerificationFailed
 OUTPUT = "dataset.pkl.gz"
 OPTIONS = ("flat", "as_float")
 PROTOCOL = 4  # fixed, not pickle.DEFAULT_PROTOCOL, so the bytes do not change with Python
-LEVEL = 1  # zlib's fastest: pixel data of photos hardly compresses at any level
+LEVEL = 1  # zlib's default, 6, saves 2% on digit images and 0.6% on photos, in 1.2-2x the time
 MEMBER = 4 << 20  # bytes of pickle per gzip member
+MAX_THREADS = 4  # compressing threads: more gain little, and each holds a member in memory
 BATCH = 1024
 
 
@@ -74,17 +78,16 @@ def writer(target: Path, layout, options) -> Iterator[_Writer]:
 
 
 class GzipMembers:
-    """A write-only file that gzips every ``MEMBER`` bytes as a gzip member of its own, on all
-    cores (zlib releases the GIL), and writes the members in order: a standard multi-member gzip
-    file (RFC 1952) whose bytes do not depend on the number of threads."""
+    """A write-only file that compresses every ``MEMBER`` bytes as a gzip member of its own, on
+    several threads (zlib releases the GIL), and writes the members in order: a multi-member gzip
+    file (RFC 1952) whose bytes depend neither on the number of threads nor on the Python version
+    (each member's header is written here: mtime 0, no name, OS "unknown")."""
 
     def __init__(self, out: BinaryIO, threads: int | None = None):
-        from ..executors import cpu_count
-
         self.out = out
-        self.threads = threads or cpu_count()
+        self.threads = threads or min(MAX_THREADS, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.threads)
-        self.pending: deque = deque()
+        self.pending: deque = deque()  # at most threads + 1 members of MEMBER bytes in flight
         self.buffer = bytearray()
         self.members = 0
 
@@ -101,23 +104,38 @@ class GzipMembers:
 
     def _submit(self) -> None:
         chunk, self.buffer = self.buffer, bytearray()
-        self.pending.append(self.pool.submit(gzip.compress, chunk, LEVEL, mtime=0))
+        self.pending.append(self.pool.submit(_member, chunk))
         self.members += 1
-        while len(self.pending) > 2 * self.threads:  # bounded memory: a few members in flight
+        while len(self.pending) > self.threads:
             self.out.write(self.pending.popleft().result())
+
+    def close(self) -> None:
+        """Write what is left (an empty input is still one, empty, member) and stop the threads."""
+        try:
+            if self.buffer or not self.members:
+                self._submit()
+            while self.pending:
+                self.out.write(self.pending.popleft().result())
+        finally:
+            self.pool.shutdown()
 
     def __enter__(self) -> "GzipMembers":
         return self
 
     def __exit__(self, kind, *_) -> None:
-        try:
-            if kind is None:
-                if self.buffer or not self.members:  # an empty input is still one (empty) member
-                    self._submit()
-                while self.pending:
-                    self.out.write(self.pending.popleft().result())
-        finally:
+        if kind is None:
+            self.close()
+        else:  # the file is being abandoned: drop what is queued
             self.pool.shutdown(cancel_futures=True)
+
+
+_GZIP_HEADER = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF])  # deflate, no flags, mtime 0, OS unknown
+
+
+def _member(chunk: bytes) -> bytes:
+    deflate = zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = deflate.compress(chunk) + deflate.flush()
+    return b"".join((_GZIP_HEADER, body, struct.pack("<II", zlib.crc32(chunk), len(chunk) & 0xFFFFFFFF)))
 
 
 def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:

@@ -158,7 +158,9 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     if local is not None and out_dir.resolve().is_relative_to(Path(local).resolve()):
         raise PrepError(f"the work directory {wd.root} is inside RAW {root}; prep never writes into RAW")
 
-    settings = workdir.fingerprint(dataclasses.asdict(spec))
+    # the encoder's layout too: files another prep wrote differently are made again, so two work
+    # directories of the same images hold the same bytes
+    settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": imaging.PNG_ENCODING})
     out_root = str(out_dir)
     names = output_names([r["path"] for r in rows])
     previous = _previous_state(wd)
@@ -174,10 +176,10 @@ def run(cfg: ResizeConfig) -> ResizeResult:
             todo.append((row["path"], row["sha256"]))
 
     journal_path = wd.path(JOURNAL)
-    made_dirs: set[str] = set()
     if todo:
-        # Shards as large as memory allows (fewer round trips to workers, which counts on a
-        # cluster), but no more than ~8 MB of output pixels each, as several are in flight.
+        # Large shards mean fewer round trips to the workers (which counts on a cluster); the
+        # cap keeps a shard's results (PNGs, at most its output pixels: ~8 MB) small, as this
+        # process holds a few shards per worker in flight.
         per_shard = max(1, min(256, SHARD_PIXEL_BYTES // (spec.width * spec.height * spec.channels)))
         shards = executors.chunk(todo, cfg.execution.slots, max_size=per_shard, min_size=1)
         if journal_path.is_file() and not journal_path.read_bytes().endswith(b"\n") and journal_path.stat().st_size:
@@ -201,11 +203,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
                     }
                     if res["status"] == "ok":
                         target = os.path.join(out_root, names[res["path"]])  # not pathlib: once per image
-                        folder = os.path.dirname(target)
-                        if folder not in made_dirs:
-                            os.makedirs(folder, exist_ok=True)
-                            made_dirs.add(folder)
-                        workdir.atomic_write_bytes(target, res["png"], fsync=False)
+                        workdir.atomic_write_bytes(target, res["png"], fsync=False)  # makes the folder
                         record.update(
                             resized=names[res["path"]],
                             format=res["format"],
