@@ -77,6 +77,9 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
         raise Rejected("empty file (0 bytes)")
     with warnings.catch_warnings(), _pixel_limit(spec.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Pillow warns about what it works around (corrupt EXIF, odd TIFF tags): the image is
+        # still used, so a warning per file would only be noise in the run's output
+        warnings.simplefilter("ignore", UserWarning)
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import tracemalloc
+import warnings
 import zlib
 
 import numpy as np
@@ -361,3 +362,14 @@ def test_parse_color(text, expected):
 def test_parse_color_rejects(text):
     with pytest.raises(ValueError, match=repr(text)):
         imaging.parse_color(text)
+
+
+def test_pillow_warnings_about_what_it_works_around_stay_quiet():
+    # EXIF whose orientation tag points past the end of the data: Pillow warns and skips the tag
+    exif = b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x04\x00\x08\x00\x00\x00\xf0\x00\x00\x00\x00\x00\x00\x00"
+    data = encode(Image.new("RGB", (40, 30), "red"), "PNG", exif=exif)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        img, info = imaging.transform(data, ResizeSpec())
+    assert caught == [] and img.size == (32, 32) and info.width == 40
+    assert (imaging.to_array(img) == (255, 0, 0)).all()
