@@ -202,9 +202,12 @@ class _Writer:
         })
 
     def close_files(self) -> None:
-        for _, handle in self.open.values():
-            handle.close()
+        """Close every open shard, all of them even if one fails (the first error is raised)."""
+        handles = [handle for _, handle in self.open.values()]
         self.open.clear()
+        with contextlib.ExitStack() as stack:
+            for handle in handles:
+                stack.callback(handle.close)
 
     def finish(self) -> None:
         """Check the counts, create the file of an empty split, write features.json."""
