@@ -191,10 +191,7 @@ def run_resize_variant(key: str, label: str, options: list[str], workdir: Path, 
     if done.returncode:
         raise SystemExit(f"`{' '.join(index)}` failed (exit {done.returncode}):\n{done.stderr.decode()[-500:]}")
     cmd = [PREP, "--workdir", str(workdir), "resize", *options]
-    run = measure(cmd, WORK / "logs" / f"{key}-resize.log")
-    if not run.ok:
-        tail = "\n".join(Path(run.log).read_text().splitlines()[-5:])
-        raise SystemExit(f"`{' '.join(cmd)}` failed (exit {run.returncode}):\n{tail}")
+    run = require_ok(measure(cmd, WORK / "logs" / f"{key}-resize.log"))
     return Row(key, label, n, run.seconds, run.cpu_seconds, run.foreign_cpu,
                run.peak_pss_mb, run.peak_rss_mb, run.ru_maxrss_mb)
 
@@ -207,6 +204,14 @@ def same_outputs(first: Path, second: Path) -> bool:
         return out
 
     return files(first) == files(second)
+
+
+def require_ok(run: Run) -> Run:
+    """``run``, or stop the benchmark with the last lines of its log."""
+    if not run.ok:
+        tail = "\n".join(Path(run.log).read_text().splitlines()[-5:])
+        raise SystemExit(f"`{' '.join(run.cmd)}` failed (exit {run.returncode}):\n{tail}")
+    return run
 
 
 def prep_commands(workdir: Path, raw: Path, pack: bool) -> list[tuple[str, list[str]]]:
@@ -267,10 +272,7 @@ def check_pickle(path: Path, n: int, label: str) -> None:
 def run_prep(key: str, label: str, workdir: Path, raw: Path, n: int, pack: bool, note: str = "") -> Row:
     steps = {}
     for step, cmd in prep_commands(workdir, raw, pack):
-        run = measure(cmd, WORK / "logs" / f"{key}-{step.replace(' ', '-')}.log")
-        if not run.ok:
-            tail = "\n".join(Path(run.log).read_text().splitlines()[-5:])
-            raise SystemExit(f"`{' '.join(cmd)}` failed (exit {run.returncode}):\n{tail}")
+        run = require_ok(measure(cmd, WORK / "logs" / f"{key}-{step.replace(' ', '-')}.log"))
         steps[step] = {"seconds": run.seconds, "images_per_s": n / run.seconds, "cpu_seconds": run.cpu_seconds,
                        "foreign_cpu": run.foreign_cpu, "peak_pss_mb": run.peak_pss_mb,
                        "peak_rss_mb": run.peak_rss_mb, "ru_maxrss_mb": run.ru_maxrss_mb}
@@ -386,13 +388,6 @@ def main_benchmark(args) -> int:
     if "dask" not in skip and not dask:
         print("dask rows skipped: `distributed` is not installed (pip install 'prep[dask]')")
     dask_dirs = {key: WORK / f"resize-{key}" for key, _, _ in DASK_VARIANTS}
-    try:
-        return measure_rounds(args, raw, n, pack, skip, workdir, note, dask, dask_dirs, help_times)
-    finally:
-        empty_trash()  # after every timing, or a failure: see set_aside
-
-
-def measure_rounds(args, raw, n, pack, skip, workdir, note, dask, dask_dirs, help_times) -> int:
     best: dict[str, Row] = {}
     for round_ in range(1, args.repeat + 1):
         if args.repeat > 1:
@@ -536,7 +531,10 @@ def main() -> int:
     if not Path(PREP).exists():
         parser.error(f"{PREP} not found: install prep into this Python environment (make install)")
     WORK.mkdir(exist_ok=True)
-    return large_benchmark(args) if args.large else main_benchmark(args)
+    try:
+        return large_benchmark(args) if args.large else main_benchmark(args)
+    finally:
+        empty_trash()  # after every timing, or a failure: see set_aside
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import pickle
 import shutil
@@ -17,6 +18,7 @@ from test_pack import cli_run, encoded_rows, ok, prepare
 
 import pipeline
 from pipeline.errors import PrepError
+from pipeline.formats import pickle_gz
 
 SPLITS = ("train", "valid", "test")
 
@@ -84,8 +86,6 @@ def test_the_mnist_pickle_line_loads_it(work):
 
 
 def test_pkl_gz_is_cut_into_gzip_members_any_reader_joins(work, monkeypatch):
-    from pipeline.formats import pickle_gz
-
     monkeypatch.setattr(pickle_gz, "MEMBER", 1000)  # this small dataset then spans several members
     ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
     data = (work / "dataset.pkl.gz").read_bytes()
@@ -100,10 +100,6 @@ def test_pkl_gz_is_cut_into_gzip_members_any_reader_joins(work, monkeypatch):
 
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5432])
 def test_gzip_members_do_not_depend_on_the_threads_or_the_writes(size, monkeypatch):
-    import io
-
-    from pipeline.formats import pickle_gz
-
     monkeypatch.setattr(pickle_gz, "MEMBER", 1000)
     payload = np.random.default_rng(size).integers(0, 4, size, dtype=np.uint8).tobytes()
     outputs = set()
@@ -121,10 +117,6 @@ def test_gzip_members_do_not_depend_on_the_threads_or_the_writes(size, monkeypat
 
 
 def test_gzip_members_abandoned_on_an_error_write_nothing_more(monkeypatch):
-    import io
-
-    from pipeline.formats import pickle_gz
-
     monkeypatch.setattr(pickle_gz, "MEMBER", 1000)
     out = io.BytesIO()
     with pytest.raises(RuntimeError, match="pickling failed"):
