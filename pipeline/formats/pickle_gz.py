@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+import deflate
 import numpy as np
 
 from .. import workdir
@@ -36,7 +37,9 @@ from ..errors import PrepError, VerificationFailed
 OUTPUT = "dataset.pkl.gz"
 OPTIONS = ("flat", "as_float")
 PROTOCOL = 4  # fixed, not pickle.DEFAULT_PROTOCOL, so the bytes do not change with Python
-LEVEL = 1  # zlib's default, 6, saves 2% on digit images and 0.6% on photos, in 1.2-2x the time
+# libdeflate's level 2: against zlib's level 1, 2.2x as fast and 1% smaller on photos, 1.7x as
+# fast and 22% smaller on digits; its level 1 is faster still but 1% larger on photos
+LEVEL = 2
 MEMBER = 4 << 20  # bytes of pickle per gzip member
 MAX_THREADS = 4  # compressing threads: more gain little, and each holds a member in memory
 BATCH = 1024
@@ -79,7 +82,7 @@ def writer(target: Path, layout, options) -> Iterator[_Writer]:
 
 class GzipMembers:
     """A write-only file that compresses every ``MEMBER`` bytes as a gzip member of its own, on
-    several threads (zlib releases the GIL), and writes the members in order: a multi-member gzip
+    several threads (libdeflate releases the GIL), and writes the members in order: a multi-member gzip
     file (RFC 1952) whose bytes depend neither on the number of threads nor on the Python version
     (each member's header is written here: mtime 0, no name, OS "unknown")."""
 
@@ -133,9 +136,8 @@ _GZIP_HEADER = bytes([0x1F, 0x8B, 8, 0, 0, 0, 0, 0, 0, 0xFF])  # deflate, no fla
 
 
 def _member(chunk: bytes) -> bytes:
-    deflate = zlib.compressobj(LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
-    body = deflate.compress(chunk) + deflate.flush()
-    return b"".join((_GZIP_HEADER, body, struct.pack("<II", zlib.crc32(chunk), len(chunk) & 0xFFFFFFFF)))
+    body = deflate.deflate_compress(chunk, LEVEL)
+    return b"".join((_GZIP_HEADER, body, struct.pack("<II", deflate.crc32(chunk), len(chunk) & 0xFFFFFFFF)))
 
 
 def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
