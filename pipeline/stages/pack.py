@@ -85,19 +85,29 @@ def parse_formats(names) -> tuple[str, ...]:
 # -- worker ---------------------------------------------------------------------------------
 
 
-def read_pngs(names: list[str], folder: str, want_png: bool) -> list[tuple[bytes | None, np.ndarray] | str]:
-    """(PNG bytes or None, pixels) for each resized file, or the reason it cannot be used."""
-    results: list = []
-    for name in names:
+def read_pngs(names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool) -> tuple:
+    """The pixels of a shard's resized files as one (N, H, W, C) array (one buffer to send back,
+    not N), their PNG bytes if wanted, and position -> reason for files that cannot be used."""
+    pixels = np.zeros((len(names), *shape), np.uint8)
+    pngs: list[bytes | None] | None = [] if want_png else None
+    problems: dict[int, str] = {}
+    for i, name in enumerate(names):
+        data = None
         try:
             with open(os.path.join(folder, name), "rb") as handle:
                 data = handle.read()
-            results.append((data if want_png else None, imaging.decode_png(data)))
+            image = imaging.decode_png(data)
+            if image.shape != shape:
+                problems[i] = f"{_shape(image.shape)}, but the first resized image is {_shape(shape)} (all must have one shape)"
+            else:
+                pixels[i] = image
         except OSError as err:
-            results.append(f"cannot read ({err.strerror or err})")
+            problems[i] = f"cannot read ({err.strerror or err})"
         except ValueError as err:
-            results.append(str(err))
-    return results
+            problems[i] = str(err)
+        if pngs is not None:
+            pngs.append(data)
+    return pixels, pngs, problems
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -144,12 +154,14 @@ def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str]) -> La
     folder = wd.path(workdir.RESIZED_DIR)
     counts = Counter(r["split"] for r in rows)
     png_bytes = Counter()
+    base = str(folder)
     for row in rows:
-        path = folder / row["resized"]
-        try:
-            png_bytes[row["split"]] += path.stat().st_size
+        try:  # os.path, not pathlib: once per image
+            png_bytes[row["split"]] += os.stat(os.path.join(base, row["resized"])).st_size
         except FileNotFoundError:
-            raise PrepError(f"resized image {path} is missing (for {row['path']}); run `prep resize` again") from None
+            raise PrepError(
+                f"resized image {folder / row['resized']} is missing (for {row['path']}); run `prep resize` again"
+            ) from None
     first = folder / rows[0]["resized"]
     try:
         with Image.open(first) as img:
@@ -249,18 +261,14 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
             for name in todo
         ]
         bar = stack.enter_context(cfg.execution.bar(len(rows), "pack"))
-        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), "tfrecord" in todo)
-        for shard, shard_results in zip(shards, results, strict=True):
-            for row, result in zip(shard, shard_results, strict=True):
-                if isinstance(result, str):
-                    raise PrepError(f"resized image {folder / row['resized']}: {result}; run `prep resize` again")
-                png, pixels = result
-                if pixels.shape != layout.shape:
-                    raise PrepError(
-                        f"resized image {folder / row['resized']} is {_shape(pixels.shape)} but {folder / rows[0]['resized']} is"
-                        f" {_shape(layout.shape)}; the images must all have one shape (run `prep resize` again)"
-                    )
-                sample = Sample(row["split"], position[row["split"]], row["label_id"], row["path"], png, pixels)
+        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, "tfrecord" in todo)
+        for shard, (pixels, pngs, problems) in zip(shards, results, strict=True):
+            if problems:
+                first = min(problems)
+                raise PrepError(f"resized image {folder / shard[first]['resized']}: {problems[first]}; run `prep resize` again")
+            for i, row in enumerate(shard):
+                sample = Sample(row["split"], position[row["split"]], row["label_id"], row["path"],
+                                pngs[i] if pngs is not None else None, pixels[i])
                 position[row["split"]] += 1
                 for w in writers:
                     w.write(sample)
