@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from natsort import natsort_keygen, ns
+from natsort import natsort_keygen
 
 from .errors import PrepError, StageInputMissing
 
@@ -141,12 +141,19 @@ class Workdir:
 
 @functools.lru_cache(maxsize=1 << 16)  # class names repeat on every row
 def natural_key(text: str):
-    """Natural order (``img2`` before ``img10``) with the plain string as tie-break, so names
-    natsort holds equal (``img1``, ``img01``) still sort the same way every time."""
-    return (_NATURAL(text), text)
+    """Natural order (``img2`` before ``img10``) of a name or a ``/``-separated path, compared
+    folder by folder, then stem, then extension (natsort's path order), with the plain string
+    as tie-break, so names natsort holds equal (``img1``, ``img01``) still sort the same way
+    every time."""
+    *folders, name = text.split("/")
+    stem, ext = os.path.splitext(name)
+    return (tuple(map(_part_key, folders)) + (_NATURAL(stem), _NATURAL(ext)), text)
 
 
-_NATURAL = natsort_keygen(alg=ns.PATH)
+# natsort's own ns.PATH does the same splitting through pathlib, at three times the cost: this
+# key is computed for every image in index and split
+_NATURAL = natsort_keygen()
+_part_key = functools.lru_cache(maxsize=1 << 12)(_NATURAL)  # folder names repeat on every row
 
 
 # -- atomic writes ---------------------------------------------------------------------------

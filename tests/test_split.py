@@ -267,3 +267,25 @@ def test_an_out_of_date_resized_csv_is_an_error(tmp_path):
     workdir.write_csv(wd.path("resized.csv"), RESIZED_COLUMNS, stale)
     with pytest.raises(PrepError, match="prep resize"):
         run_split(wd)
+
+
+def test_labels_index_wrote_and_the_same_rows_shuffled_give_the_same_splits(tmp_path, prep):
+    # split takes the rows of the CSV `prep index` wrote in their order (it is natural order
+    # already) and sorts any other CSV: both ways must agree
+    from conftest import make_tree
+
+    make_tree(tmp_path / "raw", {"b10": 3, "b2": 12, "a": 11})
+    assert prep("index", tmp_path / "raw").exit_code == 0
+    labels = tmp_path / "work" / "labels.csv"
+    meta = workdir.read_json(tmp_path / "work" / workdir.INDEX_META)
+    assert meta["labels_sha256"] == workdir.sha256_file(labels)
+    paths = [r["path"] for r in workdir.read_csv(labels)]
+    assert paths[:3] == ["a/img0.png", "a/img1.png", "a/img2.png"] and paths[10:12] == ["a/img10.png", "b2/img0.png"]
+    assert prep("split", "--seed", "5").exit_code == 0
+    by_index = (tmp_path / "work" / "splits.csv").read_bytes()
+
+    rows = workdir.read_csv(labels)
+    random.Random(2).shuffle(rows)
+    workdir.write_csv(labels, LABEL_COLUMNS, rows)
+    assert prep("split", "--seed", "5").exit_code == 0
+    assert (tmp_path / "work" / "splits.csv").read_bytes() == by_index

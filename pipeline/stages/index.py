@@ -207,6 +207,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         {
             "raw": raw,
             "labels": cfg.workdir.relative(cfg.out),
+            "labels_sha256": workdir.sha256_file(cfg.out),  # rows in this order are in natural order
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
             "follow_links": cfg.follow_links,
