@@ -129,7 +129,7 @@ def hash_files(
                     cache[rel] = [versions[rel][0], versions[rel][1], digest]
                 bar.update(len(shard))
     live = {rel: cache[rel] for rel in rels if rel in cache}
-    workdir.write_json(cache_path, {"root": root, "files": live})
+    workdir.write_json(cache_path, {"root": root, "files": live}, indent=None)  # one entry per image
     return result, failed
 
 
