@@ -231,6 +231,27 @@ def test_rerun_with_nothing_changed_rewrites_nothing(tmp_path, prep, tree):
     assert snapshot(work) == first
 
 
+def test_rerun_retries_a_file_that_was_missing_and_puts_back_a_deleted_output(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    source = tree / "dog" / "img1.png"
+    kept = source.read_bytes()
+    source.unlink()  # after indexing: resize cannot read it
+    first = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 29 images" in first.stdout and "1 rejected" in first.stdout
+    source.write_bytes(kept)
+    retried = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in retried.stdout and "29 already up to date" in retried.stdout
+
+    work = tmp_path / "work"
+    before = snapshot(work)
+    (work / "resized" / "cat" / "img3.png").unlink()
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in result.stdout and "29 already up to date" in result.stdout
+    assert snapshot(work) == before
+    again = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 0 images" in again.stdout and "30 already up to date" in again.stdout
+
+
 def test_changing_the_size_redoes_everything(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
