@@ -147,13 +147,13 @@ def natural_key(text: str):
     every time."""
     *folders, name = text.split("/")
     stem, ext = os.path.splitext(name)
-    return (tuple(map(_part_key, folders)) + (_NATURAL(stem), _NATURAL(ext)), text)
+    return (tuple(map(_part_key, folders)) + (_NATURAL(stem), _part_key(ext)), text)
 
 
 # natsort's own ns.PATH does the same splitting through pathlib, at three times the cost: this
 # key is computed for every image in index and split
 _NATURAL = natsort_keygen()
-_part_key = functools.lru_cache(maxsize=1 << 12)(_NATURAL)  # folder names repeat on every row
+_part_key = functools.lru_cache(maxsize=1 << 12)(_NATURAL)  # folder names and extensions repeat
 
 
 # -- atomic writes ---------------------------------------------------------------------------
