@@ -159,10 +159,10 @@ def read_corpus_once(folder: Path) -> None:
 def set_aside(*folders: Path) -> None:
     """Move earlier outputs out of the way, to be deleted after the timings (:func:`empty_trash`).
 
-    Not deleted here: on a file system mounted with ``discard`` (common on cloud disks) the
-    blocks a large delete frees are trimmed in the background for minutes, and every file
-    created meanwhile costs several times the usual system time, which would be charged to
-    the prep rows that write thousands of files."""
+    Not deleted here: on ext4 without a journal the kernel avoids reusing the inodes of files
+    deleted in the last few minutes and checks each one on every file it creates, so after a
+    large delete every file created costs several times the usual system time, which would be
+    charged to the prep rows that write thousands of files (see README.md)."""
     TRASH.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         if folder.exists():
