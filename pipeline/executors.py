@@ -27,6 +27,23 @@ EXECUTORS = ("local", "serial", "dask")
 DASK_MISSING = "--executor dask needs Dask: pip install 'prep[dask]'"
 T = TypeVar("T")
 IN_FLIGHT_PER_SLOT = 4  # shards submitted per worker thread: enough to hide a round-trip
+# Dask's defaults changed for the local cluster prep starts (each measured on resize, 20,000
+# photos, 2 workers on 2 cores; docs/cluster.md gives the same as a file for other clusters):
+LOCAL_CLUSTER_CONFIG = {
+    # the workers' sampling profiler (for the dashboard) costs them ~10% CPU
+    "distributed.worker.profile.enabled": False,
+    # the nanny sets MALLOC_TRIM_THRESHOLD_ in every worker it spawns, to hand freed memory back
+    # at once, which costs 25-50% on many small images (None unsets it; the other variables,
+    # one BLAS/OpenMP thread per worker, stay)
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # every process checks its event loop every 20 ms and memory every 100 ms, and the system
+    # monitor samples every 500 ms: on cores the workers keep busy, this housekeeping costs
+    # 5-7% of the run (17.3-18.4 s against 18.6-19.2 s, 4 runs each)
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.nanny.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "5s",
+}
 
 
 def cpu_count() -> int:
@@ -118,19 +135,7 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                 raise PrepError(f"cannot reach the Dask scheduler at {scheduler!r}: {err}") from None
             _check_workers(client, scheduler)
         else:
-            # Two of Dask's defaults, changed for this work (each measured on resize):
-            # - the workers' sampling profiler (for the dashboard) costs them ~10% CPU;
-            # - the nanny sets MALLOC_TRIM_THRESHOLD_ in every worker it spawns, to hand freed
-            #   memory back to the system at once, which costs 25-50% on many small images (None
-            #   unsets it; the other variables, one BLAS/OpenMP thread per worker, stay).
-            stack.enter_context(
-                dask.config.set(
-                    {
-                        "distributed.worker.profile.enabled": False,
-                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-                    }
-                )
-            )
+            stack.enter_context(dask.config.set(LOCAL_CLUSTER_CONFIG))
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=workers,

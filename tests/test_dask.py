@@ -120,6 +120,12 @@ def _environ() -> dict:
     return {name: os.environ.get(name) for name in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
 
 
+def _config() -> dict:
+    import dask
+
+    return {key: dask.config.get(key) for key in executors.LOCAL_CLUSTER_CONFIG}
+
+
 def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkeypatch):
     # A value in this process's environment wins over the config, and the nanny copies its
     # variables into this environment: clear them here, and have them put back afterwards.
@@ -129,7 +135,9 @@ def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkey
         monkeypatch.delenv(name)
     with executors.make_executor("dask", workers=1) as pool:
         seen = pool.submit(_environ).result()  # in the worker process
+        config = pool.submit(_config).result()
     assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+    assert config == executors.LOCAL_CLUSTER_CONFIG  # the worker runs with prep's settings
 
 
 def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):
