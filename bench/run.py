@@ -5,10 +5,11 @@
     python bench/run.py --large          # pack 100k small images into h5 and tfrecord
 
 Every row runs as its own process (or, for prep, one process per command, as a user types
-them) and is timed end to end, start-up and imports included. Peak memory is sampled every 50 ms
-from the whole process tree: the sum of the proportional set size (PSS) of the process and all
-its descendants, which counts the pages forked workers share once, and the sum of their RSS,
-which counts them once per process (an upper bound). The kernel's ``ru_maxrss`` (the largest
+them) and is timed end to end, start-up and imports included. Peak memory is sampled from the
+whole process tree: the sum of the proportional set size (PSS) of the process and all its
+descendants, which counts the pages forked workers share once (every 0.5 s, as reading it costs
+the kernel a page-table walk), and the sum of their RSS, which counts them once per process (an
+upper bound; every 50 ms). The kernel's ``ru_maxrss`` (the largest
 single process, from ``wait4``) is kept in the JSON as a cross-check; on Linux it never reads
 below the launcher's own RSS at fork time, so small processes are overstated there. Results
 are printed as a table and merged into ``bench/results.json``. See bench/README.md for what
@@ -44,6 +45,10 @@ TRASH = WORK / "trash"
 PYTHON = sys.executable
 PREP = str(Path(sys.executable).with_name("prep"))
 SAMPLE_SECONDS = 0.05
+# PSS comes from smaps_rollup, for which the kernel walks each process's page tables: ~1.4 ms
+# per prep process, which at every sample took 12% of a core from the two the rows share
+PSS_EVERY = 10  # samples: every 0.5 s
+PAGE = os.sysconf("SC_PAGE_SIZE")
 NOISY = 0.10  # share of the machine other processes may use before a timing is flagged
 MB = 1024 * 1024
 
@@ -79,6 +84,31 @@ class Run:
         return self.returncode == 0
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (psutil's children() reads every process: 2 ms)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            children = handle.read().split()
+    except OSError:  # exited
+        return []
+    return [pid] + [p for child in children for p in _tree(int(child))]
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _pss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_full_info().pss
+    except psutil.Error:
+        return 0
+
+
 def _busy(times) -> float:
     return times.user + times.nice + times.system + times.irq + times.softirq + times.steal
 
@@ -101,21 +131,13 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> Run:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         threading.Thread(target=wait, args=(proc.pid,), daemon=True).start()
         peak_pss = peak_rss = 0
+        samples = 0
         while not exited.is_set():
-            pss = rss = 0
-            try:
-                root = psutil.Process(proc.pid)
-                tree = [root] + root.children(recursive=True)
-            except psutil.Error:  # exited since the check
-                tree = []
-            for p in tree:
-                try:
-                    mem = p.memory_full_info()
-                except psutil.Error:
-                    continue
-                pss += mem.pss
-                rss += mem.rss
-            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            tree = _tree(proc.pid)
+            peak_rss = max(peak_rss, sum(_rss(pid) for pid in tree))
+            if samples % PSS_EVERY == 0:
+                peak_pss = max(peak_pss, sum(_pss(pid) for pid in tree))
+            samples += 1
             exited.wait(SAMPLE_SECONDS)
     (_, status, usage), ended = waited
     seconds = ended - started
