@@ -76,6 +76,12 @@ def test_encode_example_int64_edge_values(tf, value):
     assert tfrecord.encode_example(features) == tf_example(tf, features)
 
 
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**70])
+def test_encode_example_refuses_ints_beyond_int64(value):
+    with pytest.raises(ValueError, match="64 bits"):
+        tfrecord.encode_example({"label": value})
+
+
 def test_frame_matches_tensorflow_writer(tf, tmp_path):
     records = [b"", b"a", bytes(range(256)) * 70]
     with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as w:

@@ -91,6 +91,8 @@ def _varint(value: int) -> bytes:
     """Protobuf base-128 varint; a negative int64 is its 64-bit two's complement (10 bytes)."""
     if 0 <= value < 0x80:
         return bytes((value,))  # the usual case: tags, short lengths, small ints
+    if not -(1 << 63) <= value < 1 << 63:  # int64 features (and lengths): more would be cut silently
+        raise ValueError(f"{value} does not fit an int64 varint (64 bits)")
     value &= (1 << 64) - 1
     out = bytearray()
     while value > 0x7F:
