@@ -29,6 +29,7 @@ REJECTED_COLUMNS = ["path", "label", "reason"]
 JOURNAL = "resized.journal"
 RETRY_REASONS = ("cannot read file", "file changed since")
 SHARD_PIXEL_BYTES = 8 * 1024 * 1024
+_JSON = json.JSONEncoder(ensure_ascii=False)  # one for every journal line (json.dumps makes one per call)
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
                             height=res["height"],
                         )
                     state[res["path"]] = record
-                    journal.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    journal.write(_JSON.encode(record) + "\n")
                 journal.flush()
                 bar.update(len(results))
 
