@@ -7,9 +7,9 @@
 Every row runs as its own process (or, for prep, one process per command, as a user types
 them) and is timed end to end, start-up and imports included. Peak memory is sampled from the
 whole process tree: the sum of the proportional set size (PSS) of the process and all its
-descendants, which counts the pages forked workers share once (every 0.5 s, as reading it costs
-the kernel a page-table walk), and the sum of their RSS, which counts them once per process (an
-upper bound; every 50 ms). The kernel's ``ru_maxrss`` (the largest
+descendants, which counts the pages forked workers share once (every 0.5 s and whenever the
+RSS has grown by a tenth, as reading it costs the kernel a page-table walk), and the sum of their
+RSS, which counts them once per process (an upper bound; every 50 ms). The kernel's ``ru_maxrss`` (the largest
 single process, from ``wait4``) is kept in the JSON as a cross-check; on Linux it never reads
 below the launcher's own RSS at fork time, so small processes are overstated there. Results
 are printed as a table and merged into ``bench/results.json``. See bench/README.md for what
@@ -47,7 +47,8 @@ PREP = str(Path(sys.executable).with_name("prep"))
 SAMPLE_SECONDS = 0.05
 # PSS comes from smaps_rollup, for which the kernel walks each process's page tables: ~1.4 ms
 # per prep process, which at every sample took 12% of a core from the two the rows share
-PSS_EVERY = 10  # samples: every 0.5 s
+PSS_EVERY = 10  # samples: every 0.5 s, and whenever the tree's RSS has grown by PSS_GROWTH
+PSS_GROWTH = 1.1
 PAGE = os.sysconf("SC_PAGE_SIZE")
 NOISY = 0.10  # share of the machine other processes may use before a timing is flagged
 MB = 1024 * 1024
@@ -132,11 +133,13 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> Run:
         threading.Thread(target=wait, args=(proc.pid,), daemon=True).start()
         peak_pss = peak_rss = 0
         samples = 0
+        rss_at_pss = 0  # the tree's RSS when PSS was last read
         while not exited.is_set():
             tree = _tree(proc.pid)
-            peak_rss = max(peak_rss, sum(_rss(pid) for pid in tree))
-            if samples % PSS_EVERY == 0:
-                peak_pss = max(peak_pss, sum(_pss(pid) for pid in tree))
+            rss = sum(_rss(pid) for pid in tree)
+            peak_rss = max(peak_rss, rss)
+            if samples % PSS_EVERY == 0 or rss > rss_at_pss * PSS_GROWTH:  # and whenever RSS grew
+                peak_pss, rss_at_pss = max(peak_pss, sum(_pss(pid) for pid in tree)), rss
             samples += 1
             exited.wait(SAMPLE_SECONDS)
     (_, status, usage), ended = waited
