@@ -36,12 +36,11 @@ LOCAL_CLUSTER_CONFIG = {
     # at once, which costs 25-50% on many small images (None unsets it; the other variables,
     # one BLAS/OpenMP thread per worker, stay)
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
-    # every process checks its event loop every 20 ms and memory every 100 ms, and the system
-    # monitor samples every 500 ms: on cores the workers keep busy, this housekeeping costs
-    # 5-7% of the run (17.3-18.4 s against 18.6-19.2 s, 4 runs each)
+    # every process checks its event loop every 20 ms, workers and nannies their memory every
+    # 100 ms, and the system monitor samples every 500 ms: on cores the workers keep busy, this
+    # housekeeping costs 5-7% of the run (17.3-18.4 s against 18.6-19.2 s, 4 runs each)
     "distributed.admin.tick.interval": "500ms",
-    "distributed.worker.memory.monitor-interval": "1s",
-    "distributed.nanny.memory.monitor-interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",  # read by the nannies too
     "distributed.admin.system-monitor.interval": "5s",
 }
 
@@ -154,13 +153,16 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
 
 
 def _prep_version() -> str:
+    """This prep's version, and the PNG encoder's (the deflate package's version decides the bytes)."""
     from . import __version__
+    from .imaging import PNG_ENCODING
 
-    return __version__
+    return f"{__version__} ({PNG_ENCODING})"
 
 
 def _check_workers(client, scheduler: str) -> None:
-    """Every worker must run this prep: the shard functions travel by name, not by value."""
+    """Every worker must run this prep: the shard functions travel by name, not by value, and
+    the resized files must have the bytes this machine would write."""
     from . import __version__
 
     try:
@@ -170,12 +172,13 @@ def _check_workers(client, scheduler: str) -> None:
             f"the Dask workers of {scheduler} cannot run prep ({type(err).__name__}: {err});"
             f" install prep {__version__} on every worker"
         ) from None
-    wrong = {worker: v for worker, v in versions.items() if v != __version__}
+    here = _prep_version()
+    wrong = {worker: v for worker, v in versions.items() if v != here}
     if wrong:
         worker, version = next(iter(wrong.items()))
         raise PrepError(
-            f"{len(wrong)} Dask workers run another prep version (e.g. {worker}: {version});"
-            f" install prep {__version__} on every worker"
+            f"{len(wrong)} Dask workers run another prep version (e.g. {worker}: {version}; here {here});"
+            f" install prep {__version__} and the same deflate package on every worker"
         )
 
 

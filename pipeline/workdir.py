@@ -142,16 +142,18 @@ class Workdir:
 @functools.lru_cache(maxsize=1 << 16)  # class names repeat on every row
 def natural_key(text: str):
     """Natural order (``img2`` before ``img10``) of a name or a ``/``-separated path, compared
-    folder by folder, then stem, then extension (natsort's path order), with the plain string
-    as tie-break, so names natsort holds equal (``img1``, ``img01``) still sort the same way
-    every time."""
+    folder by folder, then stem, then last extension, each by natsort's key, with the plain
+    string as tie-break, so names natsort holds equal (``img1``, ``img01``) still sort the same
+    way every time. Recorded as :data:`NATURAL_ORDER` wherever a file is trusted to be in it."""
     *folders, name = text.split("/")
     stem, ext = os.path.splitext(name)
     return (tuple(map(_part_key, folders)) + (_NATURAL(stem), _part_key(ext)), text)
 
 
-# natsort's own ns.PATH does the same splitting through pathlib, at three times the cost: this
-# key is computed for every image in index and split
+# Like natsort's ns.PATH, which splits paths through pathlib at three times the cost (this key
+# is computed for every image in index and split), except that it splits off every suffix
+# (``a.b.jpg``, ``x.tar.gz``), so a few names with several dots sort otherwise.
+NATURAL_ORDER = "natsort-parts-1"  # the version of the order: change it with natural_key
 _NATURAL = natsort_keygen()
 _part_key = functools.lru_cache(maxsize=1 << 12)(_NATURAL)  # folder names and extensions repeat
 

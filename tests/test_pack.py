@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,17 @@ def test_up_to_date_pack_skips_without_importing_tensorflow_or_h5py(work):
     changed = {p for p in outputs(work) if os.stat(work / p).st_mtime_ns != before[p]}
     assert changed == {"dataset.pkl.gz", "manifest.json"}
     assert "dataset.pkl.gz" in result.stdout and "(written)" in result.stdout
+
+
+def test_another_compressor_version_repacks_pkl_gz(work, monkeypatch):
+    from pipeline.formats import pickle_gz
+
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--format", "h5"))
+    assert "Up to date" in ok(cli_run(work, "pack", "--format", "pkl.gz", "--format", "h5")).stdout
+    monkeypatch.setattr(pickle_gz, "ENCODING", pickle_gz.ENCODING + "-another-libdeflate")
+    result = ok(cli_run(work, "pack", "--format", "pkl.gz", "--format", "h5"))
+    assert re.search(r"dataset\.pkl\.gz [\d.]+ [KM]?B \(written\), dataset\.h5 [\d.]+ [KM]?B \(up to date\)",
+                     result.stdout), result.stdout
 
 
 def test_failed_pack_leaves_the_previous_outputs_intact(work):

@@ -331,6 +331,40 @@ def test_simulated_interruption_then_rerun_matches_a_clean_run(tmp_path, prep, t
     assert leftovers(work) == []
 
 
+def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp_path, prep, tree, monkeypatch):
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    for wd in (clean, work):
+        assert prep("index", tree, workdir=wd).exit_code == 0
+        assert prep("resize", "--size", "8", "--executor", "serial", workdir=wd).exit_code == 0
+    expected = snapshot(clean)
+
+    # --size 6 overwrites three files of its first shard, then the process is killed: the
+    # journal keeps what was flushed, the shard's "pending" line, but not the records buffered
+    # after it
+    write = workdir.atomic_write_bytes
+    written = []
+
+    def dies_after_three(path, data, **kw):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(path)
+        write(path, data, **kw)
+
+    monkeypatch.setattr(workdir, "atomic_write_bytes", dies_after_three)
+    assert prep("resize", "--size", "6", "--executor", "serial").exit_code != 0  # Click: "Aborted!"
+    monkeypatch.undo()
+    journal = (work / resize.JOURNAL).read_text().splitlines()
+    assert len(written) == 3 and resize.PENDING in json.loads(journal[0])
+    (work / resize.JOURNAL).write_text(journal[0] + "\n")
+    assert snapshot(work) != expected  # three 6x6 files where resized.csv says 8x8
+
+    result = prep("resize", "--size", "8", "--executor", "serial")  # back to the first settings
+    assert result.exit_code == 0, result.output
+    shard = len(json.loads(journal[0])[resize.PENDING])
+    assert f"Resized {shard} images" in result.stdout and f"{30 - shard} already up to date" in result.stdout
+    assert snapshot(work) == expected
+
+
 def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
     raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
     clean, work = tmp_path / "clean", tmp_path / "work"

@@ -289,3 +289,9 @@ def test_labels_index_wrote_and_the_same_rows_shuffled_give_the_same_splits(tmp_
     workdir.write_csv(labels, LABEL_COLUMNS, rows)
     assert prep("split", "--seed", "5").exit_code == 0
     assert (tmp_path / "work" / "splits.csv").read_bytes() == by_index
+
+    # indexing again sorts the edited CSV back (it does not trust an order it did not write)
+    assert prep("index", tmp_path / "raw").exit_code == 0
+    assert [r["path"] for r in workdir.read_csv(labels)] == paths
+    assert prep("split", "--seed", "5").exit_code == 0
+    assert (tmp_path / "work" / "splits.csv").read_bytes() == by_index

@@ -174,7 +174,7 @@ def run(cfg: IndexConfig) -> IndexResult:
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
             f" skipped {_files(listing.skipped_count)})"
         )
-    previous = _previous_order(cfg.out)
+    previous = _previous_order(cfg.workdir, cfg.out)
     if previous is not None and len(previous) == len(labelled) and set(previous) == set(labelled):
         labelled = previous  # the same images as last time, already in natural order (sorting costs more)
     else:
@@ -207,7 +207,9 @@ def run(cfg: IndexConfig) -> IndexResult:
         {
             "raw": raw,
             "labels": cfg.workdir.relative(cfg.out),
-            "labels_sha256": workdir.sha256_file(cfg.out),  # rows in this order are in natural order
+            # rows in this order are in natural order: split need not sort them again
+            "labels_sha256": workdir.sha256_file(cfg.out),
+            "order": workdir.NATURAL_ORDER,
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
             "follow_links": cfg.follow_links,
@@ -221,12 +223,30 @@ def run(cfg: IndexConfig) -> IndexResult:
     return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
 
 
-def _previous_order(labels: Path) -> list[tuple[str, str]] | None:
-    """(label, path) of each row of the labels CSV an earlier run wrote, or None."""
+def _previous_order(wd: workdir.Workdir, labels: Path) -> list[tuple[str, str]] | None:
+    """(label, path) of each row of the labels CSV the last run wrote, if it is unchanged since
+    (so still in this version's natural order); else None."""
+    if not in_natural_order(wd, labels):
+        return None
     try:
         return [(r["label"], r["path"]) for r in workdir.read_csv(labels, ["path", "label"])]
     except (PrepError, OSError):
         return None
+
+
+def in_natural_order(wd: workdir.Workdir, labels: Path) -> bool:
+    """Whether ``labels`` is, byte for byte, the CSV the last `prep index` wrote, sorted in the
+    natural order of this version of prep."""
+    meta = wd.path(workdir.INDEX_META)
+    try:
+        recorded = workdir.read_json(meta) if meta.exists() else {}
+        return (
+            isinstance(recorded, dict)
+            and recorded.get("order") == workdir.NATURAL_ORDER
+            and recorded.get("labels_sha256") == workdir.sha256_file(labels)
+        )
+    except (PrepError, OSError):
+        return False
 
 
 def raw_root(wd: workdir.Workdir, given: str | Path | None = None) -> str:

@@ -85,7 +85,9 @@ def parse_formats(names) -> tuple[str, ...]:
 # -- worker ---------------------------------------------------------------------------------
 
 
-def read_pngs(names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool) -> tuple:
+def read_pngs(
+    names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool
+) -> tuple[np.ndarray, list[bytes | None] | None, dict[int, str]]:
     """The pixels of a shard's resized files as one (N, H, W, C) array (one buffer to send back,
     not N), their PNG bytes if wanted, and position -> reason for files that cannot be used."""
     pixels = np.zeros((len(names), *shape), np.uint8)
@@ -193,8 +195,12 @@ def _stamp(wd: workdir.Workdir, name: str) -> workdir.Stamp:
     return workdir.Stamp(wd, f"pack-{name}")
 
 
-def stamp_settings(options: dict) -> dict:
-    return {"prep_version": __version__, "options": options}
+def stamp_settings(options: dict, name: str | None = None) -> dict:
+    """What a format's output depends on besides its inputs: its options, and how its module
+    encodes them (``ENCODING``, e.g. the compressor's version), so other bytes mean another stamp."""
+    settings = {"prep_version": __version__, "options": options}
+    encoding = getattr(FORMATS[name], "ENCODING", None) if name else None
+    return settings if encoding is None else {**settings, "encoding": encoding}
 
 
 def _previous_manifest(wd: workdir.Workdir) -> dict | None:
@@ -213,14 +219,14 @@ def run(cfg: PackConfig) -> PackResult:
     previous = _previous_manifest(wd)
 
     listed = {name: formats.settings(name, cfg.options) for name in requested}
-    todo = [n for n in requested if not _stamp(wd, n).is_current(inputs, stamp_settings(listed[n]))]
+    todo = [n for n in requested if not _stamp(wd, n).is_current(inputs, stamp_settings(listed[n], n))]
     # Formats not asked for stay in the manifest while they still match the inputs.
     previous_pack = (previous or {}).get("settings", {}).get("pack", {})
     for name in FORMATS:
         if name in requested or not manifest.output_files(wd.root, name):
             continue
         options = previous_pack.get(name)
-        if options is not None and _stamp(wd, name).is_current(inputs, stamp_settings(options)):
+        if options is not None and _stamp(wd, name).is_current(inputs, stamp_settings(options, name)):
             listed[name] = options
         else:
             log.warning("%s is out of date and left out of %s; run `prep pack --format %s` to update it",
@@ -237,7 +243,7 @@ def run(cfg: PackConfig) -> PackResult:
         manifest.write(wd, previous)
         for name in todo:
             outputs = [wd.root / f for f in manifest.output_files(wd.root, name)]
-            _stamp(wd, name).record(inputs, stamp_settings(listed[name]), outputs)
+            _stamp(wd, name).record(inputs, stamp_settings(listed[name], name), outputs)
         manifest_stamp.record(inputs, stamp_settings(listed), [wd.path(workdir.MANIFEST)])
 
     sizes = {}

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RESIZED_COLUMNS = ["path", "label", "sha256", "resized", "status", "reason", "format", "mode", "width", "height", "settings"]
 REJECTED_COLUMNS = ["path", "label", "reason"]
 JOURNAL = "resized.journal"
+PENDING = "pending"  # a journal line naming outputs about to be written
 RETRY_REASONS = ("cannot read file", "file changed since")
 SHARD_PIXEL_BYTES = 8 * 1024 * 1024
 _JSON = json.JSONEncoder(ensure_ascii=False)  # one for every journal line (json.dumps makes one per call)
@@ -125,7 +126,11 @@ def _previous_state(wd: workdir.Workdir) -> dict[str, dict]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the line a killed run was writing (a rerun appends after it)
-                state[row["path"]] = row
+                if PENDING in row:  # outputs about to be written: forget them until their records follow
+                    for path in row[PENDING]:
+                        state.pop(path, None)
+                else:
+                    state[row["path"]] = row
     return state
 
 
@@ -139,6 +144,8 @@ def _is_current(prev: dict | None, sha: str, settings: str, out_dir: str) -> boo
 
 
 def run(cfg: ResizeConfig) -> ResizeResult:
+    """Resize every image of the labels CSV not already resized with these settings; write
+    resized.csv and rejected.csv; fail only when every image, or with --strict any, is rejected."""
     started = time.perf_counter()
     wd = cfg.workdir
     spec = cfg.spec
@@ -161,8 +168,9 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": imaging.PNG_ENCODING})
     stamp, stamped = workdir.Stamp(wd, "resize"), {"settings": settings, "raw": root}
     table = _current_table(wd, cfg.labels, stamp, stamped)
-    written, skipped = 0, len(table or ())
-    if table is None:
+    if table is not None:
+        written, skipped = 0, len(table)
+    else:
         rows = workdir.read_csv(cfg.labels, LABEL_COLUMNS)
         if not rows:
             raise PrepError(f"{cfg.labels} lists no images; run `prep index RAW` first")
@@ -197,10 +205,15 @@ def _current_table(wd: workdir.Workdir, labels: Path, stamp: workdir.Stamp, stam
     """resized.csv's rows when there is nothing to do, else None: the last complete run had the
     same labels CSV and settings and wrote resized.csv and rejected.csv as they are, no killed
     run left a journal, no rejection is worth retrying and every resized file is in place.
-    (What the full check below would conclude, without its cost on a rerun of 20,000 images.)"""
+    (What the full check of :func:`_resize_all` would conclude, without its cost on a rerun of
+    20,000 images; that check also sweeps out files no image maps to, which only the last
+    complete run can have left here, after its own sweep.)"""
     if wd.path(JOURNAL).exists() or not stamp.is_current([labels], stamped):
         return None
-    table = workdir.read_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS)
+    try:
+        table = workdir.read_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS)
+    except PrepError:  # unreadable or of another layout: the full check rewrites it
+        return None
     out_root = str(wd.path(workdir.RESIZED_DIR))
     for row in table:
         if row["status"] == "ok":
@@ -245,6 +258,11 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
         ) as journal, cfg.execution.bar(len(todo), "resize") as bar:
             by_path = {r["path"]: r for r in rows}
             for results in executors.map_shards(pool, resize_shard, shards, root, spec):
+                # A run killed while writing this shard's files leaves them unrecorded, and they
+                # may differ from what resized.csv says (other settings): first note them as
+                # pending, so the next run makes them again.
+                journal.write(_JSON.encode({PENDING: [r["path"] for r in results if r["status"] == "ok"]}) + "\n")
+                journal.flush()
                 for res in results:
                     row = by_path[res["path"]]
                     record = {

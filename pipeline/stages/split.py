@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import workdir
 from ..errors import PrepError
-from .index import LABEL_COLUMNS
+from .index import LABEL_COLUMNS, in_natural_order
 
 SPLITS = workdir.SPLIT_NAMES
 
@@ -155,18 +155,6 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
     return usable, len(rows) - len(usable), inputs
 
 
-def _written_by_index(wd: workdir.Workdir, labels: Path) -> bool:
-    """Whether ``labels`` is, byte for byte, the CSV the last `prep index` wrote."""
-    meta = wd.path(workdir.INDEX_META)
-    if not meta.exists():
-        return False
-    try:
-        recorded = workdir.read_json(meta).get("labels_sha256")
-    except (PrepError, AttributeError):
-        return False
-    return recorded is not None and recorded == workdir.sha256_file(labels)
-
-
 def count_table(rows: list[dict]) -> dict[str, dict[str, int]]:
     """class -> split -> images, classes in natural order."""
     table = {label: dict.fromkeys(SPLITS, 0) for label in sorted({r["label"] for r in rows}, key=NATURAL)}
@@ -203,7 +191,7 @@ def run(cfg: SplitConfig) -> SplitResult:
         raise PrepError(f"every class has fewer than the {needed} images the ratios need; nothing left to split")
     # index order (class, then path): the output and the conflicts reported do not depend on
     # the order of the input rows. The CSV `prep index` wrote is in that order already.
-    if not _written_by_index(cfg.workdir, cfg.labels):
+    if not in_natural_order(cfg.workdir, cfg.labels):
         rows.sort(key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))
 
     conflicts = find_conflicts(rows)

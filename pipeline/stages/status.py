@@ -148,7 +148,7 @@ def pack_status(wd: workdir.Workdir) -> StageStatus:
     inputs = pack.inputs_of(wd, encoded)
     reasons = []
     for name in listed.get("formats", []):
-        for why in workdir.Stamp(wd, f"pack-{name}").explain(inputs, pack.stamp_settings(listed[name])):
+        for why in workdir.Stamp(wd, f"pack-{name}").explain(inputs, pack.stamp_settings(listed[name], name)):
             reasons.append(f"{name}: {why}")
     return _judge("pack", True, reasons, "")
 
