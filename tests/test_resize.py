@@ -252,6 +252,27 @@ def test_rerun_retries_a_file_that_was_missing_and_puts_back_a_deleted_output(tm
     assert "Resized 0 images" in again.stdout and "30 already up to date" in again.stdout
 
 
+def test_labels_rewritten_during_a_run_are_read_again_by_the_next(tmp_path, prep, tree, monkeypatch):
+    assert prep("index", tree).exit_code == 0
+    labels = tmp_path / "work" / "labels.csv"
+    new = save(tree / "cat" / "late.png", Image.new("RGB", (24, 20), (9, 9, 9)), "PNG")
+    resize_all = resize._resize_all
+
+    def while_index_runs(cfg, rows, *args):
+        done = resize_all(cfg, rows, *args)
+        # `prep index` rewrites the labels CSV while this run resizes the rows it read
+        row = {"path": "cat/late.png", "label": "cat", "sha256": workdir.sha256_file(new), "bytes": new.stat().st_size}
+        workdir.write_csv(labels, list(rows[0]), rows + [row])
+        return done
+
+    monkeypatch.setattr(resize, "_resize_all", while_index_runs)
+    assert "Resized 30 images" in prep("resize", "--size", "8", "--executor", "serial").stdout
+    monkeypatch.undo()
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in result.stdout and "30 already up to date" in result.stdout
+    assert (tmp_path / "work" / "resized" / "cat" / "late.png").is_file()
+
+
 def test_changing_the_size_redoes_everything(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0

@@ -171,12 +171,16 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     if table is not None:
         written, skipped = 0, len(table)
     else:
+        labels_sha = workdir.sha256_file(cfg.labels)
         rows = workdir.read_csv(cfg.labels, LABEL_COLUMNS)
         if not rows:
             raise PrepError(f"{cfg.labels} lists no images; run `prep index RAW` first")
         table, written, skipped = _resize_all(cfg, rows, root, settings)
-        outputs = [wd.path(n) for n in (workdir.RESIZED, workdir.REJECTED, workdir.RESIZE_SETTINGS)]
-        stamp.record([cfg.labels], stamped, outputs)
+        if workdir.sha256_file(cfg.labels) == labels_sha:  # not rewritten (by `prep index`) meanwhile
+            outputs = [wd.path(n) for n in (workdir.RESIZED, workdir.REJECTED, workdir.RESIZE_SETTINGS)]
+            stamp.record([cfg.labels], stamped, outputs)
+        else:
+            stamp.clear()
 
     rejected = [r for r in table if r["status"] != "ok"]
     result = ResizeResult(
