@@ -223,7 +223,7 @@ def test_mixed_shapes_name_the_first_odd_file(work):
         Image.new("RGB", (5, 5), (1, 2, 3)).save(work / "resized" / row["resized"])
     assert_one_line_error(
         cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"),
-        str(work / "resized" / rows[7]["resized"]), "5x5",
+        str(work / "resized" / rows[7]["resized"]), "5x5", f"but {work / 'resized' / rows[0]['resized']} is 12x8",
     )
 
 

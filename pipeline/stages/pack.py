@@ -86,10 +86,11 @@ def parse_formats(names) -> tuple[str, ...]:
 
 
 def read_pngs(
-    names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool
+    names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool, first: str
 ) -> tuple[np.ndarray, list[bytes | None] | None, dict[int, str]]:
     """The pixels of a shard's resized files as one (N, H, W, C) array (one buffer to send back,
-    not N), their PNG bytes if wanted, and position -> reason for files that cannot be used."""
+    not N), their PNG bytes if wanted, and position -> reason for files that cannot be used
+    (``first`` names the file whose shape they all must have)."""
     pixels = np.zeros((len(names), *shape), np.uint8)
     pngs: list[bytes | None] | None = [] if want_png else None
     problems: dict[int, str] = {}
@@ -100,7 +101,7 @@ def read_pngs(
                 data = handle.read()
             image = imaging.decode_png(data)
             if image.shape != shape:
-                problems[i] = f"{_shape(image.shape)}, but the first resized image is {_shape(shape)} (all must have one shape)"
+                problems[i] = f"{_shape(image.shape)}, but {first} is {_shape(shape)} (all must have one shape)"
             else:
                 pixels[i] = image
         except OSError as err:
@@ -267,7 +268,8 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
             for name in todo
         ]
         bar = stack.enter_context(cfg.execution.bar(len(rows), "pack"))
-        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, "tfrecord" in todo)
+        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, "tfrecord" in todo,
+                                       str(folder / rows[0]["resized"]))
         for shard, (pixels, pngs, problems) in zip(shards, results, strict=True):
             if problems:
                 first = min(problems)
