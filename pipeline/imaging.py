@@ -125,16 +125,16 @@ def encode_png(img: Image.Image) -> bytes:
     level 1 and writes smaller files; like zlib, and unlike ISA-L, it gives the same bytes for
     the same input in every process.
     """
-    if img.mode not in ("L", "RGB"):
+    if img.mode not in _PNG_MODES:
         raise ValueError(f"encode_png takes an L or RGB image (what transform returns); received mode {img.mode}")
-    channels = _PNG_CHANNELS_OF_MODE[img.mode]
+    channels, colour = _PNG_MODES[img.mode]
     width, height = img.size
     flat = np.frombuffer(img.tobytes(), np.uint8).reshape(height, width * channels)
     rows = np.empty((height, width * channels + 1), np.uint8)
     rows[:, 0] = _PNG_SUB
     rows[:, 1 : channels + 1] = flat[:, :channels]
     np.subtract(flat[:, channels:], flat[:, :-channels], out=rows[:, channels + 1 :])  # wraps mod 256
-    header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOUR[channels], 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
     idat = deflate.zlib_compress(rows.tobytes(), PNG_LEVEL)
     return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
@@ -162,9 +162,8 @@ PNG_LEVEL = 1
 # another layout or another libdeflate wrote are made again (and every file matches)
 PNG_ENCODING = f"sub-libdeflate{PNG_LEVEL}-{deflate.__version__}"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_COLOUR = {1: 0, 3: 2}  # channels -> PNG colour type (grey, truecolour)
-_PNG_CHANNELS_OF_MODE = {"L": 1, "RGB": 3}
-_PNG_CHANNELS = {0: 1, 2: 3}
+_PNG_MODES = {"L": (1, 0), "RGB": (3, 2)}  # Pillow mode -> (channels, PNG colour type: grey, truecolour)
+_PNG_CHANNELS = {colour: channels for channels, colour in _PNG_MODES.values()}
 _PNG_SUB = 1  # the row filter type: each byte minus the one a pixel to its left
 
 

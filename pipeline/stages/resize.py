@@ -219,12 +219,9 @@ def _current_table(wd: workdir.Workdir, labels: Path, stamp: workdir.Stamp, stam
     except PrepError:  # unreadable or of another layout: the full check rewrites it
         return None
     out_root = str(wd.path(workdir.RESIZED_DIR))
-    for row in table:
-        if row["status"] == "ok":
-            if not os.path.isfile(os.path.join(out_root, row["resized"])):  # not pathlib: once per image
-                return None
-        elif row["reason"].startswith(RETRY_REASONS):
-            return None
+    # each row as the full check judges it (the stamp vouches for its sha256 and settings)
+    if not all(_is_current(row, row["sha256"], row["settings"], out_root) for row in table):
+        return None
     return table
 
 
