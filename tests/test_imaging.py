@@ -73,6 +73,76 @@ def test_exif_orientation_is_applied(orientation):
     assert np.abs(quadrant_means(out) - quadrant_means(expected)).max() < 20
 
 
+def photo_like(width: int, height: int, seed: int) -> np.ndarray:
+    """Smooth gradients plus noise: what a JPEG encoder sees in a photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width), y * 255 // max(1, height), (x + y) % 256], axis=-1)
+    return np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+
+
+PLAIN_JPEGS = [  # (width, height, mode, save options, EXIF orientation)
+    (640, 427, "RGB", {"quality": 90}, 1),
+    (427, 640, "RGB", {"quality": 75, "subsampling": 0}, 6),
+    (300, 301, "RGB", {"progressive": True, "subsampling": 1}, 3),
+    (129, 700, "L", {"quality": 95}, 8),
+    (1000, 70, "RGB", {"subsampling": 2}, 5),
+    (63, 64, "RGB", {}, 1),
+    (7, 3, "L", {"progressive": True}, 2),
+    (1, 1, "RGB", {}, 1),
+]
+SPECS = [
+    ResizeSpec(),
+    ResizeSpec(width=64, height=48, mode="crop", interpolation="nearest"),
+    ResizeSpec(width=16, height=16, mode="pad", channels=1, interpolation="lanczos"),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["stretch", "crop-nearest", "pad-grey"])
+@pytest.mark.parametrize("width, height, mode, options, orientation", PLAIN_JPEGS)
+def test_plain_jpegs_give_the_pixels_pillow_gives(monkeypatch, spec, width, height, mode, options, orientation):
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    img = Image.fromarray(photo_like(width, height, seed=width * height)).convert(mode)
+    data = encode(img, "JPEG", exif=exif, **options)
+    assert imaging._decode_plain_jpeg(data, spec) is not None  # the fast decoder takes it
+    fast, fast_info = imaging.transform(data, spec)
+    monkeypatch.setattr(imaging, "_decode_plain_jpeg", lambda data, spec: None)
+    slow, slow_info = imaging.transform(data, spec)
+    assert (fast.mode, fast.size, fast_info) == (slow.mode, slow.size, slow_info)
+    assert fast.tobytes() == slow.tobytes()
+
+
+def _xmp_orientation(orientation: int) -> bytes:
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+def test_jpegs_pillow_reads_its_own_way_are_left_to_pillow():
+    stored = quadrants(160, 96)
+    second = Image.fromarray(quadrants(80, 48))
+    whole = encode(Image.fromarray(photo_like(160, 96, seed=1)), "JPEG")
+    cases = {
+        "cmyk": encode(Image.fromarray(stored).convert("CMYK"), "JPEG"),
+        "xmp orientation": encode(Image.fromarray(stored), "JPEG", xmp=_xmp_orientation(6)),
+        "mpo": encode(Image.fromarray(stored), "MPO", save_all=True, append_images=[second]),
+        "truncated": whole[: len(whole) // 2],
+        "12 bit marker": encode(Image.fromarray(stored), "JPEG").replace(b"\xff\xc0\x00\x11\x08", b"\xff\xc0\x00\x11\x0c", 1),
+    }
+    for name, data in cases.items():
+        assert imaging._decode_plain_jpeg(data, ResizeSpec()) is None, name
+    assert imaging.transform(cases["cmyk"], ResizeSpec())[1].mode == "CMYK"
+    assert imaging.transform(cases["mpo"], ResizeSpec())[1].format == "MPO"
+    turned = pixels(cases["xmp orientation"], width=24, height=40)  # XMP orientation 6: turned upright
+    assert np.abs(quadrant_means(turned) - quadrant_means(ORIENTED[6](stored)[::4, ::4])).max() < 20
+    with pytest.raises(Rejected, match="truncated"):
+        imaging.transform(cases["truncated"], ResizeSpec())
+
+
 def test_16_bit_gradient_is_scaled_not_clipped():
     ramp = np.linspace(0, 65535, 256).round().astype(np.uint16)
     img = Image.fromarray(np.tile(ramp, (4, 1)))
