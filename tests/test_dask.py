@@ -140,6 +140,24 @@ def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkey
     assert config == executors.LOCAL_CLUSTER_CONFIG  # the worker runs with prep's settings
 
 
+def _shard_or_fail(shard: list, fail_on: str) -> list[dict]:
+    if fail_on in shard:
+        raise ValueError(f"cannot take {fail_on}")
+    return [{"item": item, "bytes": item.encode()} for item in shard]
+
+
+def test_dask_tasks_return_shards_in_order_and_raise_what_the_shard_raised(cluster):
+    with executors.make_executor("dask", scheduler=cluster.scheduler_address) as pool:
+        shards = [["a", "b"], ["c"]]
+        assert list(executors.map_shards(pool, _shard_or_fail, shards, "z")) == [
+            [{"item": "a", "bytes": b"a"}, {"item": "b", "bytes": b"b"}],
+            [{"item": "c", "bytes": b"c"}],
+        ]
+        with pytest.raises(ValueError, match="cannot take c"):
+            list(executors.map_shards(pool, _shard_or_fail, shards, "c"))
+    assert "shard_or_fail" in cluster.scheduler.task_prefixes  # named after the shard function
+
+
 def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(PrepError, match=r"pip install 'prep\[dask\]'"):
