@@ -210,6 +210,18 @@ def _version(info: dict) -> str | None:
     return None
 
 
+def read_versioned(root: str | os.PathLike, rel: str) -> tuple[bytes, tuple[int, Any] | None]:
+    """The bytes of ``rel`` and, for a local root, its (size, mtime in ns) as the listing records
+    them, read after the bytes (a file rewritten meanwhile shows a new version); None for a URL."""
+    path = local_path(root)
+    if path is None:
+        return read_bytes(root, rel), None
+    with open(os.path.join(path, rel), "rb") as handle:
+        data = handle.read()
+        seen = os.fstat(handle.fileno())
+    return data, (seen.st_size, seen.st_mtime_ns)
+
+
 def read_bytes(root: str | os.PathLike, rel: str) -> bytes:
     """The bytes of ``rel`` below ``root``; OSError (e.g. FileNotFoundError) if it cannot be read."""
     path = local_path(root)

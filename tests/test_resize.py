@@ -273,6 +273,40 @@ def test_labels_rewritten_during_a_run_are_read_again_by_the_next(tmp_path, prep
     assert (tmp_path / "work" / "resized" / "cat" / "late.png").is_file()
 
 
+def test_a_source_rewritten_after_index_is_rejected_until_indexed_again(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    source = tree / "cat" / "img3.png"
+    save(source, Image.new("RGB", (24, 20), (1, 2, 3)), "PNG")
+    later = source.stat().st_mtime_ns + 5_000_000_000  # a new mtime whatever the clock resolution
+    os.utime(source, ns=(later, later))
+    first = prep("resize", "--size", "8", "--executor", "serial")
+    assert "1 rejected" in first.stdout
+    rejected = (tmp_path / "work" / "rejected.csv").read_text()
+    assert "cat/img3.png" in rejected and "file changed since `prep index`" in rejected
+    assert prep("index", tree).exit_code == 0
+    again = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in again.stdout and "0 rejected" in again.stdout
+    pixels = imaging.decode_png((tmp_path / "work" / "resized" / "cat" / "img3.png").read_bytes())
+    assert (pixels == (1, 2, 3)).all()
+
+
+def test_a_source_is_hashed_again_unless_its_size_and_mtime_are_those_index_hashed(tmp_path):
+    source = save(tmp_path / "raw" / "cat" / "a.png", Image.new("RGB", (24, 20), (9, 9, 9)), "PNG")
+    seen = [source.stat().st_size, source.stat().st_mtime_ns]
+    wrong = "0" * 64  # not its sha256: only hashing it again shows that
+    spec = imaging.ResizeSpec(width=8, height=8)
+    outcomes = {
+        name: resize.resize_shard([("cat/a.png", wrong, version)], str(tmp_path / "raw"), spec)[0]["status"]
+        for name, version in {
+            "as indexed": seen,
+            "not recorded": None,
+            "other mtime": [seen[0], seen[1] + 1],
+            "other size": [seen[0] + 1, seen[1]],
+        }.items()
+    }
+    assert outcomes == {"as indexed": "ok", "not recorded": "rejected", "other mtime": "rejected", "other size": "rejected"}
+
+
 def test_changing_the_size_redoes_everything(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0

@@ -19,6 +19,8 @@ from ..errors import PrepError
 
 log = logging.getLogger(__name__)
 
+HASH_CACHE = f"{workdir.CACHE_DIR}/hashes.json"
+
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
 DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
 NATURAL = workdir.natural_key
@@ -75,6 +77,18 @@ def compile_pattern(text: str) -> re.Pattern:
     return pattern
 
 
+def hash_cache(wd: workdir.Workdir, root: str) -> dict[str, list]:
+    """What the last `prep index` of ``root`` hashed: path -> [size, version, sha256], where the
+    version is what the listing saw before reading the file (see :class:`sources.Listing`)."""
+    path = wd.path(HASH_CACHE)
+    try:
+        recorded = workdir.read_json(path) if path.exists() else {}
+    except PrepError:
+        return {}
+    files = recorded.get("files") if isinstance(recorded, dict) and recorded.get("root") == root else None
+    return files if isinstance(files, dict) else {}
+
+
 def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int] | str]:
     """(sha256, size) of each file in the shard, or the reason it could not be read."""
     out: list[tuple[str, int] | str] = []
@@ -94,16 +108,9 @@ def hash_files(
     """sha256 and size of each file in ``versions``, reusing the cache for files whose
     (size, version) the listing found unchanged (version: mtime locally, ETag for objects);
     and the reason for each file that could not be read."""
-    cache_path = cfg.workdir.path(workdir.CACHE_DIR) / "hashes.json"
+    cache_path = cfg.workdir.path(HASH_CACHE)
     rels = list(versions)
-    cache = {}
-    if cache_path.exists():
-        try:
-            recorded = workdir.read_json(cache_path)
-            if recorded.get("root") == root:
-                cache = recorded.get("files", {})
-        except PrepError:
-            cache = {}
+    cache = hash_cache(cfg.workdir, root)
     result: dict[str, tuple[str, int]] = {}
     failed: dict[str, str] = {}
     todo = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import executors, imaging, sources, workdir
 from ..errors import PrepError
-from .index import LABEL_COLUMNS, raw_root
+from .index import LABEL_COLUMNS, hash_cache, raw_root
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,20 @@ def output_names(rels: list[str]) -> dict[str, str]:
     return names
 
 
-def resize_shard(shard: list[tuple[str, str]], root: str, spec: imaging.ResizeSpec) -> list[dict]:
-    """Transform each (path, sha256) of a shard; never raises for a bad image."""
+def resize_shard(shard: list[tuple[str, str, list | None]], root: str, spec: imaging.ResizeSpec) -> list[dict]:
+    """Transform each (path, sha256, indexed version) of a shard; never raises for a bad image.
+
+    A file is hashed again only if its (size, mtime) differs from the one `prep index` hashed
+    (or was not recorded, as for a URL): index's own rule for reusing a hash."""
     results = []
-    for rel, expected_sha in shard:
+    for rel, expected_sha, indexed in shard:
         record: dict = {"path": rel}
         try:
-            data = sources.read_bytes(root, rel)
+            data, seen = sources.read_versioned(root, rel)
         except OSError as err:
             results.append({**record, "status": "rejected", "reason": f"cannot read file: {err.strerror or err}"})
             continue
-        if workdir.sha256_bytes(data) != expected_sha:
+        if (seen is None or indexed is None or tuple(indexed) != seen) and workdir.sha256_bytes(data) != expected_sha:
             results.append({**record, "status": "rejected", "reason": "file changed since `prep index`; run it again"})
             continue
         try:
@@ -233,8 +236,9 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
     out_root = str(out_dir)
     names = output_names([r["path"] for r in rows])
     previous = _previous_state(wd)
+    hashed = hash_cache(wd, root)
     state: dict[str, dict] = {}
-    todo: list[tuple[str, str]] = []
+    todo: list[tuple[str, str, list | None]] = []
     for row in rows:
         prev = previous.get(row["path"])
         if _is_current(prev, row["sha256"], settings, out_root) and (
@@ -242,7 +246,10 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
         ):
             state[row["path"]] = prev
         else:
-            todo.append((row["path"], row["sha256"]))
+            # the (size, mtime) index saw when it hashed this very content, if it did
+            known = hashed.get(row["path"])
+            version = known[:2] if isinstance(known, list) and len(known) == 3 and known[2] == row["sha256"] else None
+            todo.append((row["path"], row["sha256"], version))
 
     journal_path = wd.path(JOURNAL)
     if todo:
@@ -299,7 +306,7 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
     workdir.remove_stale_temps(wd.root)  # temporaries of a run killed while writing
     _remove_orphans(out_dir, {r["resized"] for r in table if r["status"] == "ok"})
 
-    written = len(todo) - sum(1 for p, _ in todo if state[p]["status"] != "ok")
+    written = len(todo) - sum(1 for p, *_ in todo if state[p]["status"] != "ok")
     return table, written, len(rows) - len(todo)
 
 

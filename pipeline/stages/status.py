@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .. import imaging, sources, workdir
 from ..errors import PrepError
+from .index import hash_cache
 
 
 @dataclass
@@ -71,8 +72,7 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     found = set(listing.files)
     if meta.get("labels_from", "folder") == "folder":
         found = {rel for rel in found if "/" in rel}
-    cache_path = wd.path(workdir.CACHE_DIR) / "hashes.json"
-    cache = workdir.read_json(cache_path).get("files", {}) if cache_path.exists() else {}
+    cache = hash_cache(wd, root)
     changed = sum(
         1
         for rel in found & indexed
