@@ -160,7 +160,7 @@ def resize_options(fn):
 
 
 def build_spec(size, mode, interpolation, channels, background, fill, max_pixels):
-    from .imaging import DEFAULT_MAX_PIXELS, ResizeSpec, parse_color, parse_size
+    from .spec import DEFAULT_MAX_PIXELS, ResizeSpec, parse_color, parse_size
 
     try:
         width, height = parse_size(size)

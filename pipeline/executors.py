@@ -197,7 +197,7 @@ def _unboxed(boxed: Future) -> Future:
 def _prep_version() -> str:
     """This prep's version, and the PNG encoder's (the deflate package's version decides the bytes)."""
     from . import __version__
-    from .imaging import PNG_ENCODING
+    from .spec import PNG_ENCODING
 
     return f"{__version__} ({PNG_ENCODING})"
 

@@ -31,8 +31,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from .spec import DEFAULT_MAX_PIXELS, PNG_ENCODING, PNG_LEVEL, RESIZE_MODES, ResizeSpec, parse_color, parse_size  # noqa: F401
+
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
-RESIZE_MODES = ("stretch", "crop", "pad")
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -41,7 +42,6 @@ INTERPOLATIONS = {
     "area": Image.Resampling.BOX,
     "box": Image.Resampling.BOX,
 }
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit
 _REDUCING_GAP = 3.0  # Pillow: >= 3 is indistinguishable from a full resample
 _ORIENTATION = 0x0112  # the EXIF tag
 _TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose)
@@ -57,20 +57,6 @@ _TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright
 
 class Rejected(Exception):
     """The image cannot be used; ``str(err)`` is the reason recorded in rejected.csv."""
-
-
-@dataclass(frozen=True)
-class ResizeSpec:
-    """Everything that decides the output pixels; its fields make up the resize settings."""
-
-    width: int = 32
-    height: int = 32
-    mode: str = "stretch"
-    interpolation: str = "bilinear"
-    channels: int = 3
-    background: tuple[int, int, int] = (255, 255, 255)
-    fill: tuple[int, int, int] = (0, 0, 0)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -176,10 +162,6 @@ def decode_png(data: bytes) -> np.ndarray:
         raise ValueError(f"not a readable PNG ({err})") from None
 
 
-PNG_LEVEL = 1
-# how encode_png lays out and compresses its files: part of the resize settings, so files
-# another layout or another libdeflate wrote are made again (and every file matches)
-PNG_ENCODING = f"sub-libdeflate{PNG_LEVEL}-{deflate.__version__}"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {"L": (1, 0), "RGB": (3, 2)}  # Pillow mode -> (channels, PNG colour type: grey, truecolour)
 _PNG_CHANNELS = {colour: channels for channels, colour in _PNG_MODES.values()}
@@ -229,35 +211,6 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
     if not (rows[:, 0] == _PNG_SUB).all():
         return None
     return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """``"32"`` -> (32, 32); ``"64x48"`` -> (64, 48) as (width, height)."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2 or min(values) < 1 or max(values) > 16384:
-        raise ValueError(f"expected N or WxH with whole numbers from 1 to 16384 (e.g. 32 or 64x48); received {text!r}")
-    return values[0], values[1]
-
-
-def parse_color(text: str) -> tuple[int, int, int]:
-    """``"white"``, ``"#ff8800"`` or ``"255,136,0"`` -> an RGB tuple."""
-    from PIL import ImageColor
-
-    try:
-        if "," in text:
-            values = tuple(int(v) for v in text.split(","))
-            if len(values) != 3 or not all(0 <= v <= 255 for v in values):
-                raise ValueError
-            return values  # type: ignore[return-value]
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        raise ValueError(f"expected a colour name, #rrggbb or r,g,b; received {text!r}") from None
 
 
 # -- steps ----------------------------------------------------------------------------------

@@ -44,6 +44,27 @@ sys.stderr.write(json.dumps(found))
     assert {argv: mods for argv, mods in found.items() if mods} == {}
 
 
+def test_a_resize_with_nothing_to_do_imports_neither_numpy_nor_the_decoders(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 3})
+    work = tmp_path / "work"
+    for args in (("index", raw), ("resize", "--size", "8")):
+        assert prep(*args, workdir=work).exit_code == 0
+    script = f"""
+import sys
+from pipeline import cli
+sys.argv = ["prep", "--workdir", {str(work)!r}, "resize", "--size", "8"]
+try:
+    cli.main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+sys.stderr.write(" ".join(m for m in ("numpy", "PIL.JpegImagePlugin", "simplejpeg") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "6 already up to date" in result.stdout
+    assert result.stderr == ""
+
+
 def test_every_command_and_option_has_help_text():
     for name, command in cli.commands.items():
         assert command.help and command.help.strip(), f"`prep {name}` has no help text"

@@ -413,6 +413,10 @@ def test_decode_png_inflates_no_more_than_the_header_promises():
     assert imaging.decode_png(bomb).shape == (8, 8, 3)  # which reads what the header promises, too
 
 
+def test_default_pixel_limit_is_pillows():
+    assert imaging.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
 @pytest.mark.parametrize("text, expected", [("32", (32, 32)), ("64x48", (64, 48)), ("64X48", (64, 48))])
 def test_parse_size(text, expected):
     assert imaging.parse_size(text) == expected

@@ -20,7 +20,7 @@ import shlex
 from typing import TYPE_CHECKING
 
 from ..formats import FORMATS, SPLITS
-from ..imaging import ResizeSpec
+from ..spec import ResizeSpec
 
 if TYPE_CHECKING:
     from .report import Facts

@@ -18,8 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import executors, imaging, sources, workdir
+from .. import executors, sources, workdir
 from ..errors import PrepError
+from ..spec import PNG_ENCODING, RESIZE_MODES, ResizeSpec
 from .index import LABEL_COLUMNS, hash_cache, raw_root
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class ResizeConfig:
     workdir: workdir.Workdir
     labels: Path
     raw: str | Path | None = None  # a folder or an fsspec URL; default: the one index recorded
-    spec: imaging.ResizeSpec = dataclasses.field(default_factory=imaging.ResizeSpec)
+    spec: ResizeSpec = dataclasses.field(default_factory=ResizeSpec)
     strict: bool = False
     execution: executors.Execution = field(default_factory=executors.Execution)
 
@@ -76,11 +77,13 @@ def output_names(rels: list[str]) -> dict[str, str]:
     return names
 
 
-def resize_shard(shard: list[tuple[str, str, list | None]], root: str, spec: imaging.ResizeSpec) -> list[dict]:
+def resize_shard(shard: list[tuple[str, str, list | None]], root: str, spec: ResizeSpec) -> list[dict]:
     """Transform each (path, sha256, indexed version) of a shard; never raises for a bad image.
 
     A file is hashed again only if its (size, mtime) differs from the one `prep index` hashed
     (or was not recorded, as for a URL): index's own rule for reusing a hash."""
+    from .. import imaging  # here, in the workers: a rerun with nothing to do never needs it
+
     results = []
     for rel, expected_sha, indexed in shard:
         record: dict = {"path": rel}
@@ -152,8 +155,8 @@ def run(cfg: ResizeConfig) -> ResizeResult:
     started = time.perf_counter()
     wd = cfg.workdir
     spec = cfg.spec
-    if spec.mode not in imaging.RESIZE_MODES:
-        raise PrepError(f"--mode must be one of {', '.join(imaging.RESIZE_MODES)}; received {spec.mode!r}")
+    if spec.mode not in RESIZE_MODES:
+        raise PrepError(f"--mode must be one of {', '.join(RESIZE_MODES)}; received {spec.mode!r}")
     if spec.channels not in (1, 3):
         raise PrepError(f"--channels must be 1 or 3; received {spec.channels}")
     root = raw_root(wd, cfg.raw)
@@ -168,7 +171,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
 
     # the encoder's layout too: files another prep wrote differently are made again, so two work
     # directories of the same images hold the same bytes
-    settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": imaging.PNG_ENCODING})
+    settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": PNG_ENCODING})
     stamp, stamped = workdir.Stamp(wd, "resize"), {"settings": settings, "raw": root}
     table = _current_table(wd, cfg.labels, stamp, stamped)
     if table is not None:

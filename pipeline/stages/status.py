@@ -12,15 +12,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import imaging, sources, workdir
+from .. import sources, workdir
 from ..errors import PrepError
+from ..spec import ResizeSpec
 from .index import hash_cache
 
 
 @dataclass
 class StatusConfig:
     workdir: workdir.Workdir
-    spec: imaging.ResizeSpec = field(default_factory=imaging.ResizeSpec)
+    spec: ResizeSpec = field(default_factory=ResizeSpec)
     split: dict = field(default_factory=lambda: {"ratios": [0.7, 0.2, 0.1], "seed": 42, "drop_small": False})
 
 
@@ -88,7 +89,7 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     return _judge("index", True, reasons, "")
 
 
-def resize_status(wd: workdir.Workdir, spec: imaging.ResizeSpec) -> StageStatus:
+def resize_status(wd: workdir.Workdir, spec: ResizeSpec) -> StageStatus:
     table = wd.path(workdir.RESIZED)
     if not table.exists():
         return StageStatus("resize", "missing", ["run `prep resize`"])
