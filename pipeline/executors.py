@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import sys
-import uuid
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +112,8 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
 @contextlib.contextmanager
 def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
     try:
+        import uuid
+
         import dask
         from distributed import Client, LocalCluster
         from distributed.cfexecutor import ClientExecutor
@@ -124,7 +125,7 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
     class DaskExecutor(ClientExecutor):
         def submit(self, fn, /, *args, **kwargs):
             # named after fn, not the wrapper, on the dashboard and in the scheduler's records
-            key = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
+            key = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"  # unique, as Dask's own
             return _unboxed(super().submit(_call_boxed, fn, _Box((args, kwargs)), key=key))
 
         @property

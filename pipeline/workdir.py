@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from natsort import natsort_keygen
 
 from .errors import PrepError, StageInputMissing
 
@@ -147,15 +146,25 @@ def natural_key(text: str):
     way every time. Recorded as :data:`NATURAL_ORDER` wherever a file is trusted to be in it."""
     *folders, name = text.split("/")
     stem, ext = os.path.splitext(name)
-    return (tuple(map(_part_key, folders)) + (_NATURAL(stem), _part_key(ext)), text)
+    return (tuple(map(_part_key, folders)) + (_natsort_key()(stem), _part_key(ext)), text)
 
 
 # Like natsort's ns.PATH, which splits paths through pathlib at three times the cost (this key
 # is computed for every image in index and split), except that it splits off every suffix
 # (``a.b.jpg``, ``x.tar.gz``), so a few names with several dots sort otherwise.
 NATURAL_ORDER = "natsort-parts-1"  # the version of the order: change it with natural_key
-_NATURAL = natsort_keygen()
-_part_key = functools.lru_cache(maxsize=1 << 12)(_NATURAL)  # folder names and extensions repeat
+
+
+@functools.cache
+def _natsort_key():
+    from natsort import natsort_keygen  # on first use: its import (regular expressions) costs 20-50 ms
+
+    return natsort_keygen()
+
+
+@functools.lru_cache(maxsize=1 << 12)  # folder names and extensions repeat
+def _part_key(part: str):
+    return _natsort_key()(part)
 
 
 # -- atomic writes ---------------------------------------------------------------------------
