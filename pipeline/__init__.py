@@ -8,6 +8,7 @@ Architecture (data flows one way, top to bottom; no module imports one above it)
                     train (verify-train), report and card, status
     loaders.py      the public load API (load, load_tf, load_classes); verify-train uses it too
     imaging.py      the pure per-image transform: bytes in, 8-bit pixels or a reason out
+    spec.py         the resize settings (what decides the pixels), without imaging's imports
     executors.py    serial / local processes / Dask behind concurrent.futures.Executor
     sources.py      listing and reading the RAW tree, a folder or an fsspec URL
     manifest.py     manifest.json: settings, counts and checksums of what was packaged

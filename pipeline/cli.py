@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from .errors import PrepError
+from .spec import INTERPOLATION_NAMES, RESIZE_MODES
 
 FORMATS = ("pkl.gz", "h5", "tfrecord")
 
@@ -142,9 +143,9 @@ def executor_options(fn):
 def resize_options(fn):
     options = [
         click.option("--size", default="32", show_default=True, metavar="N|WxH", help="Output size: 32 or 64x48 (W x H)."),
-        click.option("--mode", type=Choice(["stretch", "crop", "pad"]), default="stretch", show_default=True,
+        click.option("--mode", type=Choice(list(RESIZE_MODES)), default="stretch", show_default=True,
                      help="stretch to the size, centre-crop to its aspect, or pad (letterbox)."),
-        click.option("--interpolation", type=Choice(["bilinear", "nearest", "bicubic", "lanczos", "area", "box"]),
+        click.option("--interpolation", type=Choice(list(INTERPOLATION_NAMES)),
                      default="bilinear", show_default=True, help="Resampling filter (anti-aliased when shrinking)."),
         click.option("--channels", type=Choice(["3", "1"]), default="3", show_default=True,
                      help="3 for RGB, 1 for grayscale."),

@@ -14,8 +14,9 @@ import logging
 import multiprocessing
 import os
 import sys
+import weakref
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -111,9 +112,9 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
 
 @contextlib.contextmanager
 def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
-    try:
-        import uuid
+    import uuid
 
+    try:
         import dask
         from distributed import Client, LocalCluster
         from distributed.cfexecutor import ClientExecutor
@@ -179,28 +180,42 @@ def _call_boxed(fn, call: _Box) -> _Box:
 
 def _unboxed(boxed: Future) -> Future:
     """A future of the value in ``boxed``'s :class:`_Box`, with its outcome (and cancelling it
-    cancels ``boxed``)."""
+    cancels ``boxed``). ``boxed`` is held only by its callback to the new future, not the other
+    way round: once the caller drops the new future, both go, and with them Dask's, so the
+    cluster forgets the result at once (a reference cycle would keep it until a garbage
+    collection, past the bound on shards in flight)."""
     out: Future = Future()
+    weak = weakref.ref(boxed)
 
     def settle(done: Future) -> None:
+        if not out.set_running_or_notify_cancel():
+            return  # the caller cancelled it meanwhile
         if done.cancelled():
-            out.cancel()
+            out.set_exception(CancelledError())
         elif done.exception() is not None:
             out.set_exception(done.exception())
         else:
             out.set_result(done.result().value)
 
-    out.add_done_callback(lambda f: f.cancelled() and boxed.cancel())
+    def forward_cancel(future: Future) -> None:
+        if future.cancelled() and (inner := weak()) is not None:
+            inner.cancel()
+
+    out.add_done_callback(forward_cancel)
     boxed.add_done_callback(settle)
     return out
 
 
 def _prep_version() -> str:
-    """This prep's version, and the PNG encoder's (the deflate package's version decides the bytes)."""
+    """This prep's version and what else decides the bytes of its outputs: the PNG encoder
+    (the deflate package's version) and the JPEG decoders (simplejpeg's and Pillow's builds of
+    libjpeg-turbo)."""
+    from importlib.metadata import version
+
     from . import __version__
     from .spec import PNG_ENCODING
 
-    return f"{__version__} ({PNG_ENCODING})"
+    return f"{__version__} ({PNG_ENCODING}, simplejpeg {version('simplejpeg')}, pillow {version('pillow')})"
 
 
 def _check_workers(client, scheduler: str) -> None:
@@ -221,7 +236,7 @@ def _check_workers(client, scheduler: str) -> None:
         worker, version = next(iter(wrong.items()))
         raise PrepError(
             f"{len(wrong)} Dask workers run another prep version (e.g. {worker}: {version}; here {here});"
-            f" install prep {__version__} and the same deflate package on every worker"
+            f" install prep {__version__} and the same deflate, simplejpeg and pillow packages on every worker"
         )
 
 

@@ -260,8 +260,9 @@ def _decode_plain_jpeg(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, Sour
     libjpeg-turbo through simplejpeg; None for anything else, and for any JPEG it does not
     decode cleanly: Pillow then decides, as for every other image.
 
-    The same library, scale and settings as Pillow's decoder with ``draft``, so the same pixels
-    (tested), at four fifths of the time: Pillow parses the JPEG markers in Python first.
+    Pillow decodes with libjpeg-turbo too (its own build), here at the same scale and with the
+    same settings as its ``draft``, so the pixels are the same (tested against Pillow), in four
+    fifths of the time: Pillow parses the JPEG markers in Python first.
     """
     header = _jpeg_header(data)
     if header is None:
@@ -275,7 +276,7 @@ def _decode_plain_jpeg(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, Sour
         pixels = simplejpeg.decode_jpeg(
             data, "GRAY" if components == 1 else "RGB", min_height=out_h, min_width=out_w, min_factor=scale
         )
-    except ValueError:  # a warning (corrupt data) or an error: Pillow's judgement stands
+    except Exception:  # ValueError for a warning (corrupt data) or an error: Pillow's judgement stands
         return None
     if pixels.shape != (out_h, out_w, components):
         return None
@@ -284,14 +285,21 @@ def _decode_plain_jpeg(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, Sour
     return img, SourceInfo("JPEG", mode, width, height), orientation
 
 
+_XMP = b"http://ns.adobe.com/xap/1.0/\0"
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Pillow's own pattern (Image.getexif)
+
+
 def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, components, EXIF orientation) of a baseline, extended or progressive
-    8-bit JPEG with 1 or 3 components, read from its markers; None for anything else or
-    anything Pillow reads in a way of its own (MPO, XMP orientation, several EXIF blocks)."""
+    """(width, height, components, orientation) of a baseline, extended or progressive 8-bit
+    JPEG with 1 or 3 components, read from its markers; None for anything else, or anything
+    Pillow might read otherwise (MPO, several EXIF or XMP blocks, an EXIF block it cannot parse).
+
+    The orientation is found where Pillow looks: the EXIF block's tag, else the XMP block's
+    ``tiff:Orientation``."""
     if not data.startswith(b"\xff\xd8"):
         return None
     pos, end = 2, len(data)
-    frame, exif = None, None
+    frame, exif, xmp = None, None, None
     while True:
         if pos + 4 > end or data[pos] != 0xFF:
             return None
@@ -309,23 +317,34 @@ def _jpeg_header(data: bytes) -> tuple[int, int, int, int] | None:
             if marker not in (0xC0, 0xC1, 0xC2) or frame is not None or len(segment) < 6 or segment[0] != 8:
                 return None
             frame = (int.from_bytes(segment[3:5], "big"), int.from_bytes(segment[1:3], "big"), segment[5])
-        elif marker == 0xE1:
-            if not segment.startswith(b"Exif\0\0") or exif is not None:
-                return None  # XMP (Pillow reads an orientation there too), a second EXIF block
+        elif marker == 0xE1 and segment.startswith(b"Exif\0\0"):
+            if exif is not None:
+                return None  # Pillow joins them
             exif = segment
+        elif marker == 0xE1 and segment.startswith(_XMP):
+            if xmp is not None:
+                return None  # Pillow keeps the last
+            xmp = segment[len(_XMP) :]
         elif marker == 0xE2 and segment.startswith(b"MPF\0"):
             return None  # Pillow opens it as MPO
         pos += 2 + length
     if frame is None or frame[2] not in (1, 3) or not frame[0] or not frame[1]:
         return None
-    orientation = 1
+    if exif is None and xmp is None:
+        return (*frame, 1)
+    tags = Image.Exif()
     if exif is not None:
         try:
-            orientation = Image.Exif()
-            orientation.load(exif)
-            orientation = orientation.get(_ORIENTATION, 1)
-        except Exception:  # Pillow warns and carries on, or fails: let it
+            tags.load(exif)
+        except Exception:  # Pillow fails on it too, and says why
             return None
+    if _ORIENTATION in tags:
+        orientation = tags[_ORIENTATION]
+    else:
+        found = _XMP_ORIENTATION.search(xmp) if xmp is not None else None
+        orientation = int(found[2]) if found else 1
+    if not isinstance(orientation, int):
+        return None
     return (*frame, orientation)
 
 

@@ -52,6 +52,7 @@ MANIFEST = "manifest.json"
 VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
+HASH_CACHE = f"{CACHE_DIR}/hashes.json"  # index's sha256 of each RAW file, by size and version
 SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every output holds them
 
 
@@ -315,6 +316,20 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PrepError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
         raise PrepError(f"{path}: not UTF-8 text, so not a JSON file ({err.reason})") from None
+
+
+def hash_cache(wd: Workdir, root: str) -> dict[str, list]:
+    """What `prep index` of ``root`` hashed: path -> [size, version, sha256, settled], the
+    version being what the listing saw before the file was read (mtime in ns locally, see
+    :class:`sources.Listing`); a hash is trusted without reading the file again only if
+    ``settled`` (the mtime was not recent, see ``index.SETTLED_NS``)."""
+    path = wd.path(HASH_CACHE)
+    try:
+        recorded = read_json(path) if path.exists() else {}
+    except PrepError:
+        return {}
+    files = recorded.get("files") if isinstance(recorded, dict) and recorded.get("root") == root else None
+    return files if isinstance(files, dict) else {}
 
 
 # -- hashing and up-to-date stamps -----------------------------------------------------------

@@ -7,6 +7,7 @@ killed mid-run must cost only a retry of its shards.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import sys
@@ -156,6 +157,30 @@ def test_dask_tasks_return_shards_in_order_and_raise_what_the_shard_raised(clust
         with pytest.raises(ValueError, match="cannot take c"):
             list(executors.map_shards(pool, _shard_or_fail, shards, "c"))
     assert "shard_or_fail" in cluster.scheduler.task_prefixes  # named after the shard function
+
+
+def _named_shard(shard: list) -> list[bytes]:
+    return [item.encode() * 1000 for item in shard]
+
+
+def test_a_consumed_result_leaves_the_cluster_at_once(cluster):
+    # with the garbage collector off, as between two of its runs: only references count
+    gc.disable()
+    try:
+        with executors.make_executor("dask", scheduler=cluster.scheduler_address) as pool:
+            results = list(executors.map_shards(pool, _named_shard, [["a"], ["b"], ["c"]]))
+            assert results == [[b"a" * 1000], [b"b" * 1000], [b"c" * 1000]]
+            del results
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _held(cluster, "named_shard"):
+                time.sleep(0.05)
+            assert _held(cluster, "named_shard") == []
+    finally:
+        gc.enable()
+
+
+def _held(cluster, prefix: str) -> list:
+    return [key for key in list(cluster.scheduler.tasks) if prefix in str(key)]
 
 
 def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):

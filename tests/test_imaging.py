@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import imaging
+from pipeline import imaging, spec
 from pipeline.imaging import Rejected, ResizeSpec
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -93,12 +93,13 @@ PLAIN_JPEGS = [  # (width, height, mode, save options, EXIF orientation)
 ]
 SPECS = [
     ResizeSpec(),
+    ResizeSpec(width=48, height=16, interpolation="bicubic"),  # not square: a turned image drafts the other way
     ResizeSpec(width=64, height=48, mode="crop", interpolation="nearest"),
     ResizeSpec(width=16, height=16, mode="pad", channels=1, interpolation="lanczos"),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["stretch", "crop-nearest", "pad-grey"])
+@pytest.mark.parametrize("spec", SPECS, ids=["stretch", "wide-bicubic", "crop-nearest", "pad-grey"])
 @pytest.mark.parametrize("width, height, mode, options, orientation", PLAIN_JPEGS)
 def test_plain_jpegs_give_the_pixels_pillow_gives(monkeypatch, spec, width, height, mode, options, orientation):
     exif = Image.Exif()
@@ -122,23 +123,67 @@ def _xmp_orientation(orientation: int) -> bytes:
     ).encode()
 
 
+def test_xmp_orientation_is_read_as_pillow_reads_it(monkeypatch):
+    stored = quadrants(160, 96)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    cases = {  # the EXIF tag wins over XMP; XMP alone counts
+        "xmp": (encode(Image.fromarray(stored), "JPEG", xmp=_xmp_orientation(6)), 6),
+        "exif and xmp": (encode(Image.fromarray(stored), "JPEG", exif=exif, xmp=_xmp_orientation(6)), 3),
+    }
+    for name, (data, orientation) in cases.items():
+        assert imaging._jpeg_header(data) == (160, 96, 3, orientation), name
+        fast, _ = imaging.transform(data, ResizeSpec(width=24, height=40))
+        with monkeypatch.context() as patched:
+            patched.setattr(imaging, "_decode_plain_jpeg", lambda data, spec: None)
+            slow, _ = imaging.transform(data, ResizeSpec(width=24, height=40))
+        assert fast.tobytes() == slow.tobytes(), name
+    turned = pixels(cases["xmp"][0], width=24, height=40)
+    assert np.abs(quadrant_means(turned) - quadrant_means(ORIENTED[6](stored)[::4, ::4])).max() < 20
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def test_jpeg_header_reads_markers_as_the_standard_lays_them_out():
+    data = encode(Image.fromarray(photo_like(40, 30, seed=2)), "JPEG")
+    assert imaging._jpeg_header(data) == (40, 30, 3, 1)
+    soi, rest = data[:2], data[2:]
+    sof = rest.index(b"\xff\xc0")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    cases = {
+        "fill bytes": (soi + b"\xff\xff\xff" + rest, (40, 30, 3, 1)),
+        "an empty comment": (soi + _segment(0xFE, b"") + rest, (40, 30, 3, 1)),
+        "another APP1 block": (soi + _segment(0xE1, b"http://ns.adobe.com/xmp/extension/\0x") + rest, (40, 30, 3, 1)),
+        "exif": (soi + _segment(0xE1, b"Exif\0\0" + exif.tobytes()) + rest, (40, 30, 3, 8)),
+        "two exif blocks": (soi + _segment(0xE1, b"Exif\0\0" + exif.tobytes()) * 2 + rest, None),
+        "two frames": (soi + rest[sof:].split(b"\xff\xda")[0][: 2 + int.from_bytes(rest[sof + 2 : sof + 4], "big")] + rest, None),
+        "a restart marker before the scan": (soi + b"\xff\xd0" + rest, None),
+        "height 0 (set by a later DNL)": (soi + rest[: sof + 5] + b"\0\0" + rest[sof + 7 :], None),
+        "a cut segment": (soi + rest[: sof + 6], None),
+        "not a JPEG": (b"\x89PNG" + rest, None),
+        "12-bit samples": (soi + rest[: sof + 4] + b"\x0c" + rest[sof + 5 :], None),
+    }
+    for name, (variant, expected) in cases.items():
+        assert imaging._jpeg_header(variant) == expected, name
+
+
 def test_jpegs_pillow_reads_its_own_way_are_left_to_pillow():
     stored = quadrants(160, 96)
     second = Image.fromarray(quadrants(80, 48))
     whole = encode(Image.fromarray(photo_like(160, 96, seed=1)), "JPEG")
     cases = {
         "cmyk": encode(Image.fromarray(stored).convert("CMYK"), "JPEG"),
-        "xmp orientation": encode(Image.fromarray(stored), "JPEG", xmp=_xmp_orientation(6)),
         "mpo": encode(Image.fromarray(stored), "MPO", save_all=True, append_images=[second]),
         "truncated": whole[: len(whole) // 2],
-        "12 bit marker": encode(Image.fromarray(stored), "JPEG").replace(b"\xff\xc0\x00\x11\x08", b"\xff\xc0\x00\x11\x0c", 1),
+        "two xmp blocks": whole[:2] + (_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0" + _xmp_orientation(6))) * 2 + whole[2:],
     }
     for name, data in cases.items():
         assert imaging._decode_plain_jpeg(data, ResizeSpec()) is None, name
     assert imaging.transform(cases["cmyk"], ResizeSpec())[1].mode == "CMYK"
     assert imaging.transform(cases["mpo"], ResizeSpec())[1].format == "MPO"
-    turned = pixels(cases["xmp orientation"], width=24, height=40)  # XMP orientation 6: turned upright
-    assert np.abs(quadrant_means(turned) - quadrant_means(ORIENTED[6](stored)[::4, ::4])).max() < 20
     with pytest.raises(Rejected, match="truncated"):
         imaging.transform(cases["truncated"], ResizeSpec())
 
@@ -411,6 +456,10 @@ def test_decode_png_inflates_no_more_than_the_header_promises():
     finally:
         tracemalloc.stop()
     assert imaging.decode_png(bomb).shape == (8, 8, 3)  # which reads what the header promises, too
+
+
+def test_every_interpolation_name_has_a_filter():
+    assert set(imaging.INTERPOLATIONS) == set(spec.INTERPOLATION_NAMES)
 
 
 def test_default_pixel_limit_is_pillows():

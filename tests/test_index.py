@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import random
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -240,8 +242,15 @@ def test_workdir_inside_raw_is_refused(tmp_path, prep):
     assert tree_digests(raw) == before and not (raw / "processed").exists()
 
 
+def age(folder: Path, seconds: int = 100) -> None:
+    past = time.time_ns() - seconds * 1_000_000_000
+    for path in folder.rglob("*"):
+        os.utime(path, ns=(past, past))
+
+
 def test_hash_cache_is_reused_and_changed_files_are_rehashed(tmp_path, monkeypatch):
     raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    age(raw)
     hashed = []
     real = workdir.sha256_bytes
 
@@ -272,6 +281,17 @@ def test_hash_cache_is_reused_and_changed_files_are_rehashed(tmp_path, monkeypat
     rows = {r["path"]: r for r in read_labels(tmp_path / "work" / "labels.csv")}
     assert rows["dog/img1.png"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
     assert "dog/new.png" in rows and first.images == 6
+
+    # new.png was written just now: a rewrite within the same clock tick would keep its size
+    # and mtime, so its hash is not trusted until its mtime is older than the listing's time
+    hashed.clear()
+    index.run(config(tmp_path, raw))
+    assert len(hashed) == 1
+    age(raw / "dog")
+    index.run(config(tmp_path, raw))
+    hashed.clear()
+    index.run(config(tmp_path, raw))
+    assert hashed == []
 
 
 def test_index_run_rejects_bad_labels_from(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,10 @@ from .. import executors, sources, workdir
 from ..errors import PrepError
 
 log = logging.getLogger(__name__)
-
-HASH_CACHE = f"{workdir.CACHE_DIR}/hashes.json"
+# A file whose mtime was less than this before the listing began is hashed again next time, and
+# resize reads it through: written again within the same clock tick (coarse on some
+# filesystems: 2 s on FAT), it would keep its size and mtime (git's "racily clean" entries)
+SETTLED_NS = 2_000_000_000
 
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
 DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
@@ -77,18 +80,6 @@ def compile_pattern(text: str) -> re.Pattern:
     return pattern
 
 
-def hash_cache(wd: workdir.Workdir, root: str) -> dict[str, list]:
-    """What the last `prep index` of ``root`` hashed: path -> [size, version, sha256], where the
-    version is what the listing saw before reading the file (see :class:`sources.Listing`)."""
-    path = wd.path(HASH_CACHE)
-    try:
-        recorded = workdir.read_json(path) if path.exists() else {}
-    except PrepError:
-        return {}
-    files = recorded.get("files") if isinstance(recorded, dict) and recorded.get("root") == root else None
-    return files if isinstance(files, dict) else {}
-
-
 def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int] | str]:
     """(sha256, size) of each file in the shard, or the reason it could not be read."""
     out: list[tuple[str, int] | str] = []
@@ -103,21 +94,22 @@ def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int] | str]:
 
 
 def hash_files(
-    cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]]
+    cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]], listed_ns: int
 ) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
     """sha256 and size of each file in ``versions``, reusing the cache for files whose
     (size, version) the listing found unchanged (version: mtime locally, ETag for objects);
-    and the reason for each file that could not be read."""
-    cache_path = cfg.workdir.path(HASH_CACHE)
+    and the reason for each file that could not be read. ``listed_ns``: when the listing began.
+    A local file modified less than :data:`SETTLED_NS` before then is hashed again next time."""
+    cache_path = cfg.workdir.path(workdir.HASH_CACHE)
     rels = list(versions)
-    cache = hash_cache(cfg.workdir, root)
+    cache = workdir.hash_cache(cfg.workdir, root)
     result: dict[str, tuple[str, int]] = {}
     failed: dict[str, str] = {}
     todo = []
     for rel in rels:
         size, version = versions[rel]
         hit = cache.get(rel)
-        if hit and version is not None and hit[0] == size and hit[1] == version:
+        if hit and version is not None and hit[0] == size and hit[1] == version and hit[3:] == [True]:
             result[rel] = (hit[2], size)
         else:
             todo.append(rel)
@@ -133,7 +125,10 @@ def hash_files(
                     result[rel] = (digest, size)
                     # the version seen before reading: if the file changed since, the next
                     # listing sees a new version and hashes it again
-                    cache[rel] = [versions[rel][0], versions[rel][1], digest]
+                    # and whether it had settled (see SETTLED_NS): if not, it is hashed again
+                    size, version = versions[rel]
+                    settled = not isinstance(version, int) or version < listed_ns - SETTLED_NS
+                    cache[rel] = [size, version, digest, settled]
                 bar.update(len(shard))
     live = {rel: cache[rel] for rel in rels if rel in cache}
     workdir.write_json(cache_path, {"root": root, "files": live}, indent=None)  # one entry per image
@@ -154,6 +149,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         raise PrepError(f"--labels-from must be folder or filename; received {cfg.labels_from!r}")
     pattern = compile_pattern(cfg.pattern) if cfg.labels_from == "filename" else None
 
+    listed_ns = time.time_ns()
     listing = sources.list_files(raw, follow_links=cfg.follow_links)
     labelled: list[tuple[str, str]] = []
     unlabelled: list[str] = []
@@ -187,7 +183,7 @@ def run(cfg: IndexConfig) -> IndexResult:
     else:
         labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
 
-    hashes, failed = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled})
+    hashes, failed = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled}, listed_ns)
     for rel, reason in failed.items():
         log.warning("skipped %s: %s", rel, reason)
         listing.skip(reason, rel)

@@ -21,7 +21,7 @@ from pathlib import Path
 from .. import executors, sources, workdir
 from ..errors import PrepError
 from ..spec import PNG_ENCODING, RESIZE_MODES, ResizeSpec
-from .index import LABEL_COLUMNS, hash_cache, raw_root
+from .index import LABEL_COLUMNS, raw_root
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +239,9 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
     out_root = str(out_dir)
     names = output_names([r["path"] for r in rows])
     previous = _previous_state(wd)
-    hashed = hash_cache(wd, root)
     state: dict[str, dict] = {}
     todo: list[tuple[str, str, list | None]] = []
+    hashed = None
     for row in rows:
         prev = previous.get(row["path"])
         if _is_current(prev, row["sha256"], settings, out_root) and (
@@ -249,9 +249,12 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
         ):
             state[row["path"]] = prev
         else:
+            if hashed is None:
+                hashed = workdir.hash_cache(wd, root)
             # the (size, mtime) index saw when it hashed this very content, if it did
             known = hashed.get(row["path"])
-            version = known[:2] if isinstance(known, list) and len(known) == 3 and known[2] == row["sha256"] else None
+            trusted = isinstance(known, list) and known[2:] == [row["sha256"], True]
+            version = known[:2] if trusted else None
             todo.append((row["path"], row["sha256"], version))
 
     journal_path = wd.path(JOURNAL)

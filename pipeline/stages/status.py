@@ -15,7 +15,6 @@ from pathlib import Path
 from .. import sources, workdir
 from ..errors import PrepError
 from ..spec import ResizeSpec
-from .index import hash_cache
 
 
 @dataclass
@@ -73,7 +72,7 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     found = set(listing.files)
     if meta.get("labels_from", "folder") == "folder":
         found = {rel for rel in found if "/" in rel}
-    cache = hash_cache(wd, root)
+    cache = workdir.hash_cache(wd, root)
     changed = sum(
         1
         for rel in found & indexed
