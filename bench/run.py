@@ -398,6 +398,7 @@ def warn_if_busy() -> None:
 
 def main_benchmark(args) -> int:
     warn_if_busy()
+    started, steal_before = time.perf_counter(), psutil.cpu_times().steal
     help_times = time_help()
     print(f"prep --help: {help_times['median']:.3f} s median of {len(help_times['runs'])}"
           f" (min {help_times['min']:.3f} s)")
@@ -474,9 +475,14 @@ def main_benchmark(args) -> int:
     if not pack:
         print("  (prep pack missing: d and e leave out the pack step, so their ratios flatter prep)")
     print(f"prep output: {described}")
+    # CPU time the hypervisor gave other guests while this machine wanted it (a virtual
+    # machine's main source of noise; counted in the rows' "other processes" share too)
+    steal = psutil.cpu_times().steal - steal_before
+    share = steal / ((time.perf_counter() - started) * corpus.cpu_count())
+    print(f"hypervisor steal over the whole benchmark: {steal:.1f} CPU s ({share:.1%} of the machine's time)")
 
     save("main", {
-        "machine": machine(),
+        "machine": {**machine(), "steal_seconds": steal, "steal_share": share},
         "corpus": {"folder": str(raw.relative_to(HERE.parent)), "images": n, "per_class": args.per_class,
                    "classes": corpus.CLASSES, "seed": args.seed},
         "repeat": args.repeat,
