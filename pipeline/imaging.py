@@ -32,7 +32,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from .spec import DEFAULT_MAX_PIXELS, PNG_ENCODING, PNG_LEVEL, RESIZE_MODES, ResizeSpec, parse_color, parse_size  # noqa: F401
+from .spec import DEFAULT_MAX_PIXELS, PNG_LEVEL, ResizeSpec, parse_color, parse_size  # noqa: F401  (imaging.X for callers)
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
 INTERPOLATIONS = {
@@ -80,28 +80,9 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
         # still used, so a warning per file would only be noise in the run's output
         warnings.simplefilter("ignore", UserWarning)
         decoded = _decode_plain_jpeg(data, spec)
-        if decoded is None:
-            try:
-                img = Image.open(io.BytesIO(data))
-            except UnidentifiedImageError:
-                raise Rejected("not an image Pillow can read (unknown or corrupt header)") from None
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                raise Rejected(_bomb_reason(err, spec)) from None
-            except Exception as err:  # Pillow raises many types for malformed headers
-                raise Rejected(f"cannot open image: {_one_line(err)}") from None
-            if img.format not in SUPPORTED_FORMATS:
-                raise Rejected(f"unsupported format {img.format} (expected {', '.join(sorted(SUPPORTED_FORMATS))})")
-            info = SourceInfo(img.format, img.mode, img.width, img.height)
-        else:
-            img, info, orientation = decoded
+        img, info = decoded[:2] if decoded else _open_with_pillow(data, spec)
         try:
-            if decoded is None:
-                orientation = img.getexif().get(_ORIENTATION, 1)  # EXIF, else XMP; cached by Pillow
-                if img.format in ("JPEG", "MPO"):
-                    scale = _draft_scale(img.width, img.height, orientation, spec)
-                    if scale > 1:
-                        img.draft(img.mode, (img.width // scale, img.height // scale))
-                img.load()
+            orientation = decoded[2] if decoded else _load_with_pillow(img, spec)
             if orientation in _TRANSPOSE:  # as ImageOps.exif_transpose, without its metadata work
                 img = img.transpose(_TRANSPOSE[orientation])
             img = _to_8bit(img, spec)
@@ -113,6 +94,32 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
         except Exception as err:
             raise Rejected(f"corrupt or truncated image data: {_one_line(err)}") from None
     return img, info
+
+
+def _open_with_pillow(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
+    """The image Pillow opens (not yet decoded) and what it is; Rejected if it cannot or may not."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image Pillow can read (unknown or corrupt header)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise Rejected(_bomb_reason(err, spec)) from None
+    except Exception as err:  # Pillow raises many types for malformed headers
+        raise Rejected(f"cannot open image: {_one_line(err)}") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise Rejected(f"unsupported format {img.format} (expected {', '.join(sorted(SUPPORTED_FORMATS))})")
+    return img, SourceInfo(img.format, img.mode, img.width, img.height)
+
+
+def _load_with_pillow(img: Image.Image, spec: ResizeSpec) -> int:
+    """Decode an opened image (a JPEG at its draft scale) and return its EXIF orientation."""
+    orientation = img.getexif().get(_ORIENTATION, 1)  # EXIF, else XMP; cached by Pillow
+    if img.format in ("JPEG", "MPO"):
+        scale = _draft_scale(img.width, img.height, orientation, spec)
+        if scale > 1:
+            img.draft(img.mode, (img.width // scale, img.height // scale))
+    img.load()
+    return orientation
 
 
 def to_array(img: Image.Image) -> np.ndarray:

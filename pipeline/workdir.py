@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-
 from .errors import PrepError, StageInputMissing
 
 
@@ -330,6 +329,14 @@ def hash_cache(wd: Workdir, root: str) -> dict[str, list]:
         return {}
     files = recorded.get("files") if isinstance(recorded, dict) and recorded.get("root") == root else None
     return files if isinstance(files, dict) else {}
+
+
+def settled_hash(entry: Any) -> tuple[int, Any, str] | None:
+    """(size, version, sha256) of a :func:`hash_cache` entry whose hash may be trusted while the
+    file keeps that size and version; None for an unsettled, old-layout or missing entry."""
+    if isinstance(entry, list) and len(entry) == 4 and entry[3] is True:
+        return entry[0], entry[1], entry[2]
+    return None
 
 
 # -- hashing and up-to-date stamps -----------------------------------------------------------

@@ -108,8 +108,8 @@ def hash_files(
     todo = []
     for rel in rels:
         size, version = versions[rel]
-        hit = cache.get(rel)
-        if hit and version is not None and hit[0] == size and hit[1] == version and hit[3:] == [True]:
+        hit = workdir.settled_hash(cache.get(rel))
+        if hit and version is not None and hit[:2] == (size, version):
             result[rel] = (hit[2], size)
         else:
             todo.append(rel)

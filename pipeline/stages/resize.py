@@ -77,7 +77,7 @@ def output_names(rels: list[str]) -> dict[str, str]:
     return names
 
 
-def resize_shard(shard: list[tuple[str, str, list | None]], root: str, spec: ResizeSpec) -> list[dict]:
+def resize_shard(shard: list[tuple[str, str, tuple | None]], root: str, spec: ResizeSpec) -> list[dict]:
     """Transform each (path, sha256, indexed version) of a shard; never raises for a bad image.
 
     A file is hashed again only if its (size, mtime) differs from the one `prep index` hashed
@@ -240,8 +240,7 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
     names = output_names([r["path"] for r in rows])
     previous = _previous_state(wd)
     state: dict[str, dict] = {}
-    todo: list[tuple[str, str, list | None]] = []
-    hashed = None
+    todo: list[tuple[str, str, tuple | None]] = []
     for row in rows:
         prev = previous.get(row["path"])
         if _is_current(prev, row["sha256"], settings, out_root) and (
@@ -249,16 +248,16 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
         ):
             state[row["path"]] = prev
         else:
-            if hashed is None:
-                hashed = workdir.hash_cache(wd, root)
-            # the (size, mtime) index saw when it hashed this very content, if it did
-            known = hashed.get(row["path"])
-            trusted = isinstance(known, list) and known[2:] == [row["sha256"], True]
-            version = known[:2] if trusted else None
-            todo.append((row["path"], row["sha256"], version))
+            todo.append((row["path"], row["sha256"], None))
 
     journal_path = wd.path(JOURNAL)
     if todo:
+        # with the (size, mtime) index saw when it hashed this very content, if it did
+        hashed = workdir.hash_cache(wd, root)
+        for i, (path, sha, _) in enumerate(todo):
+            known = workdir.settled_hash(hashed.get(path))
+            if known and known[2] == sha:
+                todo[i] = (path, sha, known[:2])
         # Large shards mean fewer round trips to the workers (which counts on a cluster); the
         # cap keeps a shard's results (PNGs, at most its output pixels: ~8 MB) small, as this
         # process holds a few shards per worker in flight.
