@@ -166,7 +166,7 @@ def decode_png(data: bytes) -> np.ndarray:
             if img.format != "PNG" or img.mode not in ("L", "RGB"):
                 raise ValueError(f"expected an 8-bit L or RGB PNG, found {img.format} {img.mode}")
             return to_array(img)
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise ValueError(f"not a readable PNG ({err})") from None
 
 
@@ -187,47 +187,42 @@ def _png_head(width: int, height: int, colour: int) -> bytes:
 
 
 _IEND = _chunk(b"IEND", b"")
+_IHDR = struct.Struct(">I4sIIBBBBBI")  # length, type, then IHDR's fields, then its CRC
+_IDAT_HEAD = struct.Struct(">I4s")
+_MAX_INFLATE = 1032  # deflate expands a byte into at most this many
 _IDAT_CRC = zlib.crc32(b"IDAT")  # a chunk's CRC covers its type, then its data
 
 
 def _decode_own_png(data: bytes) -> np.ndarray | None:
-    """Pixels of an 8-bit, non-interlaced grey or RGB PNG with only IHDR, IDAT and IEND chunks
-    and every row filtered Sub; None for any other PNG, or a damaged one (Pillow says why)."""
-    if not data.startswith(_PNG_SIGNATURE):
+    """Pixels of a PNG laid out as :func:`encode_png` writes it: 8-bit, non-interlaced grey or
+    RGB, one IDAT, no other chunk, every row filtered Sub. None for any other PNG, or a damaged
+    one (Pillow then says why)."""
+    if len(data) < 57 or not data.startswith(_PNG_SIGNATURE) or not data.endswith(_IEND):
         return None
-    chunks: dict[bytes, list[bytes]] = {}
-    pos = len(_PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8 : pos + 8 + length]
-        end = pos + 12 + length
-        if kind not in (b"IHDR", b"IDAT", b"IEND") or end > len(data):
-            return None
-        if struct.unpack_from(">I", data, end - 4)[0] != zlib.crc32(kind + body):
-            return None
-        chunks.setdefault(kind, []).append(body)
-        pos = end
-        if kind == b"IEND":
-            break
-    if pos != len(data) or b"IEND" not in chunks or len(chunks.get(b"IHDR", ())) != 1 or b"IDAT" not in chunks:
-        return None
-    if len(chunks[b"IHDR"][0]) != 13:
-        return None
-    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data, 8)
     channels = _PNG_CHANNELS.get(colour)
-    if channels is None or depth != 8 or (compression, filtering, interlace) != (0, 0, 0) or not width or not height:
+    if kind != b"IHDR" or length != 13 or crc != zlib.crc32(data[12:29]) or channels is None or depth != 8:
         return None
-    expected = height * (width * channels + 1)
-    inflate = zlib.decompressobj()
-    try:  # never more than the header promises (plus a byte, to notice extra data)
-        raw = inflate.decompress(b"".join(chunks[b"IDAT"]), expected + 1)
-    except zlib.error:
+    if compression or filtering or interlace or not width or not height:
         return None
-    if len(raw) != expected or not inflate.eof:  # eof: the stream ended and its checksum matched
+    length, kind = _IDAT_HEAD.unpack_from(data, 33)
+    end = 41 + length
+    if kind != b"IDAT" or end + 16 != len(data):
         return None
-    rows = np.frombuffer(raw, np.uint8).reshape(height, width * channels + 1)
-    if not (rows[:, 0] == _PNG_SUB).all():
+    body = memoryview(data)[41:end]
+    size = height * (width * channels + 1)
+    if size > _MAX_INFLATE * length:  # more than the data can inflate to: a forged header
         return None
+    if int.from_bytes(data[end : end + 4], "big") != zlib.crc32(body, _IDAT_CRC):
+        return None
+    try:  # the stream's own checksum is checked too
+        raw = deflate.zlib_decompress(body, size)
+    except deflate.DeflateError:
+        return None
+    stride = width * channels + 1
+    if len(raw) != size or raw[::stride].count(_PNG_SUB) != height:
+        return None
+    rows = np.frombuffer(raw, np.uint8).reshape(height, stride)
     return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
 
 

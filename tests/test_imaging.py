@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import tracemalloc
 import warnings
 import zlib
@@ -497,3 +498,16 @@ def test_pillow_warnings_about_what_it_works_around_stay_quiet():
         img, info = imaging.transform(data, ResizeSpec())
     assert caught == [] and img.size == (32, 32) and info.width == 40
     assert (imaging.to_array(img) == (255, 0, 0)).all()
+
+
+def test_decode_png_does_not_trust_a_header_for_more_than_its_data_can_hold():
+    data = imaging.encode_png(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))
+    forged = data[:8] + _with_chunk(b"IHDR", struct.pack(">IIBBBBB", 60_000, 60_000, 8, 2, 0, 0, 0)) + data[33:]
+    tracemalloc.start()
+    try:
+        assert imaging._decode_own_png(forged) is None  # 10 GB promised by a few hundred bytes
+        assert tracemalloc.get_traced_memory()[1] < 1_000_000
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(ValueError):
+        imaging.decode_png(forged)

@@ -206,3 +206,15 @@ def test_a_missing_filesystem_package_names_the_extra_to_install(monkeypatch, pr
         pytest.skip("gcsfs was imported by an earlier test")
     monkeypatch.setitem(sys.modules, "gcsfs", None)
     assert_one_line_error(prep("index", "gs://bucket/raw"), "gs://bucket/raw", "pip install 'prep[gcs]'")
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (3 << 20) + 7])
+def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, size):
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    read, seen = sources.read_file(str(path))
+    assert read == data and seen.st_size == size and seen.st_mtime_ns == path.stat().st_mtime_ns
+    assert sources.read_versioned(str(tmp_path), "f.bin") == (data, (size, path.stat().st_mtime_ns))
+    with pytest.raises(FileNotFoundError):
+        sources.read_file(str(tmp_path / "missing"))
