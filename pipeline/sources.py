@@ -52,7 +52,8 @@ def is_hidden(name: str) -> bool:
 
 
 def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    dot = name.rfind(".")  # as os.path.splitext, for a name that does not start with a dot
+    return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
 def is_url(root: str | os.PathLike) -> bool:

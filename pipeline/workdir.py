@@ -420,10 +420,21 @@ class Stamp:
     def is_current(self, inputs: Iterable[Path], settings: Any) -> bool:
         return not self.explain(inputs, settings)
 
-    def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path]) -> None:
+    def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path], summary: Any = None) -> None:
+        """Record a run; ``summary``: what the stage reports of its outputs, for a rerun that
+        finds them up to date to report without reading them."""
         state = self._state(inputs, settings)
         state["outputs"] = {self._key(p): (sha256_file(p) if p.is_file() else "dir") for p in outputs}
+        if summary is not None:
+            state["summary"] = summary
         write_json(self.path, state)
+
+    def summary(self) -> Any:
+        """The summary the last :meth:`record` kept, or None."""
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")).get("summary")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -371,3 +371,67 @@ def test_a_copied_work_directory_uses_its_own_labels(tmp_path):
     assert CliRunner().invoke(cli, ["--workdir", str(work), "index", str(raw)]).exit_code == 0
     shutil.copytree(work, tmp_path / "copy")
     assert Workdir(tmp_path / "copy").labels() == tmp_path / "copy" / "labels.csv"
+
+
+def _outputs(work: Path) -> dict[str, int]:
+    names = ("labels.csv", "index.json", workdir.HASH_CACHE)
+    return {n: (work / n).stat().st_mtime_ns for n in names}
+
+
+def test_a_rerun_over_an_unchanged_raw_reads_and_writes_nothing(tmp_path, monkeypatch):
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 2})
+    (raw / "dog" / "notes.txt").write_text("not an image")
+    (raw / "empty").mkdir()
+    age(raw)
+    first = index.run(config(tmp_path, raw))
+    work = tmp_path / "work"
+    written = _outputs(work)
+    labels = (work / "labels.csv").read_bytes()
+
+    def no_reading(*args):
+        raise AssertionError("an unchanged RAW was read")
+
+    monkeypatch.setattr(workdir, "sha256_bytes", no_reading)
+    monkeypatch.setattr(workdir, "write_csv", no_reading)
+    again = index.run(config(tmp_path, raw))
+    assert again.current and not first.current and "labels.csv is up to date" in again.summary
+    assert (again.images, again.class_counts, again.skipped, again.empty_classes) == (
+        first.images, first.class_counts, first.skipped, first.empty_classes)
+    assert _outputs(work) == written and (work / "labels.csv").read_bytes() == labels
+
+
+def _set_mtimes(folder: Path, ns: int) -> None:
+    for path in folder.rglob("*"):
+        os.utime(path, ns=(ns, ns))
+
+
+@pytest.mark.parametrize("change", ["new image", "new other file", "touched image", "labels edited",
+                                    "other settings", "nothing, but just written"])
+def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 2})
+    past = time.time_ns() - 100_000_000_000
+    if change != "nothing, but just written":
+        _set_mtimes(raw, past)
+    first = index.run(config(tmp_path, raw))
+    labels = tmp_path / "work" / "labels.csv"
+    kw = {}
+    if change == "new image":
+        write_image(raw / "dog" / "new.png")
+    elif change == "new other file":
+        (raw / "cat" / "readme.md").write_text("x")
+    elif change == "touched image":
+        os.utime(raw / "cat" / "img0.png", ns=(past + 1, past + 1))  # same bytes: read again to know
+    elif change == "labels edited":
+        labels.write_text(labels.read_text().replace("cat/img0.png", "cat/img9.png"))
+    elif change == "other settings":
+        kw = {"labels_from": "filename", "pattern": r"^(?P<label>img)\d$"}
+    # else: a file rewritten within the clock tick of the listing could keep its size and mtime
+    if change.startswith("new"):
+        _set_mtimes(raw, past)  # the new file as old as the others: only its presence differs
+    result = index.run(config(tmp_path, raw, **kw))
+    assert not result.current and not first.current
+    rows = read_labels(labels)
+    assert "cat/img9.png" not in [r["path"] for r in rows]
+    assert len(rows) == (6 if change == "new image" else 5)
+    skipped = json.loads((tmp_path / "work" / "index.json").read_text())["skipped"]
+    assert skipped == ({"not an image extension": 1} if change == "new other file" else {})

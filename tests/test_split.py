@@ -295,3 +295,18 @@ def test_labels_index_wrote_and_the_same_rows_shuffled_give_the_same_splits(tmp_
     assert [r["path"] for r in workdir.read_csv(labels)] == paths
     assert prep("split", "--seed", "5").exit_code == 0
     assert (tmp_path / "work" / "splits.csv").read_bytes() == by_index
+
+
+def test_an_up_to_date_rerun_reports_the_table_without_reading_splits_csv(tmp_path, monkeypatch):
+    wd = write_labels(tmp_path, make_rows({"cat": 10, "dog": 20, "고양이": 4}))
+    first = run_split(wd, ratios=(0.7, 0.2, 0.1))
+    before = wd.path("splits.csv").read_bytes()
+
+    def no_reading(*args, **kw):
+        raise AssertionError("an up-to-date split read its CSVs")
+
+    monkeypatch.setattr(workdir, "read_csv", no_reading)
+    again = run_split(wd, ratios=(0.7, 0.2, 0.1))
+    assert again.up_to_date and again.table == first.table and list(again.table) == list(first.table)
+    assert again.summary == "Up to date: " + first.summary[0].lower() + first.summary[1:]
+    assert wd.path("splits.csv").read_bytes() == before

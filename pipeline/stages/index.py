@@ -7,6 +7,8 @@ order (classes, then paths), so the CSV is the same whatever order the filesyste
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -26,6 +28,7 @@ SETTLED_NS = 2_000_000_000
 
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
 DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
+NO_MATCH = "name does not match --pattern"
 NATURAL = workdir.natural_key
 
 
@@ -48,12 +51,13 @@ class IndexResult:
     skipped: dict[str, int]
     empty_classes: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
+    current: bool = False  # RAW unchanged since the last run: nothing was hashed or written
 
     @property
     def summary(self) -> str:
         return (
             f"Found {self.images} images in {len(self.class_counts)} class{'es' * (len(self.class_counts) != 1)}"
-            f" (skipped {_files(sum(self.skipped.values()))})"
+            f" (skipped {_files(sum(self.skipped.values()))})" + (f"; {self.out.name} is up to date" * self.current)
         )
 
 
@@ -151,6 +155,14 @@ def run(cfg: IndexConfig) -> IndexResult:
 
     listed_ns = time.time_ns()
     listing = sources.list_files(raw, follow_links=cfg.follow_links)
+    fingerprint = _fingerprint(cfg, raw, listing, listed_ns)
+    recorded = _unchanged(cfg, fingerprint)
+    if recorded is not None:
+        for name in recorded["empty_classes"]:
+            log.warning("class folder %s/%s has no images; it is not a class", raw, name)
+        unlabelled = listing.skipped.get(NO_MATCH, [])
+        return IndexResult(cfg.out, recorded["images"], recorded["classes"], recorded["skipped"],
+                           recorded["empty_classes"], unlabelled, current=True)
     labelled: list[tuple[str, str]] = []
     unlabelled: list[str] = []
     for rel in listing.files:
@@ -162,7 +174,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         else:
             label = label_from_filename(rel, pattern)
             if label is None:
-                listing.skip("name does not match --pattern", rel)
+                listing.skip(NO_MATCH, rel)
                 unlabelled.append(rel)
                 continue
             labelled.append((label, rel))
@@ -221,9 +233,41 @@ def run(cfg: IndexConfig) -> IndexResult:
             "skipped": skipped,
             "skipped_examples": {r: sorted(items, key=NATURAL)[:20] for r, items in listing.skipped.items()},
             "empty_classes": empty,
+            "listing_sha256": None if failed else fingerprint,
         },
     )
     return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
+
+
+def _fingerprint(cfg: IndexConfig, raw: str, listing: sources.Listing, listed_ns: int) -> str | None:
+    """A digest of what decides index's outputs: the listing (each file's size and version, the
+    skipped files, the folders) and the settings. None if a file changed so recently that a
+    rewrite could keep its size and mtime (see SETTLED_NS), or if a file has no version (an
+    object store that gives none): then the files are read again."""
+    for _, version in listing.versions.values():
+        if version is None or (isinstance(version, int) and version >= listed_ns - SETTLED_NS):
+            return None
+    settings = [raw, cfg.labels_from, cfg.pattern, cfg.follow_links, workdir.NATURAL_ORDER, LABEL_COLUMNS,
+                cfg.workdir.relative(cfg.out)]
+    files = sorted((rel, *listing.versions[rel]) for rel in listing.files)
+    skipped = sorted((reason, sorted(items)) for reason, items in listing.skipped.items())
+    text = json.dumps([settings, files, skipped, sorted(listing.folders)], separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _unchanged(cfg: IndexConfig, fingerprint: str | None) -> dict | None:
+    """index.json of the last run if it saw this very listing with these settings and its
+    labels CSV is still as it wrote it; else None."""
+    meta = cfg.workdir.path(workdir.INDEX_META)
+    if fingerprint is None or not meta.exists():
+        return None
+    try:
+        recorded = workdir.read_json(meta)
+    except (PrepError, OSError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("listing_sha256") != fingerprint:
+        return None
+    return recorded if in_natural_order(cfg.workdir, cfg.out) else None
 
 
 def _previous_order(wd: workdir.Workdir, labels: Path) -> list[tuple[str, str]] | None:

@@ -168,8 +168,10 @@ def run(cfg: SplitConfig) -> SplitResult:
     stamp = workdir.Stamp(cfg.workdir, "split")
     inputs = [cfg.labels] + [p for p in [cfg.workdir.path(workdir.RESIZED)] if p.exists()]
     if cfg.out.exists() and stamp.is_current(inputs, settings):
-        rows = workdir.read_csv(cfg.out, SPLIT_COLUMNS)
-        return SplitResult(cfg.out, count_table(rows), up_to_date=True)
+        table = stamp.summary()
+        if not isinstance(table, dict):  # a stamp from before summaries were kept
+            table = count_table(workdir.read_csv(cfg.out, SPLIT_COLUMNS))
+        return SplitResult(cfg.out, table, up_to_date=True)
     rows, excluded, inputs = usable_rows(cfg.workdir, cfg.labels)
     if not rows:
         raise PrepError(f"no usable images in {cfg.labels}")
@@ -201,7 +203,6 @@ def run(cfg: SplitConfig) -> SplitResult:
     out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
     workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
     workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), settings)  # for manifest.json
-    workdir.Stamp(cfg.workdir, "split").record(inputs, settings, [cfg.out])
-
     table = count_table(out_rows)
+    stamp.record(inputs, settings, [cfg.out], summary=table)
     return SplitResult(cfg.out, table, conflicts, small, excluded)
