@@ -435,3 +435,18 @@ def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
     assert len(rows) == (6 if change == "new image" else 5)
     skipped = json.loads((tmp_path / "work" / "index.json").read_text())["skipped"]
     assert skipped == ({"not an image extension": 1} if change == "new other file" else {})
+
+
+@pytest.mark.parametrize("text", [
+    "path,label\ncat/a.png,cat\n",
+    "path,label,sha256\n1,2,3\n\n4,5\n6,7,8,9\n\"x,y\",z,\n",  # blank, short and long lines, quoting
+    "",
+    "path,label\n",
+    "path,label\r\n\"multi\nline\",\"quote \"\"d\"\"\"\r\n",
+])
+def test_read_csv_gives_what_csv_dictreader_gives(tmp_path, text):
+    path = tmp_path / "t.csv"
+    path.write_bytes(text.encode("utf-8"))
+    with open(path, encoding="utf-8", newline="") as handle:
+        expected = list(csv.DictReader(handle))
+    assert workdir.read_csv(path) == expected

@@ -224,10 +224,17 @@ def _current_table(wd: workdir.Workdir, labels: Path, stamp: workdir.Stamp, stam
         table = workdir.read_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS)
     except PrepError:  # unreadable or of another layout: the full check rewrites it
         return None
-    out_root = str(wd.path(workdir.RESIZED_DIR))
+    out_dir = wd.path(workdir.RESIZED_DIR)
+    present = set()  # what is there, from one listing rather than a status call per image
+    for dirpath, _, filenames in os.walk(out_dir):
+        rel_dir = os.path.relpath(dirpath, out_dir)
+        present.update(filenames if rel_dir == "." else (f"{rel_dir}/{n}".replace(os.sep, "/") for n in filenames))
     # each row as the full check judges it (the stamp vouches for its sha256 and settings)
-    if not all(_is_current(row, row["sha256"], row["settings"], out_root) for row in table):
-        return None
+    for row in table:
+        if row["status"] == "ok" and row["resized"] not in present:
+            return None
+        if row["status"] != "ok" and not _is_current(row, row["sha256"], row["settings"], str(out_dir)):
+            return None
     return table
 
 
