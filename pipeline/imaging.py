@@ -205,6 +205,8 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
         return None
     if compression or filtering or interlace or not width or not height:
         return None
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return None  # Pillow's decompression-bomb check decides
     length, kind = _IDAT_HEAD.unpack_from(data, 33)
     end = 41 + length
     if kind != b"IDAT" or end + 16 != len(data):

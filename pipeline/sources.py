@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import workdir
 from .errors import PrepError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -217,7 +218,7 @@ def read_versioned(root: str | os.PathLike, rel: str) -> tuple[bytes, tuple[int,
     path = local_path(root)
     if path is None:
         return read_bytes(root, rel), None
-    data, seen = read_file(os.path.join(path, rel))
+    data, seen = workdir.read_file(os.path.join(path, rel))
     return data, (seen.st_size, seen.st_mtime_ns)
 
 
@@ -225,21 +226,6 @@ def read_bytes(root: str | os.PathLike, rel: str) -> bytes:
     """The bytes of ``rel`` below ``root``; OSError (e.g. FileNotFoundError) if it cannot be read."""
     path = local_path(root)
     if path is not None:
-        return read_file(os.path.join(path, rel))[0]
+        return workdir.read_file(os.path.join(path, rel))[0]
     fs, base = _filesystem(os.fspath(root))
     return fs.cat_file(f"{base}/{rel}")
-
-
-def read_file(path: str) -> tuple[bytes, os.stat_result]:
-    """A local file's bytes, and its status after reading them. Through ``os`` rather than
-    ``open()``: for the small files of a dataset, the buffered file object's own work (its
-    status calls, a read in pieces) costs as much as the reading."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        parts = []
-        while part := os.read(fd, size + 1 if not parts else 1 << 20):  # one call, then the end
-            parts.append(part)
-        return b"".join(parts) if len(parts) != 1 else parts[0], os.fstat(fd)
-    finally:
-        os.close(fd)

@@ -200,6 +200,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+_READ_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
@@ -229,6 +230,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_file(path: str | os.PathLike) -> tuple[bytes, os.stat_result]:
+    """A file's bytes, and its status after reading them. Through ``os`` rather than ``open()``:
+    for the small files of a dataset, the buffered file object's own work (its status calls,
+    a read in pieces) costs as much as the reading."""
+    fd = os.open(path, _READ_FILE)
+    try:
+        size = os.fstat(fd).st_size
+        parts = []
+        while part := os.read(fd, size + 1 if not parts else 1 << 20):  # one call, then the end
+            parts.append(part)
+        return b"".join(parts) if len(parts) != 1 else parts[0], os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -377,7 +393,8 @@ class Stamp:
 
     A stamp holds the sha256 of each input file, the settings, and the sha256 of each output
     file. The stage is up to date when all three still match; a missing or edited output
-    makes it stale. Paths inside the work directory are recorded relative to it, so a stamp
+    makes it stale. It may also keep a summary of the outputs (JSON, so dict keys come back
+    sorted), for an up-to-date rerun to report without reading them. Paths inside the work directory are recorded relative to it, so a stamp
     holds wherever the command is run from.
     """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import os
 import struct
 import tracemalloc
 import warnings
@@ -510,4 +511,20 @@ def test_decode_png_does_not_trust_a_header_for_more_than_its_data_can_hold():
     finally:
         tracemalloc.stop()
     with pytest.raises(ValueError):
+        imaging.decode_png(forged)
+
+
+def test_decode_png_leaves_an_image_over_the_pixel_limit_to_pillows_bomb_check():
+    data = imaging.encode_png(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))
+    width, height = 20_000, 10_000  # 600 MB of pixels, over twice Pillow's limit of 89 million
+    body = zlib.compress(os.urandom(600_000), 0)  # enough data for deflate to expand that far
+    forged = (data[:8] + _with_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+              + _with_chunk(b"IDAT", body) + data[-12:])
+    tracemalloc.start()
+    try:
+        assert imaging._decode_own_png(forged) is None
+        assert tracemalloc.get_traced_memory()[1] < 10_000_000
+    finally:
+        tracemalloc.stop()
+    with pytest.raises(ValueError, match="decompression bomb"):
         imaging.decode_png(forged)

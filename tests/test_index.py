@@ -378,12 +378,14 @@ def _outputs(work: Path) -> dict[str, int]:
     return {n: (work / n).stat().st_mtime_ns for n in names}
 
 
-def test_a_rerun_over_an_unchanged_raw_reads_and_writes_nothing(tmp_path, monkeypatch):
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 2})
-    (raw / "dog" / "notes.txt").write_text("not an image")
+@pytest.mark.parametrize("labels_from", ["folder", "filename"])
+def test_a_rerun_over_an_unchanged_raw_reads_and_writes_nothing(tmp_path, monkeypatch, labels_from):
+    raw = make_tree(tmp_path / "raw", {"class10": 2, "class2": 3, "Zeta": 1})  # natural order is not sorted()
+    (raw / "class2" / "notes.txt").write_text("not an image")
     (raw / "empty").mkdir()
     age(raw)
-    first = index.run(config(tmp_path, raw))
+    kw = {"labels_from": "filename", "pattern": r"^img([0-1])$"} if labels_from == "filename" else {}
+    first = index.run(config(tmp_path, raw, **kw))
     work = tmp_path / "work"
     written = _outputs(work)
     labels = (work / "labels.csv").read_bytes()
@@ -393,10 +395,12 @@ def test_a_rerun_over_an_unchanged_raw_reads_and_writes_nothing(tmp_path, monkey
 
     monkeypatch.setattr(workdir, "sha256_bytes", no_reading)
     monkeypatch.setattr(workdir, "write_csv", no_reading)
-    again = index.run(config(tmp_path, raw))
-    assert again.current and not first.current and "labels.csv is up to date" in again.summary
-    assert (again.images, again.class_counts, again.skipped, again.empty_classes) == (
-        first.images, first.class_counts, first.skipped, first.empty_classes)
+    again = index.run(config(tmp_path, raw, **kw))
+    assert again.up_to_date and not first.up_to_date and "labels.csv is up to date" in again.summary
+    assert list(again.class_counts.items()) == list(first.class_counts.items())
+    assert (again.images, again.skipped, again.empty_classes) == (first.images, first.skipped, first.empty_classes)
+    assert sorted(again.unlabelled) == sorted(first.unlabelled)
+    assert bool(first.unlabelled) == (labels_from == "filename")
     assert _outputs(work) == written and (work / "labels.csv").read_bytes() == labels
 
 
@@ -429,7 +433,7 @@ def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
     if change.startswith("new"):
         _set_mtimes(raw, past)  # the new file as old as the others: only its presence differs
     result = index.run(config(tmp_path, raw, **kw))
-    assert not result.current and not first.current
+    assert not result.up_to_date and not first.up_to_date
     rows = read_labels(labels)
     assert "cat/img9.png" not in [r["path"] for r in rows]
     assert len(rows) == (6 if change == "new image" else 5)

@@ -457,3 +457,16 @@ def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
     assert leftovers(work) == []
     skipped = int(re.search(r"(\d+) already up to date", result.stdout).group(1))
     assert skipped >= 8  # at least the first journaled shard was not done again
+
+
+def test_an_output_replaced_by_a_dangling_link_is_made_again(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    work = tmp_path / "work"
+    target = work / "resized" / "cat" / "img3.png"
+    before = target.read_bytes()
+    target.unlink()
+    target.symlink_to(tmp_path / "gone.png")
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 1 images" in result.stdout
+    assert not target.is_symlink() and target.read_bytes() == before

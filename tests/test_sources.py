@@ -209,12 +209,18 @@ def test_a_missing_filesystem_package_names_the_extra_to_install(monkeypatch, pr
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (3 << 20) + 7])
-def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, size):
+@pytest.mark.parametrize("most_per_read", [None, 1000])  # a filesystem that returns short reads
+def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, monkeypatch, size, most_per_read):
+    from pipeline import workdir
+
+    if most_per_read:
+        real = os.read
+        monkeypatch.setattr(workdir.os, "read", lambda fd, n: real(fd, min(n, most_per_read)))
     data = os.urandom(size)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    read, seen = sources.read_file(str(path))
+    read, seen = workdir.read_file(path)
     assert read == data and seen.st_size == size and seen.st_mtime_ns == path.stat().st_mtime_ns
     assert sources.read_versioned(str(tmp_path), "f.bin") == (data, (size, path.stat().st_mtime_ns))
     with pytest.raises(FileNotFoundError):
-        sources.read_file(str(tmp_path / "missing"))
+        workdir.read_file(tmp_path / "missing")

@@ -298,7 +298,7 @@ def test_labels_index_wrote_and_the_same_rows_shuffled_give_the_same_splits(tmp_
 
 
 def test_an_up_to_date_rerun_reports_the_table_without_reading_splits_csv(tmp_path, monkeypatch):
-    wd = write_labels(tmp_path, make_rows({"cat": 10, "dog": 20, "고양이": 4}))
+    wd = write_labels(tmp_path, make_rows({"Zebra": 10, "class2": 20, "class10": 4}))  # natural order is not sorted()
     first = run_split(wd, ratios=(0.7, 0.2, 0.1))
     before = wd.path("splits.csv").read_bytes()
 
@@ -307,6 +307,7 @@ def test_an_up_to_date_rerun_reports_the_table_without_reading_splits_csv(tmp_pa
 
     monkeypatch.setattr(workdir, "read_csv", no_reading)
     again = run_split(wd, ratios=(0.7, 0.2, 0.1))
-    assert again.up_to_date and again.table == first.table and list(again.table) == list(first.table)
+    assert again.up_to_date and again.table == first.table and list(again.table) == ["Zebra", "class2", "class10"]
+    assert all(list(counts) == list(split.SPLITS) for counts in again.table.values())
     assert again.summary == "Up to date: " + first.summary[0].lower() + first.summary[1:]
     assert wd.path("splits.csv").read_bytes() == before

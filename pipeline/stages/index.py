@@ -3,6 +3,9 @@
 Labels come from the first-level folder (``raw/<class>/.../<image>``) or, with
 ``labels_from="filename"``, from a regular expression on the file name. Rows are in natural
 order (classes, then paths), so the CSV is the same whatever order the filesystem lists.
+
+A rerun hashes only files whose size or version (mtime, ETag) changed, and does nothing at all
+when the listing, the settings and the labels CSV are all as the last run left them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import executors, sources, workdir
+from .. import __version__, executors, sources, workdir
 from ..errors import PrepError
 
 log = logging.getLogger(__name__)
-# A file whose mtime was less than this before the listing began is hashed again next time, and
-# resize reads it through: written again within the same clock tick (coarse on some
-# filesystems: 2 s on FAT), it would keep its size and mtime (git's "racily clean" entries)
+# A file whose mtime was less than this before the listing began is hashed again next time (and
+# the next index cannot skip its work), and resize reads it through: written again within the
+# same clock tick (coarse on some filesystems: 2 s on FAT), it would keep its size and mtime
+# (git's "racily clean" entries)
 SETTLED_NS = 2_000_000_000
 
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
@@ -51,14 +55,15 @@ class IndexResult:
     skipped: dict[str, int]
     empty_classes: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
-    current: bool = False  # RAW unchanged since the last run: nothing was hashed or written
+    up_to_date: bool = False  # RAW unchanged since the last run: nothing was hashed or written
 
     @property
     def summary(self) -> str:
-        return (
+        found = (
             f"Found {self.images} images in {len(self.class_counts)} class{'es' * (len(self.class_counts) != 1)}"
-            f" (skipped {_files(sum(self.skipped.values()))})" + (f"; {self.out.name} is up to date" * self.current)
+            f" (skipped {_files(sum(self.skipped.values()))})"
         )
+        return f"{found}; {self.out.name} is up to date" if self.up_to_date else found
 
 
 def _files(n: int) -> str:
@@ -155,14 +160,15 @@ def run(cfg: IndexConfig) -> IndexResult:
 
     listed_ns = time.time_ns()
     listing = sources.list_files(raw, follow_links=cfg.follow_links)
-    fingerprint = _fingerprint(cfg, raw, listing, listed_ns)
-    recorded = _unchanged(cfg, fingerprint)
+    digest = _listing_digest(cfg, raw, listing, listed_ns, pattern)
+    recorded = _unchanged(cfg, digest)
     if recorded is not None:
         for name in recorded["empty_classes"]:
             log.warning("class folder %s/%s has no images; it is not a class", raw, name)
-        unlabelled = listing.skipped.get(NO_MATCH, [])
-        return IndexResult(cfg.out, recorded["images"], recorded["classes"], recorded["skipped"],
-                           recorded["empty_classes"], unlabelled, current=True)
+        classes = dict(sorted(recorded["classes"].items(), key=lambda kv: NATURAL(kv[0])))  # JSON sorted them
+        unlabelled = [] if pattern is None else [r for r in listing.files if label_from_filename(r, pattern) is None]
+        return IndexResult(cfg.out, recorded["images"], classes, recorded["skipped"], recorded["empty_classes"],
+                           unlabelled, up_to_date=True)
     labelled: list[tuple[str, str]] = []
     unlabelled: list[str] = []
     for rel in listing.files:
@@ -233,41 +239,43 @@ def run(cfg: IndexConfig) -> IndexResult:
             "skipped": skipped,
             "skipped_examples": {r: sorted(items, key=NATURAL)[:20] for r, items in listing.skipped.items()},
             "empty_classes": empty,
-            "listing_sha256": None if failed else fingerprint,
+            "listing_sha256": None if failed else digest,
         },
     )
     return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
 
 
-def _fingerprint(cfg: IndexConfig, raw: str, listing: sources.Listing, listed_ns: int) -> str | None:
+def _listing_digest(
+    cfg: IndexConfig, raw: str, listing: sources.Listing, listed_ns: int, pattern: re.Pattern | None
+) -> str | None:
     """A digest of what decides index's outputs: the listing (each file's size and version, the
-    skipped files, the folders) and the settings. None if a file changed so recently that a
-    rewrite could keep its size and mtime (see SETTLED_NS), or if a file has no version (an
-    object store that gives none): then the files are read again."""
+    skipped files, the folders), the settings and this prep's version. None if a file changed so
+    recently that a rewrite could keep its size and mtime (see SETTLED_NS), or if a file has no
+    version (an object store that gives none): then every file is looked at again."""
     for _, version in listing.versions.values():
         if version is None or (isinstance(version, int) and version >= listed_ns - SETTLED_NS):
             return None
-    settings = [raw, cfg.labels_from, cfg.pattern, cfg.follow_links, workdir.NATURAL_ORDER, LABEL_COLUMNS,
-                cfg.workdir.relative(cfg.out)]
+    settings = [__version__, raw, cfg.labels_from, pattern and pattern.pattern, cfg.follow_links,
+                workdir.NATURAL_ORDER, LABEL_COLUMNS, cfg.workdir.relative(cfg.out)]
     files = sorted((rel, *listing.versions[rel]) for rel in listing.files)
     skipped = sorted((reason, sorted(items)) for reason, items in listing.skipped.items())
     text = json.dumps([settings, files, skipped, sorted(listing.folders)], separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _unchanged(cfg: IndexConfig, fingerprint: str | None) -> dict | None:
+def _unchanged(cfg: IndexConfig, digest: str | None) -> dict | None:
     """index.json of the last run if it saw this very listing with these settings and its
     labels CSV is still as it wrote it; else None."""
     meta = cfg.workdir.path(workdir.INDEX_META)
-    if fingerprint is None or not meta.exists():
+    if digest is None or not meta.exists():
         return None
     try:
         recorded = workdir.read_json(meta)
+        if isinstance(recorded, dict) and recorded.get("listing_sha256") == digest:
+            return recorded if recorded.get("labels_sha256") == workdir.sha256_file(cfg.out) else None
     except (PrepError, OSError):
-        return None
-    if not isinstance(recorded, dict) or recorded.get("listing_sha256") != fingerprint:
-        return None
-    return recorded if in_natural_order(cfg.workdir, cfg.out) else None
+        pass
+    return None
 
 
 def _previous_order(wd: workdir.Workdir, labels: Path) -> list[tuple[str, str]] | None:

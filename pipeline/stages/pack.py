@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, executors, formats, imaging, manifest, sources, workdir
+from .. import __version__, executors, formats, imaging, manifest, workdir
 from ..errors import PrepError, StageInputMissing
 from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
 from .encode import ENCODED_COLUMNS, read_classes
@@ -97,7 +97,7 @@ def read_pngs(
     for i, name in enumerate(names):
         data = None
         try:
-            data = sources.read_file(os.path.join(folder, name))[0]
+            data = workdir.read_file(os.path.join(folder, name))[0]
             image = imaging.decode_png(data)
             if image.shape != shape:
                 problems[i] = f"{_shape(image.shape)}, but {first} is {_shape(shape)} (all must have one shape)"

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from .. import executors, sources, workdir
 from ..errors import PrepError
@@ -225,10 +226,8 @@ def _current_table(wd: workdir.Workdir, labels: Path, stamp: workdir.Stamp, stam
     except PrepError:  # unreadable or of another layout: the full check rewrites it
         return None
     out_dir = wd.path(workdir.RESIZED_DIR)
-    present = set()  # what is there, from one listing rather than a status call per image
-    for dirpath, _, filenames in os.walk(out_dir):
-        rel_dir = os.path.relpath(dirpath, out_dir)
-        present.update(filenames if rel_dir == "." else (f"{rel_dir}/{n}".replace(os.sep, "/") for n in filenames))
+    # from one listing rather than a status call per image (is_file needs none for a plain file)
+    present = {rel for rel, entry in _listed(out_dir) if entry.is_file()}
     # each row as the full check judges it (the stamp vouches for its sha256 and settings)
     for row in table:
         if row["status"] == "ok" and row["resized"] not in present:
@@ -322,15 +321,30 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
     return table, written, len(rows) - len(todo)
 
 
+def _listed(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """(relative ``/`` path, entry) of everything below ``folder`` but folders (links to folders
+    are not followed)."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(folder, rel_dir)))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            else:
+                yield rel, entry
+
+
 def _remove_orphans(out_dir: Path, keep: set[str]) -> None:
-    """Delete outputs no current image maps to (removed sources, old names) and stray temps."""
-    if not out_dir.is_dir():
-        return
-    for dirpath, dirnames, filenames in os.walk(out_dir, topdown=False):
-        rel_dir = os.path.relpath(dirpath, out_dir)
-        for name in filenames:
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-            if rel not in keep:
-                os.unlink(os.path.join(dirpath, name))
+    """Delete outputs no current image maps to (removed sources, old names) and stray temps,
+    then the folders left empty."""
+    for rel, entry in list(_listed(out_dir)):
+        if rel not in keep:
+            os.unlink(entry.path)
+    for dirpath, _, _ in os.walk(out_dir, topdown=False):
         if dirpath != str(out_dir) and not os.listdir(dirpath):
             os.rmdir(dirpath)

@@ -168,8 +168,10 @@ def run(cfg: SplitConfig) -> SplitResult:
     stamp = workdir.Stamp(cfg.workdir, "split")
     inputs = [cfg.labels] + [p for p in [cfg.workdir.path(workdir.RESIZED)] if p.exists()]
     if cfg.out.exists() and stamp.is_current(inputs, settings):
-        table = stamp.summary()
-        if not isinstance(table, dict):  # a stamp from before summaries were kept
+        recorded = stamp.summary()  # class -> split -> images, keys sorted by JSON
+        try:
+            table = {c: {s: int(recorded[c][s]) for s in SPLITS} for c in sorted(recorded, key=NATURAL)}
+        except (TypeError, KeyError, ValueError):  # a stamp from before summaries were kept
             table = count_table(workdir.read_csv(cfg.out, SPLIT_COLUMNS))
         return SplitResult(cfg.out, table, up_to_date=True)
     rows, excluded, inputs = usable_rows(cfg.workdir, cfg.labels)
