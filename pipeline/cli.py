@@ -87,6 +87,8 @@ def delegate(fn=None, *, lock: bool = True):
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise click.ClickException(str(err)) from None
+        except BrokenPipeError:  # stdout closed early (`prep split | head -1`): Click exits quietly
+            raise
         except OSError as err:  # a folder that cannot be created or written, a full disk, ...
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None

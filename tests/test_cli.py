@@ -135,3 +135,13 @@ def test_bad_option_values_are_one_line_errors(tree, prep):
         assert result.exit_code != 0, args
         assert "Traceback" not in result.output
         assert fragment in result.stderr, (args, result.stderr)
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path):
+    raw = make_tree(tmp_path / "raw", {"cat": 2, "dog": 2})
+    command = [sys.executable, "-m", "pipeline", "--workdir", str(tmp_path / "work"), "index", str(raw)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stdout.close()  # as `prep index raw | head -0` would: prep's first line meets a closed pipe
+        stderr = proc.stderr.read().decode()
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+    assert (tmp_path / "work" / "labels.csv").exists()  # the work was done; only the report had nowhere to go
