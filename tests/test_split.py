@@ -151,6 +151,31 @@ def test_exact_duplicates_always_share_a_split(n, data, ratios, seed):
     assert all(len(g) == 1 for g in groups.values())
 
 
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 12), data=st.data(), ratios=st.sampled_from(RATIOS), seed=st.integers(0, 2**32))
+def test_a_class_with_enough_different_images_reaches_every_split_whatever_its_duplicates(n, data, ratios, seed):
+    rows = make_rows({"a": n})
+    group = data.draw(st.lists(st.integers(0, n - 1), min_size=n, max_size=n))  # image i has content group[i]
+    for row, g in zip(rows, group):
+        row["sha256"] = sha(f"content {g}")
+    fr = fractions(ratios)
+    got = counts(split.assign(rows, fr, seed), rows)["a"]
+    if len(set(group)) >= sum(1 for r in fr if r > 0):
+        assert all(g > 0 for g, r in zip(got, fr) if r > 0), (group, got)
+
+
+def test_duplicates_in_a_class_no_longer_empty_a_split(tmp_path, prep):
+    # 4 images, 3 different (two copies of one): one in each split, whatever the seed; 3 copies
+    # of one image cannot be split three ways: an error naming the class, unless dropped
+    rows = make_rows({"a": 4, "b": 3}, dup_of={"a/img1.png": "a/img0.png", "b/img1.png": "b/img0.png",
+                                               "b/img2.png": "b/img0.png"})
+    wd = write_labels(tmp_path, rows)
+    assert_one_line_error(prep("split"), "'b' has 3 images, 1 different", "--drop-small")
+    for seed in range(12):
+        table = run_split(wd, seed=seed, drop_small=True).table
+        assert set(table) == {"a"} and all(table["a"][s] > 0 for s in split.SPLITS), (seed, table)
+
+
 def test_a_different_seed_gives_a_different_split():
     rows = make_rows({"a": 50, "b": 40})
     first = split.assign(rows, (0.7, 0.2, 0.1), 1)

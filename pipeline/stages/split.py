@@ -109,13 +109,18 @@ def assign(rows: list[dict], ratios: tuple[float, float, float], seed: int) -> d
 
     result: dict[str, str] = {}
     for label, shas in by_class.items():
-        shas.sort(key=lambda s: _unit_key(seed, s))
+        # groups of duplicates first, largest first, so that single images even out the counts;
+        # within a size, a seeded order of the content
+        shas.sort(key=lambda s: (-len(units[s]), _unit_key(seed, s)))
         size = sum(len(units[s]) for s in shas)
         target = allocate(size, ratios)
         filled = [0, 0, 0]
-        for sha in shas:
-            # the split furthest below its target takes the unit (ties: train, valid, test)
-            i = max(range(3), key=lambda k: (target[k] - filled[k], -k))
+        for left, sha in zip(range(len(shas), 0, -1), shas):
+            # the split furthest below its target takes the unit (ties: train, valid, test);
+            # but when no more units are left than splits still empty, one of those
+            empty = [k for k in range(3) if target[k] and not filled[k]]
+            choices = empty if len(empty) >= left else range(3)
+            i = max(choices, key=lambda k: (target[k] - filled[k], -k))
             filled[i] += len(units[sha])
             for member in units[sha]:
                 result[member["path"]] = SPLITS[i]
@@ -155,6 +160,11 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
     return usable, len(rows) - len(usable), inputs
 
 
+def _images(n: int, different: int) -> str:
+    text = f"{n} image{'s' * (n != 1)}"
+    return text if different == n else f"{text}, {different} different"
+
+
 def count_table(rows: list[dict]) -> dict[str, dict[str, int]]:
     """class -> split -> images, classes in natural order."""
     table = {label: dict.fromkeys(SPLITS, 0) for label in sorted({r["label"] for r in rows}, key=NATURAL)}
@@ -178,18 +188,23 @@ def run(cfg: SplitConfig) -> SplitResult:
     if not rows:
         raise PrepError(f"no usable images in {cfg.labels}")
     counts: dict[str, int] = defaultdict(int)
+    contents: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         counts[row["label"]] += 1
+        contents[row["label"]].add(row["sha256"])
     needed = sum(1 for r in cfg.ratios if r > 0)
-    small = {label: n for label, n in counts.items() if n < needed}
+    # identical files share a split: a class needs as many different images as there are splits
+    small = {label: counts[label] for label, shas in contents.items() if len(shas) < needed}
     if small and not cfg.drop_small:
-        label, n = sorted(small.items(), key=lambda kv: NATURAL(kv[0]))[0]
+        label = min(small, key=NATURAL)
         raise PrepError(
-            f"class {label!r} has {n} image{'s' * (n != 1)}; the ratios need at least {needed} per class"
-            f" (add images, or pass --drop-small to leave out the {len(small)} small classes)"
+            f"class {label!r} has {_images(counts[label], len(contents[label]))}; the ratios need at least"
+            f" {needed} different images per class (add images, or pass --drop-small to leave out the"
+            f" {len(small)} small classes)"
         )
-    for label, n in small.items():
-        log.warning("dropping class %r: %d images, fewer than the %d splits need", label, n, needed)
+    for label in small:
+        log.warning("dropping class %r: %s, fewer than the %d splits need", label,
+                    _images(counts[label], len(contents[label])), needed)
     rows = [r for r in rows if r["label"] not in small]
     if not rows:
         raise PrepError(f"every class has fewer than the {needed} images the ratios need; nothing left to split")
