@@ -82,12 +82,43 @@ def test_each_format_gives_the_same_verdict(learnable: Path, fmt: str):
     assert metrics["format"] == fmt and metrics["verdict"] == "learned"
 
 
-def test_shuffled_labels_fail(tmp_path: Path):
+def test_shuffled_labels_fail(tmp_path: Path, monkeypatch):
     work = _packaged(tmp_path, shuffle_labels=True, formats="pkl.gz")
     result = CliRunner().invoke(cli, ["--workdir", str(work), "-q", "verify-train", "--model", "mlp", "--epochs", "8"])
     assert result.exit_code != 0
     assert "did not learn" in result.output and "labels" in result.output
     assert json.loads((work / "verify" / "metrics.json").read_text())["verdict"] == "did not learn"
+    monkeypatch.setattr(train, "build_model", _no_training)
+    again = CliRunner().invoke(cli, ["--workdir", str(work), "-q", "verify-train", "--model", "mlp", "--epochs", "8"])
+    assert again.exit_code != 0 and "Up to date" in again.output and "did not learn" in again.output
+
+
+def _no_training(*args):
+    raise AssertionError("trained again")
+
+
+def test_a_rerun_with_the_same_data_and_settings_reports_the_last_verdict(tmp_path: Path, monkeypatch):
+    work = _packaged(tmp_path, formats="pkl.gz")
+    args = ["--workdir", str(work), "verify-train", "--model", "mlp", "--epochs", "6"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    metrics = (work / "verify" / "metrics.json").read_bytes()
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", _no_training)
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "Up to date: verify-train (pkl.gz, model mlp" in again.output
+    assert (work / "verify" / "metrics.json").read_bytes() == metrics
+
+    # other settings, or other data, train again
+    monkeypatch.setattr(train, "build_model", real)
+    assert "Up to date" not in CliRunner().invoke(cli, args + ["--seed", "7"]).output
+    packed = work / "dataset.pkl.gz"
+    packed.write_bytes(packed.read_bytes())  # the same bytes: still up to date
+    monkeypatch.setattr(train, "build_model", _no_training)
+    assert "Up to date" in CliRunner().invoke(cli, args + ["--seed", "7"]).output
+    (work / "verify" / "metrics.json").unlink()  # an output gone: train again
+    monkeypatch.setattr(train, "build_model", real)
+    assert "Up to date" not in CliRunner().invoke(cli, args + ["--seed", "7"]).output
 
 
 def test_nothing_packaged_is_a_clear_error(tmp_path: Path):

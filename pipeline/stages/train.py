@@ -48,11 +48,12 @@ class TrainResult:
     format: str
     metrics: dict = field(default_factory=dict)
     out: Path | None = None
+    up_to_date: bool = False  # the same packaged data and settings as the last run: not trained again
 
     @property
     def summary(self) -> str:
         m = self.metrics
-        return (
+        return "Up to date: " * self.up_to_date + (
             f"verify-train ({self.format}, model {m['model']}, {m['epochs_run']} epochs, {m['seconds']:.0f} s):"
             f" test accuracy {m['test_accuracy']:.3f} vs majority baseline {m['baseline_accuracy']:.3f}"
             f" (needed {m['required_accuracy']:.3f}, p={m['p_value']:.1e}) -> {m['verdict']}"
@@ -133,6 +134,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     if not 0 <= cfg.margin < 1:
         raise PrepError(f"--margin must be in [0, 1); received {cfg.margin}")
     fmt, path = packaged_path(cfg.workdir, cfg.format)
+    out = cfg.workdir.path(workdir.VERIFY_DIR)
+    # training is deterministic (seeded, deterministic ops): the same data and settings give the
+    # same verdict, so a rerun reports the last one instead of training for minutes again
+    stamp, settings = workdir.Stamp(cfg.workdir, "verify-train"), _settings(cfg, fmt)
+    inputs = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if (out / "metrics.json").exists() and stamp.is_current(inputs, settings):
+        return _verdict(TrainResult(fmt, workdir.read_json(out / "metrics.json"), out, up_to_date=True))
     started = time.perf_counter()
 
     from .. import loaders
@@ -168,7 +176,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     train_ds = dataset("train", shuffle=True)
     input_shape = tuple(int(d) for d in train_ds.element_spec[0].shape[1:])
     model = build_model(cfg.model, input_shape, len(classes))
-    out = cfg.workdir.path(workdir.VERIFY_DIR)
     out.mkdir(parents=True, exist_ok=True)
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
     history = model.fit(
@@ -218,9 +225,24 @@ def run(cfg: TrainConfig) -> TrainResult:
     }
     workdir.write_json(out / "metrics.json", metrics)
     _plots(out, {**metrics, "test_labels": y_test.tolist()}, loaders.load_tf(path, "test"), predicted, classes)
-    result = TrainResult(fmt, metrics, out)
-    if not learned:
-        raise VerificationFailed(result.summary + ". " + _advice(metrics))
+    stamp.record(inputs, settings, sorted(p for p in out.iterdir() if p.is_file()))
+    return _verdict(TrainResult(fmt, metrics, out))
+
+
+def _settings(cfg: TrainConfig, fmt: str) -> dict:
+    """What the verdict depends on besides the data: the options and the libraries that train."""
+    from importlib.metadata import version
+
+    from .. import __version__
+
+    options = {k: getattr(cfg, k) for k in ("model", "epochs", "batch_size", "patience", "seed", "margin")}
+    return {**options, "format": fmt, "prep": __version__, "keras": version("keras"), "tensorflow": version("tensorflow")}
+
+
+def _verdict(result: TrainResult) -> TrainResult:
+    """``result``, or VerificationFailed with advice if the model did not learn."""
+    if result.metrics["verdict"] != "learned":
+        raise VerificationFailed(result.summary + ". " + _advice(result.metrics))
     return result
 
 
