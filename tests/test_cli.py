@@ -61,7 +61,7 @@ sys.stderr.write(" ".join(m for m in ("numpy", "PIL.JpegImagePlugin", "simplejpe
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "6 already up to date" in result.stdout
+    assert "Up to date: 6 images" in result.stdout
     assert result.stderr == ""
 
 

@@ -115,6 +115,7 @@ def test_encode_skips_when_up_to_date_and_redoes_when_an_input_changes(tmp_path)
 
     again = run_encode(wd)
     assert again.up_to_date is True and again.classes == ["a", "b"]
+    assert again.summary == "Up to date: encoded 2 classes: 0=a, 1=b"
     assert out.stat().st_mtime_ns == past
 
     write_splits(tmp_path, [("a", "train"), ("b", "valid"), ("c", "test")])

@@ -38,7 +38,7 @@ class EncodeResult:
     def summary(self) -> str:
         head = ", ".join(f"{i}={c}" for i, c in enumerate(self.classes[:10]))
         more = ", ..." if len(self.classes) > 10 else ""
-        return f"Encoded {len(self.classes)} classes: {head}{more}"
+        return f"{'Up to date: e' if self.up_to_date else 'E'}ncoded {len(self.classes)} classes: {head}{more}"
 
 
 def read_classes(path: Path) -> list[str]:

@@ -56,11 +56,11 @@ class ResizeResult:
 
     @property
     def summary(self) -> str:
+        rejected = f"{self.rejected} rejected (see rejected.csv); {self.total - self.rejected} usable"
+        if self.skipped == self.total:
+            return f"Up to date: {self.total} images, {rejected}"
         rate = self.written / self.seconds if self.seconds > 0 and self.written else 0.0
-        return (
-            f"Resized {self.written} images ({rate:.0f} images/s), {self.skipped} already up to date,"
-            f" {self.rejected} rejected (see rejected.csv); {self.total - self.rejected} usable"
-        )
+        return f"Resized {self.written} images ({rate:.0f} images/s), {self.skipped} already up to date, {rejected}"
 
 
 def output_names(rels: list[str]) -> dict[str, str]:
