@@ -409,9 +409,17 @@ def _set_mtimes(folder: Path, ns: int) -> None:
         os.utime(path, ns=(ns, ns))
 
 
-@pytest.mark.parametrize("change", ["new image", "new other file", "touched image", "labels edited",
-                                    "other settings", "nothing, but just written"])
-def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
+@pytest.mark.parametrize("change, said", [
+    ("new image", "since the last run: 1 new"),
+    ("image removed", "since the last run: 1 gone"),
+    ("image rewritten", "since the last run: 1 changed"),
+    ("new other file", "since the last run: no change"),
+    ("touched image", "since the last run: no change"),
+    ("labels edited", ""),  # not the CSV the last run wrote: nothing to compare with
+    ("other settings", "since the last run: 5 changed"),  # other labels
+    ("nothing, but just written", "since the last run: no change"),
+])
+def test_a_rerun_after_any_change_indexes_again(tmp_path, change, said):
     raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 2})
     past = time.time_ns() - 100_000_000_000
     if change != "nothing, but just written":
@@ -423,6 +431,11 @@ def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
         write_image(raw / "dog" / "new.png")
     elif change == "new other file":
         (raw / "cat" / "readme.md").write_text("x")
+    elif change == "image removed":
+        (raw / "cat" / "img2.png").unlink()
+    elif change == "image rewritten":
+        write_image(raw / "cat" / "img2.png", color=(1, 2, 3))
+        _set_mtimes(raw, past)
     elif change == "touched image":
         os.utime(raw / "cat" / "img0.png", ns=(past + 1, past + 1))  # same bytes: read again to know
     elif change == "labels edited":
@@ -434,9 +447,10 @@ def test_a_rerun_after_any_change_indexes_again(tmp_path, change):
         _set_mtimes(raw, past)  # the new file as old as the others: only its presence differs
     result = index.run(config(tmp_path, raw, **kw))
     assert not result.up_to_date and not first.up_to_date
+    assert result.summary.endswith(said) and ("since" in result.summary) == bool(said)
     rows = read_labels(labels)
     assert "cat/img9.png" not in [r["path"] for r in rows]
-    assert len(rows) == (6 if change == "new image" else 5)
+    assert len(rows) == {"new image": 6, "image removed": 4}.get(change, 5)
     skipped = json.loads((tmp_path / "work" / "index.json").read_text())["skipped"]
     assert skipped == ({"not an image extension": 1} if change == "new other file" else {})
 

@@ -56,6 +56,7 @@ class IndexResult:
     empty_classes: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     up_to_date: bool = False  # RAW unchanged since the last run: nothing was hashed or written
+    changes: dict[str, int] | None = None  # new, gone, changed images since the last run's CSV
 
     @property
     def summary(self) -> str:
@@ -63,7 +64,12 @@ class IndexResult:
             f"Found {self.images} images in {len(self.class_counts)} class{'es' * (len(self.class_counts) != 1)}"
             f" (skipped {_files(sum(self.skipped.values()))})"
         )
-        return f"{found}; {self.out.name} is up to date" if self.up_to_date else found
+        if self.up_to_date:
+            return f"{found}; {self.out.name} is up to date"
+        if self.changes is not None:
+            changed = ", ".join(f"{n} {what}" for what, n in self.changes.items() if n)
+            return f"{found}; since the last run: {changed or 'no change'}"
+        return found
 
 
 def _files(n: int) -> str:
@@ -195,9 +201,10 @@ def run(cfg: IndexConfig) -> IndexResult:
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
             f" skipped {_files(listing.skipped_count)})"
         )
-    previous = _previous_order(cfg.workdir, cfg.out)
-    if previous is not None and len(previous) == len(labelled) and set(previous) == set(labelled):
-        labelled = previous  # the same images as last time, already in natural order (sorting costs more)
+    previous = _previous_rows(cfg.workdir, cfg.out)
+    order = None if previous is None else [(label, rel) for rel, (label, _) in previous.items()]
+    if order is not None and len(order) == len(labelled) and set(order) == set(labelled):
+        labelled = order  # the same images as last time, already in natural order (sorting costs more)
     else:
         labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
 
@@ -242,7 +249,8 @@ def run(cfg: IndexConfig) -> IndexResult:
             "listing_sha256": None if failed else digest,
         },
     )
-    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled)
+    changes = None if previous is None else _changes(previous, rows)
+    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled, changes=changes)
 
 
 def _listing_digest(
@@ -278,15 +286,25 @@ def _unchanged(cfg: IndexConfig, digest: str | None) -> dict | None:
     return None
 
 
-def _previous_order(wd: workdir.Workdir, labels: Path) -> list[tuple[str, str]] | None:
-    """(label, path) of each row of the labels CSV the last run wrote, if it is unchanged since
-    (so still in this version's natural order); else None."""
+def _previous_rows(wd: workdir.Workdir, labels: Path) -> dict[str, tuple[str, str]] | None:
+    """path -> (label, sha256) of each row of the labels CSV the last run wrote, in its order, if it
+    is unchanged since (so still in this version's natural order); else None."""
     if not in_natural_order(wd, labels):
         return None
     try:
-        return [(r["label"], r["path"]) for r in workdir.read_csv(labels, ["path", "label"])]
+        return {r["path"]: (r["label"], r["sha256"]) for r in workdir.read_csv(labels, ["path", "label", "sha256"])}
     except (PrepError, OSError):
         return None
+
+
+def _changes(previous: dict[str, tuple[str, str]], rows: list[dict]) -> dict[str, int]:
+    """How many images are new, gone, or changed (content or label) against the last run's CSV."""
+    now = {r["path"]: (r["label"], r["sha256"]) for r in rows}
+    return {
+        "new": len(now.keys() - previous.keys()),
+        "gone": len(previous.keys() - now.keys()),
+        "changed": sum(1 for rel, row in now.items() if rel in previous and previous[rel] != row),
+    }
 
 
 def in_natural_order(wd: workdir.Workdir, labels: Path) -> bool:
