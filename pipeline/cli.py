@@ -37,6 +37,48 @@ class Choice(click.Choice):
             ) from err
 
 
+class UsageError(click.ClickException):
+    """A mistake on the command line, said in one line (Click prints its usage block first)."""
+
+    exit_code = 2  # Click's code for usage errors
+
+    @classmethod
+    def of(cls, err: click.UsageError) -> "UsageError":
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        return cls(err.format_message().removesuffix(".") + where)
+
+
+class _OneLineUsage:
+    """Usage errors (bad option values, unknown options or commands, missing arguments) raised
+    while a command line is parsed or run, as :class:`UsageError`."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:
+            raise UsageError.of(err) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:  # e.g. a value checked against others in the command
+            raise UsageError.of(err) from None
+
+
+class Command(_OneLineUsage, click.Command):
+    pass
+
+
+class Group(_OneLineUsage, click.Group):
+    command_class = Command
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as err:  # no such command
+            raise UsageError.of(err) from None
+
+
 class Context:
     """What every command shares: the work directory and how much to say, and in what form."""
 
@@ -179,7 +221,7 @@ def build_spec(size, mode, interpolation, channels, background, fill, max_pixels
                       max_pixels or DEFAULT_MAX_PIXELS)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="PREP_WORKDIR",
               default="processed", show_default=True, help="Folder for every stage's files (or PREP_WORKDIR).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
@@ -215,7 +257,7 @@ def echo(ctx: Context, text: str) -> None:
 
 
 @cli.command()
-@click.argument("name", type=Choice(["digits"]))
+@click.argument("name", type=Choice(["digits"]), metavar="NAME")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @pass_ctx
 @delegate(lock=False)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import click
+import pytest
 
 from conftest import assert_one_line_error, make_tree
 from pipeline.cli import cli
@@ -145,3 +146,19 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path):
         stderr = proc.stderr.read().decode()
     assert "Error" not in stderr and "Traceback" not in stderr, stderr
     assert (tmp_path / "work" / "labels.csv").exists()  # the work was done; only the report had nowhere to go
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["resize", "--size", "0"], ["--size", "'0'", "resize --help'"]),  # checked while the command runs
+    (["resize", "--mode", "padd"], ["'padd'", "did you mean 'pad'?"]),  # checked while parsing
+    (["pack", "--format", "zip"], ["'zip'"]),
+    (["frobnicate"], ["No such command 'frobnicate' (see '"]),
+    (["index"], ["Missing argument 'RAW'"]),
+    (["sample", "cats", "out"], ["'NAME'", "'cats'"]),
+    (["--bogus"], ["--bogus"]),
+])
+def test_a_command_line_mistake_is_one_line_not_a_usage_block(prep, args, fragments):
+    result = prep(*args)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert_one_line_error(result, *fragments)
