@@ -179,4 +179,9 @@ def run(cfg: StatusConfig) -> StatusResult:
         pack_status(wd),
         train_status(wd),
     ]
+    # a stage is only as current as the stages before it: their next run changes its inputs
+    first = next((i for i, s in enumerate(stages) if s.state != "up to date"), len(stages))
+    for s in stages[first + 1 :]:
+        if s.state == "up to date":
+            s.state, s.reasons = "stale", [f"{stages[first].stage} is {stages[first].state}"]
     return StatusResult(stages)
