@@ -673,9 +673,10 @@ def show_config(ctx, click_ctx):
             continue
         data["commands"][name] = {k: {"value": v, "from": src} for k, (v, src) in values.items()}
         lines.append(f"\n[{name}]")
-        for key, (value, src) in values.items():
-            shown = json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
-            lines.append(f"{key} = {shown:<24} # {src}")
+        shown = {key: f"{key} = {json.dumps(list(v) if isinstance(v, tuple) else v, default=str)}"
+                 for key, (v, _) in values.items()}
+        width = max(map(len, shown.values()))
+        lines.extend(f"{shown[key]:<{width}}  # {src}" for key, (_, src) in values.items())
     echo(ctx, "\n".join(lines))
     return data
 

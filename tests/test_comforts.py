@@ -89,6 +89,10 @@ def test_settings_file_gives_defaults_and_flags_win(project: Path):
     assert config["commands"]["resize"]["size"] == {"value": "16x12", "from": str(project / "prep.toml")}
     assert config["commands"]["resize"]["interpolation"]["from"] == "default"
     assert config["commands"]["run"]["ratios"]["value"] == "6:2:2"  # run takes every stage's table
+    text = invoke("config").stdout
+    resize = text.split("[resize]\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert any(line.startswith('size = "16x12"') for line in resize)
+    assert len({line.index("  # ") for line in resize}) == 1  # the sources line up
 
 
 def test_pyproject_tool_table_and_workdir(project: Path):
