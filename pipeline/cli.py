@@ -7,6 +7,7 @@ does not pay for numpy, scikit-learn or tensorflow.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -37,46 +38,41 @@ class Choice(click.Choice):
             ) from err
 
 
-class UsageError(click.ClickException):
-    """A mistake on the command line, said in one line (Click prints its usage block first)."""
+# plain `prep` (Click 8.2 and later raise this to show the help): shown as Click shows it
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
-    exit_code = 2  # Click's code for usage errors
 
-    @classmethod
-    def of(cls, err: click.UsageError) -> "UsageError":
+class OneLineUsageError(click.UsageError):
+    """A mistake on the command line, shown as one line instead of Click's usage block."""
+
+    def __init__(self, err: click.UsageError):
+        message = " ".join(line.strip() for line in err.format_message().splitlines() if line.strip())
         where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
-        return cls(err.format_message().removesuffix(".") + where)
+        super().__init__(message.removesuffix(".") + where, err.ctx)
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
 
 
-class _OneLineUsage:
-    """Usage errors (bad option values, unknown options or commands, missing arguments) raised
-    while a command line is parsed or run, as :class:`UsageError`."""
+class Group(click.Group):
+    """The prep group: usage errors (bad option values, unknown options or commands, missing
+    arguments), whether found while parsing or while a command runs, are one line."""
 
     def make_context(self, *args, **kwargs):
         try:
             return super().make_context(*args, **kwargs)
+        except _NO_ARGS_IS_HELP:
+            raise
         except click.UsageError as err:
-            raise UsageError.of(err) from None
+            raise OneLineUsageError(err) from None
 
     def invoke(self, ctx):
-        try:
+        try:  # covers finding the command, and making and running its context
             return super().invoke(ctx)
-        except click.UsageError as err:  # e.g. a value checked against others in the command
-            raise UsageError.of(err) from None
-
-
-class Command(_OneLineUsage, click.Command):
-    pass
-
-
-class Group(_OneLineUsage, click.Group):
-    command_class = Command
-
-    def resolve_command(self, ctx, args):
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as err:  # no such command
-            raise UsageError.of(err) from None
+        except (_NO_ARGS_IS_HELP, OneLineUsageError):
+            raise
+        except click.UsageError as err:
+            raise OneLineUsageError(err) from None
 
 
 class Context:
@@ -129,8 +125,8 @@ def delegate(fn=None, *, lock: bool = True):
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise click.ClickException(str(err)) from None
-        except BrokenPipeError:  # stdout closed early (`prep split | head -1`): Click exits quietly
-            raise
+        except OutputClosed:  # Click's own handling of a closed stdout: exit 1, quietly
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None
         except OSError as err:  # a folder that cannot be created or written, a full disk, ...
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None
@@ -247,10 +243,17 @@ def cli(ctx, workdir, quiet, verbose):
     ctx.obj = Context(workdir, quiet, verbose)
 
 
+class OutputClosed(Exception):
+    """stdout was closed by its reader (`prep split | head -1`): not an error of the run."""
+
+
 def echo(ctx: Context, text: str) -> None:
     """A human message: stdout, or stderr when stdout carries --json; nothing with --quiet."""
     if not ctx.quiet:
-        click.echo(text, err=ctx.json)
+        try:
+            click.echo(text, err=ctx.json)
+        except BrokenPipeError:
+            raise OutputClosed from None
 
 
 # -- sample ---------------------------------------------------------------------------------

@@ -156,9 +156,25 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(tmp_path):
     (["index"], ["Missing argument 'RAW'"]),
     (["sample", "cats", "out"], ["'NAME'", "'cats'"]),
     (["--bogus"], ["--bogus"]),
+    (["sample"], ["Missing argument 'NAME'", "digits"]),  # Click's message has two lines
 ])
 def test_a_command_line_mistake_is_one_line_not_a_usage_block(prep, args, fragments):
     result = prep(*args)
     assert result.exit_code == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert_one_line_error(result, *fragments)
+
+
+def test_prep_alone_shows_the_help(prep):
+    result = prep(workdir=None)
+    assert "Usage: " in result.output and "Commands:" in result.output and "Error" not in result.output
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error(prep, monkeypatch):
+    from pipeline.stages import status
+
+    def lost_worker(cfg):
+        raise BrokenPipeError(32, "Broken pipe")  # e.g. a worker process or a socket gone
+
+    monkeypatch.setattr(status, "run", lost_worker)
+    assert_one_line_error(prep("status"), "Broken pipe")

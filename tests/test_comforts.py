@@ -153,8 +153,9 @@ def test_status_follows_inputs_and_settings(project: Path):
     assert "setting width: 32 -> 20" in states["resize"]["reasons"]
     assert any(r.startswith("setting seed: 42 -> 7") for r in states["split"]["reasons"])
     # the stages after a stale one are stale too: its next run changes their inputs
-    assert states["encode"]["state"] == "stale" and states["encode"]["reasons"] == ["resize is stale"]
-    assert states["pack"]["reasons"] == ["resize is stale"] and states["verify-train"]["state"] == "missing"
+    assert states["encode"]["state"] == "stale" and states["encode"]["reasons"] == ["waits on resize, which is stale"]
+    assert states["pack"]["reasons"] == ["waits on resize, which is stale"]
+    assert states["verify-train"]["state"] == "missing"
 
 
 def test_non_string_workdir_in_settings_is_one_line(project: Path):

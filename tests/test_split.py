@@ -164,6 +164,21 @@ def test_a_class_with_enough_different_images_reaches_every_split_whatever_its_d
         assert all(g > 0 for g, r in zip(got, fr) if r > 0), (group, got)
 
 
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), ratios=st.sampled_from(RATIOS), seed=st.integers(0, 2**32))
+def test_every_class_the_check_lets_through_reaches_every_split_with_copies_across_classes(data, ratios, seed):
+    rows = make_rows({"a": data.draw(st.integers(1, 8)), "b": data.draw(st.integers(1, 8))})
+    for row in rows:  # contents drawn from one pool: copies within and across the two classes
+        row["sha256"] = sha(f"content {data.draw(st.integers(0, 9))}")
+    fr = fractions(ratios)
+    needed = sum(1 for r in fr if r > 0)
+    owned = split.units_by_class(rows)[1]
+    table = counts(split.assign(rows, fr, seed), rows)
+    for label, got in table.items():
+        if len(owned.get(label, ())) >= needed:
+            assert all(g > 0 for g, r in zip(got, fr) if r > 0), (label, got)
+
+
 def test_duplicates_in_a_class_no_longer_empty_a_split(tmp_path, prep):
     # 4 images, 3 different (two copies of one): one in each split, whatever the seed; 3 copies
     # of one image cannot be split three ways: an error naming the class, unless dropped
@@ -171,6 +186,10 @@ def test_duplicates_in_a_class_no_longer_empty_a_split(tmp_path, prep):
                                                "b/img2.png": "b/img0.png"})
     wd = write_labels(tmp_path, rows)
     assert_one_line_error(prep("split"), "'b' has 3 images, 1 different", "--drop-small")
+    # copies of another class's images do not count: that class's split holds them
+    other = make_rows({"a": 6, "b": 3}, dup_of={"b/img1.png": "a/img1.png", "b/img2.png": "a/img2.png"})
+    assert_one_line_error(prep("split", workdir=write_labels(tmp_path / "other", other).root),
+                          "'b' has 3 images, 1 different")
     for seed in range(12):
         table = run_split(wd, seed=seed, drop_small=True).table
         assert set(table) == {"a"} and all(table["a"][s] > 0 for s in split.SPLITS), (seed, table)

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.cli import cli
-from pipeline.stages import train
+from pipeline.stages import status, train
+from pipeline.workdir import Workdir
 from tests.conftest import make_tree
 
 pytest.importorskip("tensorflow")
@@ -118,6 +119,18 @@ def test_a_rerun_with_the_same_data_and_settings_reports_the_last_verdict(tmp_pa
     assert "Up to date" in CliRunner().invoke(cli, args + ["--seed", "7"]).output
     (work / "verify" / "metrics.json").unlink()  # an output gone: train again
     monkeypatch.setattr(train, "build_model", real)
+    assert "Up to date" not in CliRunner().invoke(cli, args + ["--seed", "7"]).output
+
+    # packing another format leaves the data it trained on, and so its status, as they were
+    assert _prep(CliRunner(), work, "pack", "--format", "h5").exit_code == 0
+    assert (status.train_status(Workdir(work)).state, status.train_status(Workdir(work)).reasons) == ("up to date", [])
+
+    # other bytes of the same data (another gzip level): trained again, and status says so first
+    import gzip
+
+    data = gzip.decompress(packed.read_bytes())
+    packed.write_bytes(gzip.compress(data, compresslevel=1, mtime=0))
+    assert status.train_status(Workdir(work)).reasons == ["dataset.pkl.gz changed"]
     assert "Up to date" not in CliRunner().invoke(cli, args + ["--seed", "7"]).output
 
 

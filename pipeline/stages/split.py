@@ -1,11 +1,11 @@
 """`prep split`: assign every usable image to train / valid / test, stratified and leak-free.
 
 * Stratified per class; per-class counts by largest-remainder rounding, and every class with
-  at least as many images as there are non-zero splits gets one in each of them.
+  at least as many different images as there are non-zero splits gets one in each of them.
 * Exact duplicates (same sha256) are one unit and always land in the same split; the same
   content under two labels is a conflict, reported with both files.
-* The order within a class is a seeded hash of each unit's content, so the result does not
-  depend on the order of the input rows.
+* Within a class, larger units are placed first, then units in a seeded hash order of their
+  content, so the result does not depend on the order of the input rows.
 * Images that `prep resize` rejected are left out (when resized.csv is present).
 """
 
@@ -96,17 +96,22 @@ def _unit_key(seed: int, sha: str) -> str:
     return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
 
 
-def assign(rows: list[dict], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """path -> split. Pure: the same rows (in any order), ratios and seed give the same result."""
+def units_by_class(rows: list[dict]) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
+    """sha256 -> the rows of that content (a unit: identical files share a split), and
+    class -> the units it owns: a unit belongs to the class of its first file in index order."""
     units: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         units[row["sha256"]].append(row)
     by_class: dict[str, list[str]] = defaultdict(list)
     for sha, members in units.items():
         first = members[0] if len(members) == 1 else min(members, key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))
-        owner = first["label"]
-        by_class[owner].append(sha)
+        by_class[first["label"]].append(sha)
+    return units, by_class
 
+
+def assign(rows: list[dict], ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """path -> split. Pure: the same rows (in any order), ratios and seed give the same result."""
+    units, by_class = units_by_class(rows)
     result: dict[str, str] = {}
     for label, shas in by_class.items():
         # groups of duplicates first, largest first, so that single images even out the counts;
@@ -188,23 +193,23 @@ def run(cfg: SplitConfig) -> SplitResult:
     if not rows:
         raise PrepError(f"no usable images in {cfg.labels}")
     counts: dict[str, int] = defaultdict(int)
-    contents: dict[str, set[str]] = defaultdict(set)
     for row in rows:
         counts[row["label"]] += 1
-        contents[row["label"]].add(row["sha256"])
+    owned = units_by_class(rows)[1]
     needed = sum(1 for r in cfg.ratios if r > 0)
-    # identical files share a split: a class needs as many different images as there are splits
-    small = {label: counts[label] for label, shas in contents.items() if len(shas) < needed}
+    # identical files share a split: a class needs as many different images of its own (not
+    # copies of another class's) as there are splits
+    small = {label: n for label, n in counts.items() if len(owned.get(label, ())) < needed}
     if small and not cfg.drop_small:
         label = min(small, key=NATURAL)
         raise PrepError(
-            f"class {label!r} has {_images(counts[label], len(contents[label]))}; the ratios need at least"
+            f"class {label!r} has {_images(counts[label], len(owned.get(label, ())))}; the ratios need at least"
             f" {needed} different images per class (add images, or pass --drop-small to leave out the"
             f" {len(small)} small classes)"
         )
     for label in small:
-        log.warning("dropping class %r: %s, fewer than the %d splits need", label,
-                    _images(counts[label], len(contents[label])), needed)
+        log.warning("dropping class %r: %s, fewer than the %d different images the splits need", label,
+                    _images(counts[label], len(owned.get(label, ()))), needed)
     rows = [r for r in rows if r["label"] not in small]
     if not rows:
         raise PrepError(f"every class has fewer than the {needed} images the ratios need; nothing left to split")

@@ -154,13 +154,18 @@ def pack_status(wd: workdir.Workdir) -> StageStatus:
 
 
 def train_status(wd: workdir.Workdir) -> StageStatus:
+    from ..formats import FORMATS
+    from .train import STAMP, packaged_files
+
     metrics = wd.path(workdir.VERIFY_DIR) / "metrics.json"
-    manifest_path = wd.path(workdir.MANIFEST)
     if not metrics.exists():
         return StageStatus("verify-train", "missing", ["run `prep verify-train`"])
-    if manifest_path.exists() and manifest_path.stat().st_mtime > metrics.stat().st_mtime:
-        return StageStatus("verify-train", "stale", ["packed again since it trained"])
-    return StageStatus("verify-train", "up to date")
+    fmt = workdir.read_json(metrics).get("format")
+    packed = wd.path(FORMATS[fmt].OUTPUT) if fmt in FORMATS else None
+    if packed is None or not packed.exists():
+        return StageStatus("verify-train", "stale", [f"its {fmt} data is gone"])
+    # the data it trained on and the outputs it wrote (its options are not known here)
+    return _judge("verify-train", True, workdir.Stamp(wd, STAMP).explain(packaged_files(packed), None), "")
 
 
 def run(cfg: StatusConfig) -> StatusResult:
@@ -182,6 +187,6 @@ def run(cfg: StatusConfig) -> StatusResult:
     # a stage is only as current as the stages before it: their next run changes its inputs
     first = next((i for i, s in enumerate(stages) if s.state != "up to date"), len(stages))
     for s in stages[first + 1 :]:
-        if s.state == "up to date":
-            s.state, s.reasons = "stale", [f"{stages[first].stage} is {stages[first].state}"]
+        if s.state == "up to date":  # its inputs may change when the earlier stage runs
+            s.state, s.reasons = "stale", [f"waits on {stages[first].stage}, which is {stages[first].state}"]
     return StatusResult(stages)

@@ -27,6 +27,7 @@ from ..errors import PrepError, VerificationFailed
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "small", "mlp")
+STAMP = "verify-train"  # the stamp of the last training, under WORKDIR/.stamps
 P_VALUE = 0.01
 
 
@@ -137,15 +138,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     out = cfg.workdir.path(workdir.VERIFY_DIR)
     # training is deterministic (seeded, deterministic ops): the same data and settings give the
     # same verdict, so a rerun reports the last one instead of training for minutes again
-    stamp, settings = workdir.Stamp(cfg.workdir, "verify-train"), _settings(cfg, fmt)
-    inputs = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if (out / "metrics.json").exists() and stamp.is_current(inputs, settings):
-        return _verdict(TrainResult(fmt, workdir.read_json(out / "metrics.json"), out, up_to_date=True))
-    started = time.perf_counter()
-
     from .. import loaders
 
     classes = loaders.load_classes(path)
+    stamp, settings, inputs = workdir.Stamp(cfg.workdir, STAMP), _settings(cfg, fmt, classes), packaged_files(path)
+    if (out / "metrics.json").exists() and stamp.is_current(inputs, settings):
+        return _verdict(TrainResult(fmt, workdir.read_json(out / "metrics.json"), out, up_to_date=True))
+    started = time.perf_counter()
     if len(classes) < 2:
         raise PrepError(f"{path} has {len(classes)} class; verify-train needs at least two")
     counts = _class_counts(loaders, path, classes)
@@ -229,14 +228,27 @@ def run(cfg: TrainConfig) -> TrainResult:
     return _verdict(TrainResult(fmt, metrics, out))
 
 
-def _settings(cfg: TrainConfig, fmt: str) -> dict:
-    """What the verdict depends on besides the data: the options and the libraries that train."""
-    from importlib.metadata import version
+def packaged_files(path: Path) -> list[Path]:
+    """The files of a packaged format: the file itself, or those of its folder (tfrecord)."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _settings(cfg: TrainConfig, fmt: str, classes: list[str]) -> dict:
+    """What the verdict depends on besides the packaged bytes: the options, the class names (kept
+    beside a pkl.gz, not in it), and the code that trains (prep's version, Keras, TensorFlow)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     from .. import __version__
 
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # e.g. tensorflow-cpu: the import says what is missing
+            return None
+
     options = {k: getattr(cfg, k) for k in ("model", "epochs", "batch_size", "patience", "seed", "margin")}
-    return {**options, "format": fmt, "prep": __version__, "keras": version("keras"), "tensorflow": version("tensorflow")}
+    return {**options, "format": fmt, "classes": classes, "prep": __version__, "keras": installed("keras"),
+            "tensorflow": installed("tensorflow")}
 
 
 def _verdict(result: TrainResult) -> TrainResult:
