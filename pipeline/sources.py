@@ -47,6 +47,11 @@ class Listing:
     def skipped_count(self) -> int:
         return sum(len(v) for v in self.skipped.values())
 
+    @property
+    def skipped_folders(self) -> int:
+        """Skipped entries that are folders (recorded with a trailing ``/``), each skipped whole."""
+        return sum(rel.endswith("/") for items in self.skipped.values() for rel in items)
+
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
@@ -149,7 +154,7 @@ def _list_local(root: str, follow_links: bool) -> Listing:
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if is_hidden(entry.name):
-                listing.skip("hidden", rel)
+                listing.skip("hidden", rel + "/" if entry.is_dir(follow_symlinks=False) else rel)
                 continue
             if entry.is_symlink() and not follow_links:
                 listing.skip("symlink (use --follow-links)", rel)
@@ -189,7 +194,7 @@ def _list_remote(fs, root: str) -> Listing:
                 continue  # an object store's placeholder for the folder itself
             rel = f"{rel_dir}/{name}" if rel_dir else name
             if is_hidden(name):
-                listing.skip("hidden", rel)
+                listing.skip("hidden", rel + "/" if info["type"] == "directory" else rel)
             elif info["type"] == "directory":
                 stack.append(rel)
                 if not rel_dir:

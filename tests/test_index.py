@@ -121,8 +121,8 @@ def test_hidden_and_junk_files_are_skipped_counted_and_never_classes(tmp_path, p
     rows = read_labels(tmp_path / "work" / "labels.csv")
     assert {r["label"] for r in rows} == {"cat", "dog"}
     assert len(rows) == 4
-    # a hidden folder counts once, whatever it holds
-    assert f"Found 4 images in 2 classes (skipped {len(junk)} files)" in result.stdout
+    # a hidden folder counts once, whatever it holds, and as a folder
+    assert "Found 4 images in 2 classes (skipped 5 files and 4 folders)" in result.stdout
     meta = json.loads((tmp_path / "work" / "index.json").read_text())
     assert meta["skipped"] == {"hidden": len(junk)}
     assert meta["empty_classes"] == []

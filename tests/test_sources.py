@@ -107,7 +107,7 @@ def test_a_url_is_listed_by_the_same_rules_as_a_folder(odd_tree, s3):
     assert expected[0] == ["cat/img0.png", "cat/img1.png", "cat/img2.png", "dog/2021/deep.jpg",
                            "dog/img0.png", "dog/img1.png", "loose.png"]
     assert expected[1] == {
-        "hidden": [".git", "__MACOSX", "cat/.hidden.png", "cat/Thumbs.db"],
+        "hidden": [".git/", "__MACOSX/", "cat/.hidden.png", "cat/Thumbs.db"],
         "not an image extension": ["cat/notes.txt"],
     }
     assert expected[2] == ["cat", "dog", "empty"]

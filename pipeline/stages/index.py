@@ -55,6 +55,7 @@ class IndexResult:
     skipped: dict[str, int]
     empty_classes: list[str] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
+    skipped_folders: int = 0  # of the skipped entries (hidden folders are skipped whole)
     up_to_date: bool = False  # RAW unchanged since the last run: nothing was hashed or written
     changes: dict[str, int] | None = None  # new, gone, changed images since the last run's CSV
 
@@ -62,7 +63,7 @@ class IndexResult:
     def summary(self) -> str:
         found = (
             f"Found {self.images} images in {len(self.class_counts)} class{'es' * (len(self.class_counts) != 1)}"
-            f" (skipped {_files(sum(self.skipped.values()))})"
+            f" (skipped {_files(sum(self.skipped.values()) - self.skipped_folders, self.skipped_folders)})"
         )
         if self.up_to_date:
             return f"{found}; {self.out.name} is up to date"
@@ -72,8 +73,9 @@ class IndexResult:
         return found
 
 
-def _files(n: int) -> str:
-    return f"{n} file" if n == 1 else f"{n} files"
+def _files(n: int, folders: int = 0) -> str:
+    files = f"{n} file" if n == 1 else f"{n} files"
+    return files if not folders else f"{files} and {folders} folder{'s' * (folders != 1)}"
 
 
 def label_from_filename(rel: str, pattern: re.Pattern) -> str | None:
@@ -174,7 +176,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         classes = dict(sorted(recorded["classes"].items(), key=lambda kv: NATURAL(kv[0])))  # JSON sorted them
         unlabelled = [] if pattern is None else [r for r in listing.files if label_from_filename(r, pattern) is None]
         return IndexResult(cfg.out, recorded["images"], classes, recorded["skipped"], recorded["empty_classes"],
-                           unlabelled, up_to_date=True)
+                           unlabelled, listing.skipped_folders, up_to_date=True)
     labelled: list[tuple[str, str]] = []
     unlabelled: list[str] = []
     for rel in listing.files:
@@ -199,7 +201,7 @@ def run(cfg: IndexConfig) -> IndexResult:
         raise PrepError(
             f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
-            f" skipped {_files(listing.skipped_count)})"
+            f" skipped {_files(listing.skipped_count - listing.skipped_folders, listing.skipped_folders)})"
         )
     previous = _previous_rows(cfg.workdir, cfg.out)
     order = None if previous is None else [(label, rel) for rel, (label, _) in previous.items()]
@@ -250,7 +252,8 @@ def run(cfg: IndexConfig) -> IndexResult:
         },
     )
     changes = None if previous is None else _changes(previous, rows)
-    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled, changes=changes)
+    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled, listing.skipped_folders,
+                       changes=changes)
 
 
 def _listing_digest(
