@@ -468,3 +468,10 @@ def test_read_csv_gives_what_csv_dictreader_gives(tmp_path, text):
     with open(path, encoding="utf-8", newline="") as handle:
         expected = list(csv.DictReader(handle))
     assert workdir.read_csv(path) == expected
+
+
+@pytest.mark.parametrize("files, folders, said", [
+    (0, 0, "0 files"), (1, 0, "1 file"), (3, 0, "3 files"), (0, 1, "1 folder"), (2, 1, "2 files and 1 folder"),
+])
+def test_skipped_counts_read_as_english(files, folders, said):
+    assert index._files(files, folders) == said

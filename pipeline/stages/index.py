@@ -74,8 +74,9 @@ class IndexResult:
 
 
 def _files(n: int, folders: int = 0) -> str:
-    files = f"{n} file" if n == 1 else f"{n} files"
-    return files if not folders else f"{files} and {folders} folder{'s' * (folders != 1)}"
+    """``3 files``, ``1 folder``, ``2 files and 1 folder``."""
+    parts = [f"{count} {what}{'s' * (count != 1)}" for count, what in ((n, "file"), (folders, "folder")) if count]
+    return " and ".join(parts) or "0 files"
 
 
 def label_from_filename(rel: str, pattern: re.Pattern) -> str | None:
