@@ -212,7 +212,8 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
     if kind != b"IDAT" or end + 16 != len(data):
         return None
     body = memoryview(data)[41:end]
-    size = height * (width * channels + 1)
+    stride = width * channels + 1  # a row: its filter byte, then its pixels
+    size = height * stride
     if size > _MAX_INFLATE * length:  # more than the data can inflate to: a forged header
         return None
     if int.from_bytes(data[end : end + 4], "big") != zlib.crc32(body, _IDAT_CRC):
@@ -221,7 +222,6 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
         raw = deflate.zlib_decompress(body, size)
     except deflate.DeflateError:
         return None
-    stride = width * channels + 1
     if len(raw) != size or raw[::stride].count(_PNG_SUB) != height:
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(height, stride)

@@ -394,8 +394,8 @@ class Stamp:
     A stamp holds the sha256 of each input file, the settings, and the sha256 of each output
     file. The stage is up to date when all three still match; a missing or edited output
     makes it stale. It may also keep a summary of the outputs (JSON, so dict keys come back
-    sorted), for an up-to-date rerun to report without reading them. Paths inside the work directory are recorded relative to it, so a stamp
-    holds wherever the command is run from.
+    sorted), for an up-to-date rerun to report without reading them. Paths inside the work
+    directory are recorded relative to it, so a stamp holds wherever the command is run from.
     """
 
     def __init__(self, workdir: Workdir, name: str):

@@ -322,8 +322,8 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
 
 
 def _listed(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
-    """(relative ``/`` path, entry) of everything below ``folder`` but folders (links to folders
-    are not followed)."""
+    """(relative ``/`` path, entry) of everything below ``folder``, each folder before what it
+    holds (links to folders are not followed)."""
     stack = [""]
     while stack:
         rel_dir = stack.pop()
@@ -333,18 +333,20 @@ def _listed(folder: Path) -> Iterator[tuple[str, os.DirEntry]]:
             continue
         for entry in entries:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            yield rel, entry
             if entry.is_dir(follow_symlinks=False):
                 stack.append(rel)
-            else:
-                yield rel, entry
 
 
 def _remove_orphans(out_dir: Path, keep: set[str]) -> None:
     """Delete outputs no current image maps to (removed sources, old names) and stray temps,
-    then the folders left empty."""
+    then the folders left empty, in one listing."""
+    folders = []
     for rel, entry in list(_listed(out_dir)):
-        if rel not in keep:
+        if entry.is_dir(follow_symlinks=False):
+            folders.append(entry.path)
+        elif rel not in keep:
             os.unlink(entry.path)
-    for dirpath, _, _ in os.walk(out_dir, topdown=False):
-        if dirpath != str(out_dir) and not os.listdir(dirpath):
-            os.rmdir(dirpath)
+    for path in reversed(folders):  # a folder is listed after its parent: the deepest first
+        if not os.listdir(path):
+            os.rmdir(path)
