@@ -32,7 +32,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-from .spec import DEFAULT_MAX_PIXELS, PNG_LEVEL, ResizeSpec, parse_color, parse_size  # noqa: F401  (imaging.X for callers)
+from .spec import DEFAULT_MAX_PIXELS, PNG_LEVEL, PNG_STORED_MAX, ResizeSpec, parse_color, parse_size  # noqa: F401  (imaging.X for callers)
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
 INTERPOLATIONS = {
@@ -131,12 +131,16 @@ def to_array(img: Image.Image) -> np.ndarray:
 def encode_png(img: Image.Image) -> bytes:
     """Lossless, deterministic PNG bytes of an RGB or L image.
 
-    A standard 8-bit grey or RGB PNG with the Sub filter on every row, one IDAT deflated by
-    libdeflate at level 1, and no ancillary chunks (so no timestamps). Written here, not by
-    Pillow: for dataset-sized images Pillow's encoder (Python set-up, adaptive filters, zlib
-    level 6) costs several times as much. libdeflate level 1 is three times as fast as zlib's
-    level 1 and writes smaller files; like zlib, and unlike ISA-L, it gives the same bytes for
-    the same input in every process.
+    A standard 8-bit grey or RGB PNG with one IDAT and no ancillary chunks (so no timestamps).
+    Its rows are stored uncompressed (filter None) when the file then fits in
+    :data:`PNG_STORED_MAX` bytes, one block on disk whatever its compression: a 32x32 RGB image
+    takes 3,172 bytes so, against about 2,300 compressed. Larger images have the Sub filter on
+    every row, deflated by libdeflate at level 1.
+
+    Written here, not by Pillow: for dataset-sized images Pillow's encoder (Python set-up,
+    adaptive filters, zlib level 6) costs several times as much. libdeflate level 1 is three
+    times as fast as zlib's level 1 and writes smaller files; like zlib, and unlike ISA-L, it
+    gives the same bytes for the same input in every process.
     """
     if img.mode not in _PNG_MODES:
         raise ValueError(f"encode_png takes an L or RGB image (what transform returns); received mode {img.mode}")
@@ -144,10 +148,15 @@ def encode_png(img: Image.Image) -> bytes:
     width, height = img.size
     flat = np.frombuffer(img.tobytes(), np.uint8).reshape(height, width * channels)
     rows = np.empty((height, width * channels + 1), np.uint8)
-    rows[:, 0] = _PNG_SUB
-    rows[:, 1 : channels + 1] = flat[:, :channels]
-    np.subtract(flat[:, channels:], flat[:, :-channels], out=rows[:, channels + 1 :])  # wraps mod 256
-    idat = deflate.zlib_compress(rows, PNG_LEVEL)
+    if rows.size + _STORED_OVERHEAD <= PNG_STORED_MAX:
+        rows[:, 0] = _PNG_NONE
+        rows[:, 1:] = flat
+        idat = deflate.zlib_compress(rows, 0)  # level 0: stored blocks
+    else:
+        rows[:, 0] = _PNG_SUB
+        rows[:, 1 : channels + 1] = flat[:, :channels]
+        np.subtract(flat[:, channels:], flat[:, :-channels], out=rows[:, channels + 1 :])  # wraps mod 256
+        idat = deflate.zlib_compress(rows, PNG_LEVEL)
     crc = zlib.crc32(idat, _IDAT_CRC)
     return b"".join((_png_head(width, height, colour), struct.pack(">I", len(idat)), b"IDAT", idat, struct.pack(">I", crc), _IEND))
 
@@ -173,7 +182,11 @@ def decode_png(data: bytes) -> np.ndarray:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {"L": (1, 0), "RGB": (3, 2)}  # Pillow mode -> (channels, PNG colour type: grey, truecolour)
 _PNG_CHANNELS = {colour: channels for channels, colour in _PNG_MODES.values()}
-_PNG_SUB = 1  # the row filter type: each byte minus the one a pixel to its left
+_PNG_NONE = 0  # the row filter types: the bytes as they are,
+_PNG_SUB = 1  # or each byte minus the one a pixel to its left
+# a stored PNG's bytes besides its rows: signature, IHDR, IDAT and IEND chunks (57), the zlib
+# header and checksum (6) and one stored block's header (5; its rows are under 64 KiB)
+_STORED_OVERHEAD = 68
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -195,8 +208,8 @@ _IDAT_CRC = zlib.crc32(b"IDAT")  # a chunk's CRC covers its type, then its data
 
 def _decode_own_png(data: bytes) -> np.ndarray | None:
     """Pixels of a PNG laid out as :func:`encode_png` writes it: 8-bit, non-interlaced grey or
-    RGB, one IDAT, no other chunk, every row filtered Sub. None for any other PNG, or a damaged
-    one (Pillow then says why)."""
+    RGB, one IDAT, no other chunk, every row filtered None or every row Sub. None for any other
+    PNG, or a damaged one (Pillow then says why)."""
     if len(data) < 57 or not data.startswith(_PNG_SIGNATURE) or not data.endswith(_IEND):
         return None
     length, kind, width, height, depth, colour, compression, filtering, interlace, crc = _IHDR.unpack_from(data, 8)
@@ -222,10 +235,15 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
         raw = deflate.zlib_decompress(body, size)
     except deflate.DeflateError:
         return None
-    if len(raw) != size or raw[::stride].count(_PNG_SUB) != height:
+    if len(raw) != size:
         return None
     rows = np.frombuffer(raw, np.uint8).reshape(height, stride)
-    return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
+    filters = raw[::stride].count(_PNG_SUB)
+    if filters == height:
+        return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
+    if filters == 0 and raw[::stride].count(_PNG_NONE) == height:
+        return rows[:, 1:].reshape(height, width, channels).copy()
+    return None
 
 
 # -- steps ----------------------------------------------------------------------------------

@@ -14,9 +14,13 @@ RESIZE_MODES = ("stretch", "crop", "pad")
 INTERPOLATION_NAMES = ("bilinear", "nearest", "bicubic", "lanczos", "area", "box")
 DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
 PNG_LEVEL = 1
+# A PNG whose rows stored uncompressed fit in this many bytes takes one block of a file system
+# of 4 KiB blocks (ext4, XFS, APFS and NTFS by default) however well it compresses: it is
+# stored, which costs no disk space and saves the compression when writing and reading it.
+PNG_STORED_MAX = 4096
 # how encode_png lays out and compresses its files: part of the resize settings, so files
 # another layout or another libdeflate wrote are made again (and every file matches)
-PNG_ENCODING = f"sub-libdeflate{PNG_LEVEL}-{deflate.__version__}"
+PNG_ENCODING = f"sub-libdeflate{PNG_LEVEL}-stored{PNG_STORED_MAX}-{deflate.__version__}"
 
 
 @dataclass(frozen=True)

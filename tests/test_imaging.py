@@ -378,7 +378,7 @@ def test_transform_is_deterministic():
     assert imaging.encode_png(imaging.transform(data, spec)[0]) == first
 
 
-@pytest.mark.parametrize("shape", [(32, 32, 3), (5, 7, 1), (1, 1, 3), (3, 40, 3)])
+@pytest.mark.parametrize("shape", [(32, 32, 3), (5, 7, 1), (1, 1, 3), (3, 40, 3), (38, 105, 1), (38, 106, 1), (40, 40, 3)])
 def test_encode_png_is_a_standard_png_of_the_exact_pixels(shape):
     arr = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     img = Image.fromarray(arr[:, :, 0] if shape[2] == 1 else arr)
@@ -389,10 +389,16 @@ def test_encode_png_is_a_standard_png_of_the_exact_pixels(shape):
     assert (imaging.decode_png(data) == arr).all()
     assert (imaging._decode_own_png(data) == arr).all()  # the fast path reads it, not Pillow
     assert [data[i + 4 : i + 8] for i in _chunk_offsets(data)] == [b"IHDR", b"IDAT", b"IEND"]
-    # the deflate stream is libdeflate's at the recorded level: the same bytes in every process
+    # the deflate stream is libdeflate's at the recorded level: the same bytes in every process;
+    # rows stored (level 0, filter None) exactly when that fits the limit
     idat_at = _chunk_offsets(data)[1]
     idat = data[idat_at + 8 : idat_at + 8 + int.from_bytes(data[idat_at : idat_at + 4], "big")]
-    assert idat == deflate.zlib_compress(zlib.decompress(idat), imaging.PNG_LEVEL)
+    rows = zlib.decompress(idat)
+    stored = 68 + len(rows) <= imaging.PNG_STORED_MAX
+    assert idat == deflate.zlib_compress(rows, 0 if stored else imaging.PNG_LEVEL)
+    assert (len(data) <= imaging.PNG_STORED_MAX) == stored
+    stride = shape[1] * shape[2] + 1
+    assert set(rows[::stride]) == {0 if stored else 1}
 
 
 def _chunk_offsets(data: bytes) -> list[int]:
