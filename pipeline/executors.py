@@ -303,6 +303,21 @@ def chunk(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: in
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):
     """A progress bar (count, rate, ETA) on stderr; silent when disabled or not a terminal run."""
+    if not enabled or sys.stderr is None or not sys.stderr.isatty():  # tqdm's disable=None, without importing it
+        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+
+class _NoBar:
+    """A progress bar that shows nothing."""
+
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass

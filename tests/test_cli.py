@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -64,6 +66,47 @@ sys.stderr.write(" ".join(m for m in ("numpy", "PIL.JpegImagePlugin", "simplejpe
     assert result.returncode == 0, result.stderr
     assert "Up to date: 6 images" in result.stdout
     assert result.stderr == ""
+
+
+def test_a_run_without_a_terminal_shows_no_bar_and_imports_no_tqdm(tmp_path):
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 3})
+    script = f"""
+import sys
+from pipeline import cli
+sys.argv = ["prep", "--workdir", {str(tmp_path / "work")!r}, "index", {str(raw)!r}]
+try:
+    cli.main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print("tqdm" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)  # stderr: a pipe
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+    assert "hash" not in result.stderr and "it/s" not in result.stderr
+
+
+def test_a_run_in_a_terminal_shows_the_progress_bar(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 3})
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
+    try:
+        result = subprocess.run([sys.executable, "-m", "pipeline", "--workdir", str(tmp_path / "work"), "index", str(raw)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower, timeout=60)
+        os.close(follower)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once everything written is read
+            while chunk := os.read(leader, 1 << 16):
+                shown += chunk
+    finally:
+        os.close(leader)
+    assert result.returncode == 0
+    assert b"hash:" in shown and b"/6 [" in shown  # tqdm's bar ("hash:   0%| | 0/6 [..."), on the terminal
 
 
 def test_every_command_and_option_has_help_text():
