@@ -211,10 +211,12 @@ def test_missing_encoded_csv(work):
     assert_one_line_error(cli_run(work, "pack"), "encoded.csv", "prep encode")
 
 
-def test_missing_resized_file_is_named(work):
+@pytest.mark.parametrize("fmt", ["h5", "pkl.gz", "tfrecord"])
+def test_missing_resized_file_is_named(work, fmt):
     missing = work / "resized" / encoded_rows(work)[4]["resized"]
     missing.unlink()
-    assert_one_line_error(cli_run(work, "pack", "--format", "h5"), str(missing), "missing")
+    assert_one_line_error(cli_run(work, "pack", "--format", fmt), str(missing), "missing", "prep resize")
+    assert not list(work.glob("dataset*")) and not (work / "tfrecord").exists()
 
 
 def test_mixed_shapes_name_the_first_odd_file(work):

@@ -103,6 +103,8 @@ def read_pngs(
                 problems[i] = f"{_shape(image.shape)}, but {first} is {_shape(shape)} (all must have one shape)"
             else:
                 pixels[i] = image
+        except FileNotFoundError:
+            problems[i] = "missing"
         except OSError as err:
             problems[i] = f"cannot read ({err.strerror or err})"
         except ValueError as err:
@@ -149,15 +151,16 @@ def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
     return [encoded, classes] + [p for p in optional if p.exists()]
 
 
-def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str]) -> Layout:
-    """Image shape from the first resized PNG; sample and PNG byte counts per split."""
+def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes: bool = False) -> Layout:
+    """Image shape from the first resized PNG; sample counts per split, and with ``sizes`` the
+    PNG bytes per split too (what tfrecord plans its shards by)."""
     from PIL import Image
 
     folder = wd.path(workdir.RESIZED_DIR)
     counts = Counter(r["split"] for r in rows)
     png_bytes = Counter()
     base = str(folder)
-    for row in rows:
+    for row in rows if sizes else ():
         try:  # os.path, not pathlib: once per image
             png_bytes[row["split"]] += os.stat(os.path.join(base, row["resized"])).st_size
         except FileNotFoundError:
@@ -236,7 +239,7 @@ def run(cfg: PackConfig) -> PackResult:
     if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
         rows = read_rows(cfg.encoded, classes)
-        layout = make_layout(wd, rows, classes)
+        layout = make_layout(wd, rows, classes, sizes="tfrecord" in todo)
         if todo:
             _pack(cfg, rows, layout, todo)
         previous = manifest.build(wd, layout, per_class_counts(rows, classes), inputs, listed)
