@@ -224,3 +224,31 @@ def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, mon
     assert sources.read_versioned(str(tmp_path), "f.bin") == (data, (size, path.stat().st_mtime_ns))
     with pytest.raises(FileNotFoundError):
         workdir.read_file(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("unnamed", [True, False])  # Linux's unnamed files, or a named temporary file
+@pytest.mark.parametrize("size", [0, 3172, (1 << 20) + 3])
+def test_atomic_write_bytes_makes_replaces_and_leaves_nothing_else(tmp_path, monkeypatch, unnamed, size):
+    from pipeline import workdir
+
+    if unnamed and not workdir._unnamed_files():
+        pytest.skip("no O_TMPFILE and /proc here")
+    monkeypatch.setattr(workdir, "_unnamed_files", lambda: unnamed)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(workdir.os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b)))
+    umask = os.umask(0o027)
+    try:
+        first = tmp_path / "new folder" / "first.png"
+        workdir.atomic_write_bytes(first, b"first")  # makes the folder, through a named file
+        assert first.read_bytes() == b"first" and renamed == [str(first)]
+        data = os.urandom(size)
+        target = first.with_name("a.png")
+        workdir.atomic_write_bytes(target, data, fsync=False)
+        assert target.read_bytes() == data and target.stat().st_mode & 0o777 == 0o640
+        assert renamed[1:] == ([] if unnamed else [str(target)])  # linked in, not renamed
+        workdir.atomic_write_bytes(target, b"replaced")  # a link never replaces: a rename does
+        assert target.read_bytes() == b"replaced" and renamed[-1] == str(target)
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "first.png", "new folder"]
