@@ -294,11 +294,20 @@ def _slots(executor: Executor) -> int:
 
 
 def chunk(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: int = 8) -> list[Sequence[T]]:
-    """Cut ``items`` into shards: several per worker for balance, none too large to retry cheaply."""
-    if not items:
-        return []
-    size = max(min_size, min(max_size, -(-len(items) // (4 * max(1, workers)))))
-    return [items[i : i + size] for i in range(0, len(items), size)]
+    """Cut ``items`` into shards: several per worker for balance, none too large to retry cheaply.
+
+    Each shard takes a quarter of what is left per worker (guided scheduling), down to an eighth
+    of ``max_size``, so the last shards are small and the workers finish close together instead
+    of one running a full shard alone at the end."""
+    per_round = 4 * max(1, workers)
+    first = max(min_size, min(max_size, -(-len(items) // per_round)))
+    smallest = min(first, max(min_size, max_size // 8))
+    shards, start = [], 0
+    while start < len(items):
+        size = min(first, max(smallest, -(-(len(items) - start) // per_round)))
+        shards.append(items[start : start + size])
+        start += size
+    return shards
 
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):

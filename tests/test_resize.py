@@ -470,3 +470,20 @@ def test_an_output_replaced_by_a_dangling_link_is_made_again(tmp_path, prep, tre
     result = prep("resize", "--size", "8", "--executor", "serial")
     assert "Resized 1 images" in result.stdout
     assert not target.is_symlink() and target.read_bytes() == before
+
+
+@pytest.mark.parametrize("n, workers, max_size, min_size", [
+    (20_000, 2, 256, 1), (20_000, 8, 64, 8), (1_000, 2, 256, 8), (100, 2, 256, 8), (5, 4, 256, 8), (7, 1, 1, 1), (0, 2, 256, 8),
+])
+def test_shards_cover_every_item_in_order_and_shrink_towards_the_end(n, workers, max_size, min_size):
+    from pipeline import executors
+
+    items = list(range(n))
+    shards = executors.chunk(items, workers, max_size=max_size, min_size=min_size)
+    assert [i for shard in shards for i in shard] == items
+    sizes = [len(s) for s in shards]
+    assert all(0 < size <= max_size for size in sizes)
+    assert sizes == sorted(sizes, reverse=True)  # largest first, the smallest last
+    if n >= 4 * workers * max_size:  # enough for full shards: the work of the last ones is small
+        assert sizes[0] == max_size and max(sizes[-workers:]) <= max(min_size, max_size // 8)
+        assert len(shards) < 1.5 * n / max_size  # and not many more shards for it
