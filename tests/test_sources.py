@@ -252,3 +252,23 @@ def test_atomic_write_bytes_makes_replaces_and_leaves_nothing_else(tmp_path, mon
     finally:
         os.umask(umask)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "first.png", "new folder"]
+
+
+@pytest.mark.parametrize("fieldnames", [["path", "label", "bytes"], ["path"], ["path", "absent", "empty"]])
+def test_csv_bytes_are_what_csv_dictwriter_writes(fieldnames):
+    import csv
+    import io
+
+    from pipeline import workdir
+
+    rows = [
+        {"path": "cat/a b.jpg", "label": "cat", "bytes": 12, "extra": "ignored", "empty": None},
+        {"path": 'odd "quoted",\nname.png', "label": "é, ü", "bytes": 0},  # no "empty": written as ""
+        {"path": "dog/c.jpg", "label": "", "bytes": -1, "empty": ""},
+    ]
+    expected = io.StringIO()
+    writer = csv.DictWriter(expected, fieldnames=fieldnames, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    assert workdir.csv_bytes(fieldnames, rows) == expected.getvalue().encode("utf-8")
+    assert workdir.csv_bytes(fieldnames, []) == (",".join(fieldnames) + "\n").encode()
