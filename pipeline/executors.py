@@ -312,7 +312,8 @@ def chunk(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: in
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):
     """A progress bar (count, rate, ETA) on stderr; silent when disabled or not a terminal run."""
-    if not enabled or sys.stderr is None or not sys.stderr.isatty():  # tqdm's disable=None, without importing it
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not enabled or isatty is None or not isatty():  # tqdm's disable=None, without importing it
         return _NoBar()
     from tqdm import tqdm
 

@@ -451,6 +451,19 @@ def test_decode_png_refuses_damaged_or_other_images(damage):
         imaging.decode_png(data)
 
 
+def test_a_png_mixing_row_filters_goes_to_pillow():
+    arr = np.random.default_rng(5).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    stored = imaging.encode_png(Image.fromarray(arr))  # every row filter None
+    idat, iend = _chunk_offsets(stored)[1:]
+    rows = bytearray(zlib.decompress(stored[idat + 8 : iend - 4]))
+    stride = 5 * 3 + 1
+    rows[stride : 2 * stride] = bytes([1, *rows[stride + 1 : stride + 4]]) + bytes(
+        (rows[stride + 1 + i] - rows[stride + 1 + i - 3]) % 256 for i in range(3, 15))  # row 1 as Sub
+    mixed = stored[:idat] + _with_chunk(b"IDAT", zlib.compress(bytes(rows))) + stored[iend:]
+    assert imaging._decode_own_png(mixed) is None  # neither all None nor all Sub
+    assert (imaging.decode_png(mixed) == arr).all()  # Pillow reads it, the same pixels
+
+
 def test_decode_png_inflates_no_more_than_the_header_promises():
     arr = np.zeros((8, 8, 3), np.uint8)
     data = imaging.encode_png(Image.fromarray(arr))

@@ -226,17 +226,28 @@ def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, mon
         workdir.read_file(tmp_path / "missing")
 
 
+def _unnamed_files_work_in(folder) -> bool:
+    from pipeline import workdir
+
+    fd = workdir._unnamed_file(str(folder))
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
 @pytest.mark.parametrize("unnamed", [True, False])  # Linux's unnamed files, or a named temporary file
 @pytest.mark.parametrize("size", [0, 3172, (1 << 20) + 3])
 def test_atomic_write_bytes_makes_replaces_and_leaves_nothing_else(tmp_path, monkeypatch, unnamed, size):
     from pipeline import workdir
 
-    if unnamed and not workdir._unnamed_files():
-        pytest.skip("no O_TMPFILE and /proc here")
-    monkeypatch.setattr(workdir, "_unnamed_files", lambda: unnamed)
-    renamed = []
-    real_replace = os.replace
+    if unnamed and not _unnamed_files_work_in(tmp_path):
+        pytest.skip("no unnamed files (O_TMPFILE and /proc) here")
+    if not unnamed:
+        monkeypatch.setattr(workdir, "_unnamed_file", lambda folder: None)
+    renamed, opened = [], []
+    real_replace, real_open = os.replace, os.open
     monkeypatch.setattr(workdir.os, "replace", lambda a, b: (renamed.append(b), real_replace(a, b)))
+    monkeypatch.setattr(workdir.os, "open", lambda p, *a: (opened.append(str(p)), real_open(p, *a))[1])
     umask = os.umask(0o027)
     try:
         first = tmp_path / "new folder" / "first.png"
@@ -247,11 +258,36 @@ def test_atomic_write_bytes_makes_replaces_and_leaves_nothing_else(tmp_path, mon
         workdir.atomic_write_bytes(target, data, fsync=False)
         assert target.read_bytes() == data and target.stat().st_mode & 0o777 == 0o640
         assert renamed[1:] == ([] if unnamed else [str(target)])  # linked in, not renamed
+        opened.clear()
         workdir.atomic_write_bytes(target, b"replaced")  # a link never replaces: a rename does
         assert target.read_bytes() == b"replaced" and renamed[-1] == str(target)
+        assert len(opened) == 1  # one file written: the unnamed one is renamed over, not written again
+        assert target.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(umask)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.png", "first.png", "new folder"]
+
+
+def test_atomic_write_bytes_falls_back_when_unnamed_files_cannot_be_linked(tmp_path, monkeypatch):
+    from pipeline import workdir
+
+    if not _unnamed_files_work_in(tmp_path):
+        pytest.skip("no unnamed files (O_TMPFILE and /proc) here")
+    monkeypatch.setattr(workdir, "_unnamed_broken", False)
+    real_link = os.link
+
+    def no_proc(src, *args, **kwargs):  # as in a sandbox whose /proc shows another process
+        if str(src).startswith("/proc/"):
+            raise PermissionError(1, "Operation not permitted")
+        return real_link(src, *args, **kwargs)
+
+    monkeypatch.setattr(workdir.os, "link", no_proc)
+    before = set(os.listdir("/proc/self/fd"))
+    for name in ("a.png", "b.png", "a.png"):
+        workdir.atomic_write_bytes(tmp_path / name, name.encode())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert (tmp_path / "b.png").read_bytes() == b"b.png" and workdir._unnamed_broken
+    assert set(os.listdir("/proc/self/fd")) <= before  # no file left open
 
 
 @pytest.mark.parametrize("fieldnames", [["path", "label", "bytes"], ["path"], ["path", "absent", "empty"]])

@@ -171,6 +171,8 @@ def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes
     try:
         with Image.open(first) as img:
             width, height, mode = img.width, img.height, img.mode
+    except FileNotFoundError:
+        raise PrepError(f"resized image {first} is missing (for {rows[0]['path']}); run `prep resize` again") from None
     except OSError as err:
         raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
     if mode not in ("L", "RGB"):
