@@ -237,12 +237,12 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
         return None
     if len(raw) != size:
         return None
-    rows = np.frombuffer(raw, np.uint8).reshape(height, stride)
-    filters = raw[::stride].count(_PNG_SUB)
-    if filters == height:
-        return np.cumsum(rows[:, 1:].reshape(height, width, channels), axis=1, dtype=np.uint8)  # undo Sub, mod 256
-    if filters == 0 and raw[::stride].count(_PNG_NONE) == height:
-        return rows[:, 1:].reshape(height, width, channels).copy()
+    pixels = np.frombuffer(raw, np.uint8).reshape(height, stride)[:, 1:].reshape(height, width, channels)
+    filters = raw[::stride]  # each row's first byte
+    if filters.count(_PNG_SUB) == height:
+        return np.cumsum(pixels, axis=1, dtype=np.uint8)  # undo Sub, mod 256
+    if filters.count(_PNG_NONE) == height:
+        return pixels.copy()
     return None
 
 

@@ -219,18 +219,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    if _write_unnamed(folder, path, tmp, data, fsync):
+    placed = _write_unnamed(folder, path, tmp, data, fsync)
+    if placed == path:
         return
     try:
-        try:
-            fd = os.open(tmp, _NEW_FILE, 0o666)
-        except FileNotFoundError:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(tmp, _NEW_FILE, 0o666)
-        try:
-            _write_all(fd, data, fsync)
-        finally:
-            os.close(fd)
+        if placed is None:  # nothing written yet: a named temporary file
+            try:
+                fd = os.open(tmp, _NEW_FILE, 0o666)
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+                fd = os.open(tmp, _NEW_FILE, 0o666)
+            try:
+                _write_all(fd, data, fsync)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -238,31 +240,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
         raise
 
 
-def _write_unnamed(folder: str, path: str, tmp: str, data: bytes, fsync: bool) -> bool:
-    """Write ``data`` to ``path`` through an unnamed file (linked at ``tmp`` and renamed when
-    ``path`` exists); False, having written nothing, where no unnamed file can be had."""
+def _write_unnamed(folder: str, path: str, tmp: str, data: bytes, fsync: bool) -> str | None:
+    """Write ``data`` to an unnamed file and link it in at ``path``, or at ``tmp`` if ``path``
+    exists (to be renamed over it): where the file now is, or None (nothing written) where no
+    unnamed file can be had."""
     fd = _unnamed_file(folder)
     if fd is None:
-        return False
+        return None
     try:
         _write_all(fd, data, fsync)
         try:
-            return _link(fd, path)
+            return path if _link(fd, path) else None
         except FileExistsError:
             pass
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # left by a killed run of this pid and thread
-        if not _link(fd, tmp):
-            return False
+        return tmp if _link(fd, tmp) else None
     finally:
         os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return True
 
 
 def _unnamed_file(folder: str) -> int | None:
@@ -562,11 +557,11 @@ class Stamp:
 
 def csv_bytes(fieldnames: Sequence[str], rows: Iterable[dict]) -> bytes:
     """The exact bytes :func:`write_csv` would write (used to compare before rewriting)."""
+    if not fieldnames:
+        raise ValueError("csv_bytes needs at least one column")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fieldnames)
-    if not fieldnames:
-        raise ValueError("csv_bytes needs at least one column")
     get = operator.itemgetter(*fieldnames)
 
     def values(row: dict) -> Sequence:  # as csv.DictWriter(extrasaction="ignore"), at two thirds of its cost

@@ -164,15 +164,13 @@ def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes
         try:  # os.path, not pathlib: once per image
             png_bytes[row["split"]] += os.stat(os.path.join(base, row["resized"])).st_size
         except FileNotFoundError:
-            raise PrepError(
-                f"resized image {folder / row['resized']} is missing (for {row['path']}); run `prep resize` again"
-            ) from None
+            raise _missing(folder, row) from None
     first = folder / rows[0]["resized"]
     try:
         with Image.open(first) as img:
             width, height, mode = img.width, img.height, img.mode
     except FileNotFoundError:
-        raise PrepError(f"resized image {first} is missing (for {rows[0]['path']}); run `prep resize` again") from None
+        raise _missing(folder, rows[0]) from None
     except OSError as err:
         raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
     if mode not in ("L", "RGB"):
@@ -186,6 +184,10 @@ def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes
         )
     return Layout(height, width, channels, tuple(classes), {s: counts[s] for s in SPLITS},
                   {s: png_bytes[s] for s in SPLITS}, __version__)
+
+
+def _missing(folder: Path, row: dict) -> PrepError:
+    return PrepError(f"resized image {folder / row['resized']} is missing (for {row['path']}); run `prep resize` again")
 
 
 def per_class_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
