@@ -264,6 +264,7 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
             known = workdir.settled_hash(hashed.get(path))
             if known and known[2] == sha:
                 todo[i] = (path, sha, known[:2])
+        del hashed  # an entry per image: not held through the run
         # Large shards mean fewer round trips to the workers (which counts on a cluster); the
         # cap keeps a shard's results (PNGs, at most its output pixels: ~8 MB) small, as this
         # process holds a few shards per worker in flight.
@@ -308,7 +309,9 @@ def _resize_all(cfg: ResizeConfig, rows: list[dict], root: str, settings: str) -
                 journal.flush()
                 bar.update(len(results))
 
-    table = [{**state[r["path"]], "label": r["label"]} for r in rows]
+    table = [state[r["path"]] for r in rows]
+    for record, row in zip(table, rows):
+        record["label"] = row["label"]  # a record from an earlier run keeps its file, under the label indexed now
     rejected = [r for r in table if r["status"] != "ok"]
     workdir.write_csv(wd.path(workdir.RESIZED), RESIZED_COLUMNS, table)
     workdir.write_json(wd.path(workdir.RESIZE_SETTINGS), dataclasses.asdict(spec))  # the settings, for manifest.json

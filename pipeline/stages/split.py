@@ -150,7 +150,9 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
     resized_path = wd.path(workdir.RESIZED)
     if not resized_path.exists():
         log.warning("%s not found: run `prep resize` first to leave out unusable images", resized_path)
-        return [{**r, "resized": ""} for r in rows], 0, inputs
+        for row in rows:
+            row["resized"] = ""
+        return rows, 0, inputs
     inputs.append(resized_path)
     resized = {r["path"]: r for r in workdir.read_csv(resized_path, ["path", "sha256", "resized", "status"])}
     usable = []
@@ -161,7 +163,8 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
                 f"{resized_path} is out of date ({row['path']} not resized); run `prep resize` again"
             )
         if done["status"] == "ok":
-            usable.append({**row, "resized": done["resized"]})
+            row["resized"] = done["resized"]  # each row is changed in place: one dict per image
+            usable.append(row)
     return usable, len(rows) - len(usable), inputs
 
 
@@ -222,9 +225,10 @@ def run(cfg: SplitConfig) -> SplitResult:
     for a, la, b, lb in conflicts:
         log.warning("same content under two labels: %s (%s) and %s (%s); kept in one split", a, la, b, lb)
     splits = assign(rows, cfg.ratios, cfg.seed)
-    out_rows = [{**r, "split": splits[r["path"]]} for r in rows]
-    workdir.write_csv(cfg.out, SPLIT_COLUMNS, out_rows)
+    for row in rows:
+        row["split"] = splits[row["path"]]
+    workdir.write_csv(cfg.out, SPLIT_COLUMNS, rows)
     workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), settings)  # for manifest.json
-    table = count_table(out_rows)
+    table = count_table(rows)
     stamp.record(inputs, settings, [cfg.out], summary=table)
     return SplitResult(cfg.out, table, conflicts, small, excluded)
