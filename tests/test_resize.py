@@ -231,6 +231,26 @@ def test_rerun_with_nothing_changed_rewrites_nothing(tmp_path, prep, tree):
     assert snapshot(work) == first
 
 
+def test_a_label_changed_in_the_labels_csv_reaches_resized_csv_without_resizing_again(tmp_path, prep, tree):
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    work = tmp_path / "work"
+    images = {k: v for k, v in snapshot(work).items() if k.startswith("resized/")}
+    age(work)
+    aged = {k: v for k, v in mtimes(work).items() if k.startswith("resized/")}
+    rows = workdir.read_csv(work / "labels.csv")
+    rows[0]["label"] = "lion"
+    workdir.write_csv(work / "labels.csv", list(rows[0]), rows)
+
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert result.exit_code == 0 and "Up to date: 30 images" in result.stdout
+    table = workdir.read_csv(work / "resized.csv")
+    assert [r["label"] for r in table] == [r["label"] for r in rows]
+    assert table[0]["label"] == "lion" and table[0]["path"] == rows[0]["path"]
+    assert {k: v for k, v in snapshot(work).items() if k.startswith("resized/")} == images
+    assert {k: v for k, v in mtimes(work).items() if k.startswith("resized/")} == aged
+
+
 def test_rerun_retries_a_file_that_was_missing_and_puts_back_a_deleted_output(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     source = tree / "dog" / "img1.png"
