@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m compileall -q pipeline  # as a regular install does: each command starts without compiling
 	touch $@
 
 # The whole pipeline on RAW; fills RAW with the bundled digits sample when it has no class folders.

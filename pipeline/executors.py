@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import multiprocessing
 import os
 import sys
 import weakref
 from collections import deque
-from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -68,17 +67,20 @@ class SerialExecutor(Executor):
         return future
 
 
-class LocalExecutor(ProcessPoolExecutor):
-    """A pool of worker processes on this machine."""
+def _local_executor(workers: int) -> Executor:
+    """A pool of worker processes on this machine. (multiprocessing is imported here, not with
+    this module: the commands that run no pool start without it.)"""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    def __init__(self, workers: int):
-        method = "fork" if sys.platform == "linux" else "spawn"
-        super().__init__(workers, mp_context=multiprocessing.get_context(method))
-        self.slots = workers
-        # Fork every worker now, while this process is still small and has no other threads:
-        # a pool forks on its first task, which may come after a progress bar's thread has
-        # started or tensorflow has been imported (a known deadlock hazard, and wasted memory).
-        self.submit(int).result()
+    method = "fork" if sys.platform == "linux" else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    pool.slots = workers  # type: ignore[attr-defined]
+    # Fork every worker now, while this process is still small and has no other threads:
+    # a pool forks on its first task, which may come after a progress bar's thread has
+    # started or tensorflow has been imported (a known deadlock hazard, and wasted memory).
+    pool.submit(int).result()
+    return pool
 
 
 def require(kind: str) -> None:
@@ -103,7 +105,7 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
     if kind == "serial" or (kind == "local" and workers == 1):
         yield SerialExecutor()
     elif kind == "local":
-        with LocalExecutor(workers) as pool:
+        with _local_executor(workers) as pool:
             yield pool
     else:
         with _dask_executor(workers, scheduler or os.environ.get("PREP_SCHEDULER")) as executor:

@@ -139,7 +139,7 @@ def test_rerun_gives_identical_bytes_whatever_the_executor(packed_all, tmp_path)
     assert outputs(again) == outputs(packed_all)
 
 
-def test_up_to_date_pack_skips_without_importing_tensorflow_or_h5py(work):
+def test_up_to_date_pack_skips_without_importing_tensorflow_h5py_numpy_or_the_decoders(work):
     ok(cli_run(work, "pack", "--executor", "serial", "--shard-mb", "0.002", "--tfrecord-compression", "gzip"))
     before = {p: os.stat(work / p).st_mtime_ns for p in outputs(work)}
     script = (
@@ -147,7 +147,8 @@ def test_up_to_date_pack_skips_without_importing_tensorflow_or_h5py(work):
         f"sys.argv = ['prep', '--workdir', {str(work)!r}, 'pack', '--shard-mb', '0.002',"
         " '--tfrecord-compression', 'gzip']\n"
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
-        "print(sorted(m for m in ('tensorflow', 'h5py') if m in sys.modules))\n"
+        "print(sorted(m for m in ('tensorflow', 'h5py', 'numpy', 'PIL.Image', 'simplejpeg', 'multiprocessing')"
+        " if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

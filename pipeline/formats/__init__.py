@@ -16,9 +16,9 @@ Every format module offers the same small interface::
     load_tf(path, split)   a tf.data.Dataset of (uint8 H x W x C image, int64 label)
     classes(path)          the class names the file records, or None
 
-The modules import numpy (and small compression libraries) only; h5py and tensorflow are
-imported inside the functions that use them, so picking a format, checking that one is up to
-date, or writing pkl.gz or tfrecord never loads them.
+The modules import small compression libraries only; numpy, h5py and tensorflow are imported
+inside the functions that use them, so picking a format or checking that one is up to date loads
+none of them, and writing pkl.gz or tfrecord never loads h5py or tensorflow.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import NamedTuple
-
-import numpy as np
 
 from ..errors import PrepError
 from ..workdir import SPLIT_NAMES as SPLITS
@@ -106,6 +104,7 @@ def settings(name: str, options: PackOptions) -> dict:
 
 def to_images(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """uint8 (N, H, W, C) from stored arrays that may be flat or float in [0, 1]."""
+    import numpy as np
     if x.dtype != np.uint8:
         x = np.rint(x.astype(np.float64) * 255.0).clip(0, 255).astype(np.uint8)
     return x.reshape((len(x), *shape))

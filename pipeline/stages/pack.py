@@ -5,7 +5,7 @@ encoded.csv order, to the writer of every format being packed, so pixels are dec
 and memory stays bounded (except for pkl.gz, which is one pickle). Each output appears
 atomically when complete; manifest.json is written last. A format whose output still matches
 its inputs and options (a :class:`workdir.Stamp` per format) is not rewritten, and that check
-imports neither h5py nor tensorflow.
+imports none of numpy, the decoders, h5py and tensorflow.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from .. import __version__, executors, formats, imaging, manifest, workdir
+from .. import __version__, executors, formats, manifest, workdir
 from ..errors import PrepError, StageInputMissing
 from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
 from .encode import ENCODED_COLUMNS, read_classes
@@ -91,6 +89,10 @@ def read_pngs(
     """The pixels of a shard's resized files as one (N, H, W, C) array (one buffer to send back,
     not N), their PNG bytes if wanted, and position -> reason for files that cannot be used
     (``first`` names the file whose shape they all must have)."""
+    import numpy as np  # here, in the workers, as the decoder: a pack with nothing to do needs neither
+
+    from .. import imaging
+
     pixels = np.zeros((len(names), *shape), np.uint8)
     pngs: list[bytes | None] | None = [] if want_png else None
     problems: dict[int, str] = {}
@@ -267,6 +269,8 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
     shards = executors.chunk(rows, cfg.execution.slots, max_size=256)
     names = [[r["resized"] for r in shard] for shard in shards]
     position = dict.fromkeys(SPLITS, 0)
+    from .. import imaging  # noqa: F401  (before the pool forks: its workers inherit it, and numpy)
+
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(cfg.execution.open())
         writers = [
