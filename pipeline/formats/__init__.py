@@ -105,6 +105,7 @@ def settings(name: str, options: PackOptions) -> dict:
 def to_images(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """uint8 (N, H, W, C) from stored arrays that may be flat or float in [0, 1]."""
     import numpy as np
+
     if x.dtype != np.uint8:
         x = np.rint(x.astype(np.float64) * 255.0).clip(0, 255).astype(np.uint8)
     return x.reshape((len(x), *shape))

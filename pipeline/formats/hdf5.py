@@ -38,6 +38,7 @@ def _h5py():
 class _Writer:
     def __init__(self, f, layout):
         import numpy as np
+
         from . import SPLITS
 
         h5py = _h5py()
@@ -72,6 +73,7 @@ class _Writer:
 
     def _flush(self, split: str) -> None:
         import numpy as np
+
         buffer = self.buffers[split]
         if not buffer:
             return
@@ -120,6 +122,7 @@ def _strings(values) -> list[str]:
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
     """(split, Batch) pairs, one chunk at a time; checks attributes, dtypes and shapes."""
     import numpy as np
+
     from . import SPLITS, Batch
 
     try:

@@ -48,6 +48,7 @@ BATCH = 1024
 class _Writer:
     def __init__(self, layout):
         import numpy as np
+
         from . import SPLITS
 
         self.x = {s: np.zeros((layout.counts.get(s, 0), *layout.shape), np.uint8) for s in SPLITS}
@@ -64,6 +65,7 @@ class _Writer:
 def writer(target: Path, layout, options) -> Iterator[_Writer]:
     """Collect the samples in memory; on exit pickle them into ``target`` atomically."""
     import numpy as np
+
     from . import SPLITS
 
     w = _Writer(layout)
@@ -146,6 +148,7 @@ def _member(chunk: bytes) -> bytes:
 def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored (flat or float if packed so)."""
     import numpy as np
+
     path = Path(path)
     try:
         with gzip.open(path, "rb") as handle:
@@ -166,6 +169,7 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
     """(split, Batch) pairs as uint8 (N, H, W, C); checks dtypes and shapes against ``layout``."""
     import numpy as np
+
     from . import SPLITS, Batch, to_images
 
     try:

@@ -301,6 +301,7 @@ def _split_files(folder: Path, meta: dict, split: str) -> list[str]:
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
     """(split, Batch) pairs decoded with TensorFlow; checks features.json and every record's features."""
     import numpy as np
+
     from . import SPLITS, Batch
 
     try:
@@ -356,6 +357,7 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
 
 def _check_records(ex: dict, layout, classes: np.ndarray, where: str, start: int) -> None:
     import numpy as np
+
     checks = {
         "image/format": ex["image/format"] == b"png",
         "image/height": ex["image/height"] == layout.height,
@@ -378,6 +380,7 @@ def _check_records(ex: dict, layout, classes: np.ndarray, where: str, start: int
 def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)), decoded into memory."""
     import numpy as np
+
     from . import SPLITS
 
     path = Path(path)

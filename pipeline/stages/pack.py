@@ -264,13 +264,13 @@ def run(cfg: PackConfig) -> PackResult:
 
 
 def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) -> None:
+    from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it, and numpy)
+
     wd = cfg.workdir
     folder = wd.path(workdir.RESIZED_DIR)
     shards = executors.chunk(rows, cfg.execution.slots, max_size=256)
     names = [[r["resized"] for r in shard] for shard in shards]
     position = dict.fromkeys(SPLITS, 0)
-    from .. import imaging  # noqa: F401  (before the pool forks: its workers inherit it, and numpy)
-
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(cfg.execution.open())
         writers = [
