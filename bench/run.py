@@ -553,12 +553,9 @@ def compile_prep() -> None:
     import compileall
     import importlib.util
 
-    spec = importlib.util.find_spec("pipeline")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    for folder in spec.submodule_search_locations:
-        if not compileall.compile_dir(folder, quiet=1):
-            raise SystemExit(f"could not byte-compile prep's modules in {folder}")
+    folder = Path(importlib.util.find_spec("pipeline").origin).parent  # main() checked prep is installed
+    if not compileall.compile_dir(folder, quiet=1):
+        raise SystemExit(f"could not byte-compile prep's modules in {folder}")
 
 
 def main() -> int:
