@@ -62,7 +62,8 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What the source was, for reports: its format, mode and size before any change."""
+    """What the source was, for reports: its format and mode, and its size upright (after
+    its EXIF orientation, as a viewer shows it) and before any resizing."""
 
     format: str
     mode: str
@@ -85,6 +86,8 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
             orientation = decoded[2] if decoded else _load_with_pillow(img, spec)
             if orientation in _TRANSPOSE:  # as ImageOps.exif_transpose, without its metadata work
                 img = img.transpose(_TRANSPOSE[orientation])
+                if orientation >= 5:  # turned by 90 degrees: the size as a viewer shows it
+                    info = SourceInfo(info.format, info.mode, info.height, info.width)
             img = _to_8bit(img, spec)
             img = _resize(img, spec)
         except Rejected:
@@ -112,14 +115,15 @@ def _open_with_pillow(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, Sourc
 
 
 def _load_with_pillow(img: Image.Image, spec: ResizeSpec) -> int:
-    """Decode an opened image (a JPEG at its draft scale) and return its EXIF orientation."""
-    orientation = img.getexif().get(_ORIENTATION, 1)  # EXIF, else XMP; cached by Pillow
+    """Decode an opened image (a JPEG at its draft scale) and return the EXIF orientation
+    still to apply: Pillow applies a TIFF's itself as it loads it, and then drops the tag."""
     if img.format in ("JPEG", "MPO"):
+        orientation = img.getexif().get(_ORIENTATION, 1)  # EXIF, else XMP; cached by Pillow
         scale = _draft_scale(img.width, img.height, orientation, spec)
         if scale > 1:
             img.draft(img.mode, (img.width // scale, img.height // scale))
     img.load()
-    return orientation
+    return img.getexif().get(_ORIENTATION, 1)
 
 
 def to_array(img: Image.Image) -> np.ndarray:

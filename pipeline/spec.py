@@ -21,6 +21,9 @@ PNG_STORED_MAX = 4096
 # how encode_png lays out and compresses its files: part of the resize settings, so files
 # another layout or another libdeflate wrote are made again (and every file matches)
 PNG_ENCODING = f"sub-libdeflate{PNG_LEVEL}-stored{PNG_STORED_MAX}-{deflate.__version__}"
+# bumped when a fix changes the pixels some images get: part of the resize settings too, so a
+# rerun makes those files again (2: a TIFF's EXIF orientation is applied once, not twice)
+TRANSFORM_REVISION = 2
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,30 @@ ORIENTED = {
 }
 
 
+ORIENTABLE = {  # every format whose files carry an EXIF orientation, as Pillow writes it
+    "jpeg": ("JPEG", {"quality": 95}),
+    "png": ("PNG", {}),
+    "webp": ("WEBP", {"lossless": True}),
+    "tiff": ("TIFF", {}),
+    "tiff-deflate": ("TIFF", {"compression": "tiff_adobe_deflate"}),  # decoded by libtiff
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(ORIENTABLE))
 @pytest.mark.parametrize("orientation", sorted(ORIENTED))
-def test_exif_orientation_is_applied(orientation):
+def test_exif_orientation_is_applied_once(orientation, fmt):
     stored = quadrants(160, 96)
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = encode(Image.fromarray(stored), "JPEG", exif=exif, quality=95)
+    name, options = ORIENTABLE[fmt]
+    data = encode(Image.fromarray(stored), name, exif=exif, **options)
     expected = ORIENTED[orientation](stored)
     height, width = expected.shape[:2]
-    out = pixels(data, width=width // 4, height=height // 4)
+    img, info = imaging.transform(data, ResizeSpec(width=width // 4, height=height // 4))
+    out = imaging.to_array(img).astype(int)
     assert out.shape == (height // 4, width // 4, 3)
     assert np.abs(quadrant_means(out) - quadrant_means(expected)).max() < 20
+    assert (info.width, info.height) == (width, height)  # the source's size upright, in every format
 
 
 def photo_like(width: int, height: int, seed: int) -> np.ndarray:

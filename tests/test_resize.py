@@ -336,6 +336,17 @@ def test_changing_the_size_redoes_everything(tmp_path, prep, tree):
         assert imaging.decode_png(path.read_bytes()).shape == (4, 6, 3)
 
 
+def test_a_new_transform_revision_redoes_everything(tmp_path, prep, tree, monkeypatch):
+    """A fix that changes some images' pixels bumps the revision: every file is made again."""
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    monkeypatch.setattr(resize, "TRANSFORM_REVISION", resize.TRANSFORM_REVISION + 1)
+    result = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Resized 30 images" in result.stdout and "0 already up to date" in result.stdout
+    again = prep("resize", "--size", "8", "--executor", "serial")
+    assert "Up to date: 30 images" in again.stdout
+
+
 def test_changing_one_source_redoes_only_that_one(tmp_path, prep, tree):
     assert prep("index", tree).exit_code == 0
     assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0

@@ -21,7 +21,7 @@ from typing import Iterator
 
 from .. import executors, sources, workdir
 from ..errors import PrepError
-from ..spec import PNG_ENCODING, RESIZE_MODES, ResizeSpec
+from ..spec import PNG_ENCODING, RESIZE_MODES, TRANSFORM_REVISION, ResizeSpec
 from .index import LABEL_COLUMNS, raw_root
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run(cfg: ResizeConfig) -> ResizeResult:
 
     # the encoder's layout too: files another prep wrote differently are made again, so two work
     # directories of the same images hold the same bytes
-    settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": PNG_ENCODING})
+    settings = workdir.fingerprint({**dataclasses.asdict(spec), "png": PNG_ENCODING, "transform": TRANSFORM_REVISION})
     stamp, stamped = workdir.Stamp(wd, "resize"), {"settings": settings, "raw": root}
     table = _current_table(wd, cfg.labels, stamp, stamped)
     if table is not None:
