@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m compileall -q pipeline  # as a regular install does: each command starts without compiling
 	touch $@
 
-# The whole pipeline on RAW; fills RAW with the bundled digits sample when it has no class folders.
+# The whole pipeline on RAW; fills the bundled raw/ with the digits sample while it has no class
+# folders (a RAW of your own without them is an error, not a folder of digits).
 dataset: install
 	@if [ -z "$$(find '$(RAW)' -mindepth 1 -maxdepth 1 -type d ! -name '.*' 2>/dev/null | head -n 1)" ]; then \
+		if [ '$(RAW)' != raw ]; then \
+			echo "RAW=$(RAW) holds no class folders (expected $(RAW)/<class>/<image>)" >&2; exit 1; fi; \
 		$(PREP) sample digits '$(RAW)'; fi
 	$(PREP) run '$(RAW)' --size $(SIZE)
 	$(PREP) verify-train || { $(PREP) report; exit 1; }
