@@ -74,13 +74,21 @@ def _local_executor(workers: int) -> Executor:
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if sys.platform == "linux" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_interrupt)
     pool.slots = workers  # type: ignore[attr-defined]
     # Fork every worker now, while this process is still small and has no other threads:
     # a pool forks on its first task, which may come after a progress bar's thread has
     # started or tensorflow has been imported (a known deadlock hazard, and wasted memory).
     pool.submit(int).result()
     return pool
+
+
+def _ignore_interrupt() -> None:
+    """In a worker: Ctrl-C reaches every process of the terminal's group, and it is the main
+    process's to handle (it stops the pool and says how to resume), not a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def require(kind: str) -> None:
@@ -105,8 +113,13 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
     if kind == "serial" or (kind == "local" and workers == 1):
         yield SerialExecutor()
     elif kind == "local":
-        with _local_executor(workers) as pool:
+        pool = _local_executor(workers)
+        try:
             yield pool
+        except BaseException:  # an error or Ctrl-C: the shards still queued are not worth running
+            pool.shutdown(cancel_futures=True)
+            raise
+        pool.shutdown()
     else:
         with _dask_executor(workers, scheduler or os.environ.get("PREP_SCHEDULER")) as executor:
             yield executor

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, make_tree, tree_digests
-from pipeline import imaging, workdir
+from pipeline import executors, imaging, workdir
 from pipeline.stages import resize
 
 
@@ -518,3 +518,46 @@ def test_shards_cover_every_item_in_order_and_shrink_towards_the_end(n, workers,
     if n >= 4 * workers * max_size:  # enough for full shards: the work of the last ones is small
         assert sizes[0] == max_size and max(sizes[-workers:]) <= max(min_size, max_size // 8)
         assert len(shards) < 1.5 * n / max_size  # and not many more shards for it
+
+
+def test_ctrl_c_stops_the_run_with_one_line_and_a_rerun_resumes(tmp_path, prep):
+    """Ctrl-C reaches the whole process group: the workers leave it to the main process, which
+    says how to resume; no worker prints a traceback."""
+    raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    assert prep("run", raw, "--size", "8", "--format", "pkl.gz", "--executor", "serial", workdir=clean).exit_code == 0
+    script = (
+        "import sys, time\n"
+        "from pipeline import cli, imaging\n"
+        "real = imaging.transform\n"
+        "imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]\n"
+        f"sys.argv = ['prep', '-q', '--workdir', {str(work)!r}, 'run', {str(raw)!r}, '--size', '8',"
+        " '--format', 'pkl.gz', '--workers', '3']\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    journal = work / resize.JOURNAL
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if journal.exists() and journal.read_text().count("\n") >= 8:
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail(f"the run finished before it could be interrupted: {proc.stderr.read().decode()}")
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the command and its workers
+    assert proc.wait(timeout=60) == 130
+    assert proc.stderr.read().decode().splitlines() == ["Interrupted; run the same command again to resume."]
+
+    result = prep("run", raw, "--size", "8", "--format", "pkl.gz", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    skipped = int(re.search(r"(\d+) already up to date", result.stdout).group(1))
+    assert skipped >= 8
+    assert (work / "dataset.pkl.gz").read_bytes() == (clean / "dataset.pkl.gz").read_bytes()
+
+
+def test_workers_of_a_local_pool_leave_ctrl_c_to_the_main_process():
+    with executors.make_executor("local", workers=2) as pool:
+        handlers = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
+    assert handlers == {signal.SIG_IGN}
