@@ -102,3 +102,28 @@ def test_loading_snippets_run(text: str, work: Path, manifest: dict, monkeypatch
                                        (10_000, "10K<n<100K"), (2_000_000_000, "n>1B")])
 def test_size_category(n: int, bucket: str):
     assert card.size_category(n) == bucket
+
+
+def test_classes_left_out_by_drop_small_are_recorded_and_the_card_commands_redo_them(tmp_path, prep):
+    from conftest import make_tree
+
+    raw = make_tree(tmp_path / "raw", {"cat": 12, "dog": 10, "tiny": 2})
+    result = prep("run", raw, "--size", "8", "--format", "pkl.gz", "--drop-small", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    work = tmp_path / "work"
+    assert json.loads((work / "split.json").read_text())["dropped_classes"] == {"tiny": 2}
+    assert json.loads((work / "manifest.json").read_text())["settings"]["split"]["dropped_classes"] == {"tiny": 2}
+    text = (work / "README.md").read_text(encoding="utf-8")
+    assert "Left out by `prep split --drop-small`, too small for the ratios: `tiny` (2 images)." in text
+    page = (work / "report" / "index.html").read_text(encoding="utf-8")
+    dropped = page.split('id="dropped"', 1)[1].split("</table>", 1)[0]
+    assert "tiny" in dropped and ">2<" in dropped
+
+    # the card's commands, typed in another work directory, give the same splits
+    again = tmp_path / "again"
+    for line in section(text, "How it was made").split("```sh\n", 1)[1].split("\n```", 1)[0].splitlines()[:3]:
+        args = line.split()[1:]
+        if args[0] == "resize":
+            args += ["--executor", "serial"]
+        assert prep(*args, workdir=again).exit_code == 0, line
+    assert (again / "splits.csv").read_bytes() == (work / "splits.csv").read_bytes()

@@ -67,6 +67,12 @@ def test_parse_ratios(text, expected):
     assert split.parse_ratios(text) == pytest.approx(expected)
 
 
+def test_ratios_written_any_way_give_the_same_fractions_and_so_the_same_split():
+    # 0.7 + 0.2 + 0.1 is 0.9999999999999999 in floats: dividing by it would give another split
+    same = {split.parse_ratios(t) for t in ("7:2:1", "70:20:10", "0.7:0.2:0.1", ".7,.2,.1", "3.5:1:0.5")}
+    assert same == {(0.7, 0.2, 0.1)}
+
+
 @pytest.mark.parametrize(
     "text, fragment",
     [

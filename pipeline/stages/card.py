@@ -128,6 +128,7 @@ def commands(facts: Facts) -> list[str]:
     split = settings.get("split") or {}
     args = ["--ratios " + ":".join(map(str, split["ratios"]))] if isinstance(split.get("ratios"), list) else []
     args += [f"--seed {split['seed']}"] if "seed" in split else []
+    args += ["--drop-small"] if split.get("drop_small") else []
     lines.append(" ".join(["prep split", *args]))
     lines.append("prep encode")
     formats = facts.formats()
@@ -171,6 +172,10 @@ def render(facts: Facts) -> str | None:
     )
     parts.append("## Classes\n\nA label id is the class's position in this list, the same in every split and format.\n")
     parts.append(counts_table(classes, table) + "\n")
+    dropped = facts.dropped_classes()
+    if dropped:
+        listed = ", ".join(f"`{_md(c)}` ({n} image{'s' * (n != 1)})" for c, n in dropped.items())
+        parts.append(f"Left out by `prep split --drop-small`, too small for the ratios: {listed}.\n")
 
     parts.append("## Images\n")
     if shape:

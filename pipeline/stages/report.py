@@ -123,6 +123,11 @@ class Facts:
         settings.update((k, v) for k, v in recorded.items() if k not in settings)
         return {k: v for k, v in settings.items() if v}
 
+    def dropped_classes(self) -> dict[str, int]:
+        """class -> images, of the classes `prep split --drop-small` left out."""
+        dropped = (self.settings().get("split") or {}).get("dropped_classes")
+        return {str(c): int(n) for c, n in dropped.items()} if isinstance(dropped, dict) else {}
+
     def table(self) -> dict[str, dict[str, int]] | None:
         """class -> split -> images: the manifest's counts, else splits.csv's."""
         counts = manifest_counts(self.manifest) if self.manifest else None
@@ -578,6 +583,11 @@ def section_rejected(facts: Facts) -> str:
         rows = [[Markup(f"<code>{e(r['path'])}</code>"), r["label"], r["reason"]] for r in shown]
         parts.append(_table(["file", "class", "reason"], rows, id="rejected-files"))
         parts.append(_more(len(shown), len(facts.rejected), workdir.REJECTED))
+    dropped = facts.dropped_classes()
+    if dropped:
+        parts.append("<h3>Left out by <code>prep split --drop-small</code></h3>")
+        parts.append("<p>Classes with fewer different images than the ratios need:</p>")
+        parts.append(_table(["class", "images"], [list(kv) for kv in dropped.items()], numeric={1}, id="dropped"))
     parts.append("<h3>Skipped by <code>prep index</code></h3>")
     if facts.index is None:
         parts.append(_missing("index RAW"))

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         raise PrepError(f"--ratios must not all be zero; received {text!r}")
     if values[0] == 0:
         raise PrepError(f"--ratios needs a non-zero train share; received {text!r}")
-    return tuple(v / total for v in values)  # type: ignore[return-value]
+    # in exact arithmetic, so 7:2:1, 70:20:10 and 0.7:0.2:0.1 give the same fractions (in floats
+    # the last sums to 0.9999999999999999, and 0.7 / that is 0.7000000000000001: another split)
+    exact = [Fraction(p.strip()) for p in parts]
+    return tuple(float(v / sum(exact)) for v in exact)  # type: ignore[return-value]
 
 
 def allocate(n: int, ratios: tuple[float, ...]) -> list[int]:
@@ -228,7 +232,9 @@ def run(cfg: SplitConfig) -> SplitResult:
     for row in rows:
         row["split"] = splits[row["path"]]
     workdir.write_csv(cfg.out, SPLIT_COLUMNS, rows)
-    workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), settings)  # for manifest.json
+    # for manifest.json, the card and the report: the settings and the classes they left out
+    dropped = {label: counts[label] for label in sorted(small, key=NATURAL)}
+    workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), {**settings, "dropped_classes": dropped})
     table = count_table(rows)
     stamp.record(inputs, settings, [cfg.out], summary=table)
     return SplitResult(cfg.out, table, conflicts, small, excluded)
