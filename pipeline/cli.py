@@ -176,7 +176,7 @@ def executor_options(fn):
                            "the size of the local Dask cluster.")(fn)
     fn = click.option("--executor", type=Choice(["local", "serial", "dask"]), default="local",
                       show_default=True, callback=_check_executor,
-                      help="Where the work runs: local processes, this process, or Dask (pip install 'prep[dask]').")(fn)
+                      help="Where the work runs: local processes, this process, or Dask (pip install 'dask[distributed]').")(fn)
     return fn
 
 

@@ -24,7 +24,7 @@ from .errors import PrepError
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "serial", "dask")
-DASK_MISSING = "--executor dask needs Dask: pip install 'prep[dask]'"
+DASK_MISSING = "--executor dask needs Dask: pip install 'dask[distributed]'"
 T = TypeVar("T")
 IN_FLIGHT_PER_SLOT = 4  # shards submitted per worker thread: enough to hide a round-trip
 # Dask's defaults changed for the local cluster prep starts (each measured on resize, 20,000

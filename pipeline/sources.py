@@ -22,7 +22,7 @@ from .errors import PrepError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # URL protocol -> pip extra
+PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}  # URL protocol -> the fsspec package for it
 
 
 @dataclass
@@ -73,8 +73,8 @@ def _filesystem(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url)
     except ImportError as err:  # fsspec names the missing package, e.g. "Install s3fs to access S3"
-        extra = EXTRAS.get(url.split("://", 1)[0].lower())
-        hint = f": pip install 'prep[{extra}]'" if extra else ""
+        package = PACKAGES.get(url.split("://", 1)[0].lower())
+        hint = f": pip install {package}" if package else ""
         raise PrepError(f"cannot open {url}: {err}{hint}") from None
     except ValueError as err:  # "Protocol not known: ..."
         raise PrepError(f"cannot open {url}: {err}") from None

@@ -127,3 +127,23 @@ def test_classes_left_out_by_drop_small_are_recorded_and_the_card_commands_redo_
             args += ["--executor", "serial"]
         assert prep(*args, workdir=again).exit_code == 0, line
     assert (again / "splits.csv").read_bytes() == (work / "splits.csv").read_bytes()
+
+
+def test_the_tfrecord_snippet_reads_the_records_without_prep(tmp_path, prep, monkeypatch):
+    from conftest import make_tree
+
+    raw = make_tree(tmp_path / "raw", {"cat": 12, "dog": 10})
+    result = prep("run", raw, "--size", "8", "--format", "tfrecord", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    work = tmp_path / "work"
+    text = (work / "README.md").read_text(encoding="utf-8")
+    block = text.split("**tfrecord**\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert "pipeline" not in block
+    monkeypatch.chdir(work)
+    scope: dict = {}
+    exec(block, scope)
+    pairs = [(image.numpy(), int(label)) for image, label in scope["train"]]
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert len(pairs) == manifest["splits"]["train"]["count"]
+    assert all(image.shape == (8, 8, 3) for image, _ in pairs)
+    assert {label for _, label in pairs} == {0, 1}

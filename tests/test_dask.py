@@ -185,11 +185,11 @@ def _held(cluster, prefix: str) -> list:
 
 def test_without_dask_installed_the_error_says_what_to_install(tmp_path, corpus, prep, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
-    with pytest.raises(PrepError, match=r"pip install 'prep\[dask\]'"):
+    with pytest.raises(PrepError, match=r"pip install 'dask\[distributed\]'"):
         with executors.make_executor("dask"):
             pass
     result = prep("index", corpus, "--executor", "dask")
-    assert_one_line_error(result, "--executor dask", "pip install 'prep[dask]'")
+    assert_one_line_error(result, "--executor dask", "pip install 'dask[distributed]'")
     assert not (tmp_path / "work" / "labels.csv").exists()
 
 

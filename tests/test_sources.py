@@ -205,7 +205,7 @@ def test_a_missing_filesystem_package_names_the_extra_to_install(monkeypatch, pr
     if "gs" in fsspec.registry:
         pytest.skip("gcsfs was imported by an earlier test")
     monkeypatch.setitem(sys.modules, "gcsfs", None)
-    assert_one_line_error(prep("index", "gs://bucket/raw"), "gs://bucket/raw", "pip install 'prep[gcs]'")
+    assert_one_line_error(prep("index", "gs://bucket/raw"), "gs://bucket/raw", "pip install gcsfs")
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (3 << 20) + 7])

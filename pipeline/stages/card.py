@@ -42,10 +42,19 @@ with h5py.File("dataset.h5", "r") as f:
     x_train, y_train = f["train/images"][:], f["train/labels"][:]  # uint8 (N, H, W, C), int64 (N,)
     classes = list(f.attrs["classes"])  # label id = position""",
     "tfrecord": """\
-import pipeline  # prep's loaders (pip install prep), for any of the formats
-train = pipeline.load_tf("tfrecord", "train").shuffle(10_000).batch(64)  # (uint8 H x W x C, int64) pairs""",
+import json, tensorflow as tf  # tfrecord/features.json describes the records and lists the shards
+spec = json.load(open("tfrecord/features.json"))
+features = {k: tf.io.FixedLenFeature(f["shape"], tf.as_dtype(f["dtype"])) for k, f in spec["features"].items()}
+files = [f"tfrecord/{shard['file']}" for shard in spec["splits"]["train"]["shards"]]
+def parse(record):
+    x = tf.io.parse_single_example(record, features)
+    return tf.io.decode_png(x["image/encoded"], spec["image"]["channels"]), x["image/class/label"]
+train = tf.data.TFRecordDataset(files, compression_type=spec["compression"] or None).map(parse)""",
+    "tf.data": """\
+import pipeline  # prep's loaders, installed with prep, for any of the formats
+train = pipeline.load_tf("{file}", "train").shuffle(10_000).batch(64)  # (uint8 H x W x C, int64) pairs""",
     "numpy": """\
-import pipeline  # prep's loaders (pip install prep), for any of the formats
+import pipeline  # prep's loaders, installed with prep, for any of the formats
 (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pipeline.load("{file}")
 classes = pipeline.load_classes("{file}")""",
 }
@@ -230,8 +239,7 @@ def render(facts: Facts) -> str | None:
                 parts.append(f"**{fmt}**\n\n" + _code(LOADING[fmt].replace("{x}", x)))
         first = FILES.get(formats[0], ".")
         parts.append("**numpy, any format**\n\n" + _code(LOADING["numpy"].replace("{file}", first)))
-        if "tfrecord" not in formats:
-            parts.append("**tf.data, any format**\n\n" + _code(LOADING["tfrecord"].replace('"tfrecord"', f'"{first}"')))
+        parts.append("**tf.data, any format**\n\n" + _code(LOADING["tf.data"].replace("{file}", first)))
 
     parts.append("## Checksums\n")
     files = facts.files()
