@@ -282,6 +282,8 @@ def sample(ctx, name, out):
 def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers, scheduler):
     from .stages import index as stage
 
+    if pattern and labels_from != "filename":
+        raise PrepError(f"--pattern {pattern!r} takes the class from file names: pass --labels-from filename too")
     cfg = stage.IndexConfig(
         raw=raw, workdir=ctx.workdir, out=ctx.workdir.output(out, "labels.csv"), labels_from=labels_from,
         pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links,

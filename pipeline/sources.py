@@ -78,6 +78,8 @@ def _filesystem(url: str):
         raise PrepError(f"cannot open {url}: {err}{hint}") from None
     except ValueError as err:  # "Protocol not known: ..."
         raise PrepError(f"cannot open {url}: {err}") from None
+    except Exception as err:  # a filesystem that connects as it starts (ftp, sftp): host, login, ...
+        raise PrepError(f"cannot open {url}: {type(err).__name__}: {err}") from None
     return fs, path.rstrip("/")
 
 

@@ -221,6 +221,20 @@ def test_raw_without_images_is_a_one_line_error(tmp_path, prep):
     assert not (tmp_path / "work" / "labels.csv").exists()
 
 
+def test_images_directly_in_raw_get_a_hint_at_the_two_ways_out(tmp_path, prep):
+    for i in range(3):
+        write_image(tmp_path / "china" / f"photo-{i}.png")
+    result = prep("index", tmp_path / "china")
+    assert_one_line_error(result, "no images found", "3 images are directly in it", "--labels-from filename")
+    assert prep("index", tmp_path / "china", "--labels-from", "filename").exit_code == 0
+
+
+def test_a_pattern_without_labels_from_filename_is_an_error_not_ignored(tmp_path, prep, tree):
+    result = prep("index", tree, "--pattern", "(?P<label>[a-z]+)")
+    assert_one_line_error(result, "--pattern", "--labels-from filename")
+    assert not (tmp_path / "work" / "labels.csv").exists()
+
+
 def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
     raw = make_tree(tmp_path / "raw", {"cat": 2})
     (raw / "empty_class").mkdir()

@@ -260,13 +260,13 @@ def test_rerun_retries_a_file_that_was_missing_and_puts_back_a_deleted_output(tm
     assert "Resized 29 images" in first.stdout and "1 rejected" in first.stdout
     source.write_bytes(kept)
     retried = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in retried.stdout and "29 already up to date" in retried.stdout
+    assert "Resized 1 image " in retried.stdout and "29 already up to date" in retried.stdout
 
     work = tmp_path / "work"
     before = snapshot(work)
     (work / "resized" / "cat" / "img3.png").unlink()
     result = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in result.stdout and "29 already up to date" in result.stdout
+    assert "Resized 1 image " in result.stdout and "29 already up to date" in result.stdout
     assert snapshot(work) == before
     again = prep("resize", "--size", "8", "--executor", "serial")
     assert "Up to date: 30 images" in again.stdout
@@ -289,7 +289,7 @@ def test_labels_rewritten_during_a_run_are_read_again_by_the_next(tmp_path, prep
     assert "Resized 30 images" in prep("resize", "--size", "8", "--executor", "serial").stdout
     monkeypatch.undo()
     result = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in result.stdout and "30 already up to date" in result.stdout
+    assert "Resized 1 image " in result.stdout and "30 already up to date" in result.stdout
     assert (tmp_path / "work" / "resized" / "cat" / "late.png").is_file()
 
 
@@ -305,7 +305,7 @@ def test_a_source_rewritten_after_index_is_rejected_until_indexed_again(tmp_path
     assert "cat/img3.png" in rejected and "file changed since `prep index`" in rejected
     assert prep("index", tree).exit_code == 0
     again = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in again.stdout and "0 rejected" in again.stdout
+    assert "Resized 1 image " in again.stdout and "0 rejected" in again.stdout
     pixels = imaging.decode_png((tmp_path / "work" / "resized" / "cat" / "img3.png").read_bytes())
     assert (pixels == (1, 2, 3)).all()
 
@@ -363,7 +363,7 @@ def test_changing_one_source_redoes_only_that_one(tmp_path, prep, tree):
 
     assert prep("index", tree).exit_code == 0
     result = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in result.stdout and "28 already up to date" in result.stdout
+    assert "Resized 1 image " in result.stdout and "28 already up to date" in result.stdout
     after = snapshot(work)
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
     assert changed == {"resized/cat/img3.png", "resized/dog/img0.png", "resized.csv"}
@@ -499,7 +499,7 @@ def test_an_output_replaced_by_a_dangling_link_is_made_again(tmp_path, prep, tre
     target.unlink()
     target.symlink_to(tmp_path / "gone.png")
     result = prep("resize", "--size", "8", "--executor", "serial")
-    assert "Resized 1 images" in result.stdout
+    assert "Resized 1 image " in result.stdout
     assert not target.is_symlink() and target.read_bytes() == before
 
 

@@ -208,6 +208,10 @@ def test_a_missing_filesystem_package_names_the_extra_to_install(monkeypatch, pr
     assert_one_line_error(prep("index", "gs://bucket/raw"), "gs://bucket/raw", "pip install gcsfs")
 
 
+def test_a_filesystem_that_cannot_connect_is_a_one_line_error_naming_the_url(prep):
+    assert_one_line_error(prep("index", "ftp://127.0.0.1:1/raw"), "cannot open ftp://127.0.0.1:1/raw", "refused")
+
+
 @pytest.mark.parametrize("size", [0, 1, 4096, (3 << 20) + 7])
 @pytest.mark.parametrize("most_per_read", [None, 1000])  # a filesystem that returns short reads
 def test_read_file_returns_every_byte_and_the_status_after_reading(tmp_path, monkeypatch, size, most_per_read):

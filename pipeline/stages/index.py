@@ -33,6 +33,7 @@ SETTLED_NS = 2_000_000_000
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
 DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
 NO_MATCH = "name does not match --pattern"
+LOOSE = "not in a class folder"  # an image directly in RAW, when classes come from folders
 NATURAL = workdir.natural_key
 
 
@@ -183,7 +184,7 @@ def run(cfg: IndexConfig) -> IndexResult:
     for rel in listing.files:
         if pattern is None:
             if "/" not in rel:
-                listing.skip("not in a class folder", rel)
+                listing.skip(LOOSE, rel)
                 continue
             labelled.append((rel.split("/", 1)[0], rel))
         else:
@@ -199,10 +200,14 @@ def run(cfg: IndexConfig) -> IndexResult:
             f" (e.g. {sorted(unlabelled, key=NATURAL)[0]}); the label is its (?P<label>...) group"
         )
     if not labelled:
+        loose = len(listing.skipped.get(LOOSE, ()))
         raise PrepError(
             f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
             f"{', '.join(sorted(e[1:] for e in sources.IMAGE_EXTENSIONS))};"
             f" skipped {_files(listing.skipped_count - listing.skipped_folders, listing.skipped_folders)})"
+            + (f"; {loose} image{'s are' if loose != 1 else ' is'} directly in it: if it is one class's folder,"
+               " pass the folder that holds the class folders; to take each class from the file name, pass"
+               " --labels-from filename" if loose else "")
         )
     previous = _previous_rows(cfg.workdir, cfg.out)
     order = None if previous is None else [(label, rel) for rel, (label, _) in previous.items()]

@@ -60,7 +60,8 @@ class ResizeResult:
         if self.skipped == self.total:
             return f"Up to date: {self.total} images, {rejected}"
         rate = self.written / self.seconds if self.seconds > 0 and self.written else 0.0
-        return f"Resized {self.written} images ({rate:.0f} images/s), {self.skipped} already up to date, {rejected}"
+        images = f"{self.written} image{'s' * (self.written != 1)}"
+        return f"Resized {images} ({rate:.0f} images/s), {self.skipped} already up to date, {rejected}"
 
 
 def output_names(rels: list[str]) -> dict[str, str]:

@@ -212,7 +212,7 @@ def run(cfg: SplitConfig) -> SplitResult:
         raise PrepError(
             f"class {label!r} has {_images(counts[label], len(owned.get(label, ())))}; the ratios need at least"
             f" {needed} different images per class (add images, or pass --drop-small to leave out the"
-            f" {len(small)} small classes)"
+            f" {'small class' if len(small) == 1 else f'{len(small)} small classes'})"
         )
     for label in small:
         log.warning("dropping class %r: %s, fewer than the %d different images the splits need", label,
