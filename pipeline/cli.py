@@ -71,6 +71,13 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (_NO_ARGS_IS_HELP, OneLineUsageError):
             raise
+        except click.NoSuchOption as err:
+            own = {name for param in self.params for name in param.opts}  # prep's own, as --workdir
+            if err.option_name in own and err.ctx is not None:
+                err = click.UsageError(
+                    f"{err.option_name} is an option of prep itself: put it before the command"
+                    f" (prep {err.option_name} ... {err.ctx.info_name} ...)", err.ctx)
+            raise OneLineUsageError(err) from None
         except click.UsageError as err:
             raise OneLineUsageError(err) from None
 
