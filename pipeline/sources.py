@@ -20,7 +20,7 @@ from typing import Any
 from . import workdir
 from .errors import PrepError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}  # URL protocol -> the fsspec package for it
 

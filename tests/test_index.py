@@ -96,7 +96,7 @@ def test_a_bad_pattern_is_a_one_line_error(tmp_path, prep, pattern):
 def test_extensions_are_case_insensitive(tmp_path, prep):
     raw = tmp_path / "raw"
     kinds = {"a.JPG": "JPEG", "b.Png": "PNG", "c.TIFF": "TIFF", "d.webp": "WEBP", "e.jpeg": "JPEG",
-             "f.Tif": "TIFF", "g.BMP": "BMP", "h.gif": "GIF"}
+             "f.Tif": "TIFF", "g.BMP": "BMP", "h.gif": "GIF", "i.JFIF": "JPEG", "j.jpe": "JPEG"}
     for name, fmt in kinds.items():
         write_image(raw / "x" / name, fmt=fmt)
     write_image(raw / "x" / "notes.txt.bak", fmt="PNG")
@@ -104,7 +104,10 @@ def test_extensions_are_case_insensitive(tmp_path, prep):
     result = prep("index", raw)
     rows = read_labels(tmp_path / "work" / "labels.csv")
     assert sorted(r["path"].split("/")[1] for r in rows) == sorted(kinds)
-    assert "Found 8 images in 1 class (skipped 2 files)" in result.stdout
+    assert "Found 10 images in 1 class (skipped 2 files)" in result.stdout
+    assert prep("resize", "--size", "4", "--executor", "serial").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "work" / "resized" / "x").iterdir()) == sorted(
+        n.rsplit(".", 1)[0] + ".png" for n in kinds)
 
 
 def test_hidden_and_junk_files_are_skipped_counted_and_never_classes(tmp_path, prep):
@@ -243,9 +246,13 @@ def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
     result = prep("index", raw)
     assert result.exit_code == 0
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert "empty_class" in warnings[0] and "only_text" in warnings[1]
+    assert warnings[2].startswith("WARNING: one class only (cat): a classifier needs at least two")
     assert "Found 2 images in 1 class" in result.stdout
+    (raw / "empty_class" / "a.png").write_bytes((raw / "cat" / "img0.png").read_bytes())
+    again = prep("index", raw)
+    assert "one class only" not in again.stderr and "Found 3 images in 2 classes" in again.stdout
 
 
 def test_workdir_inside_raw_is_refused(tmp_path, prep):

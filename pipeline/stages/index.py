@@ -154,6 +154,14 @@ def hash_files(
     return result, failed
 
 
+def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int]) -> None:
+    for name in empty:
+        log.warning("class folder %s/%s has no images; it is not a class", raw, name)
+    if len(classes) == 1:
+        log.warning("one class only (%s): a classifier needs at least two; is %s the folder that holds the"
+                    " class folders?", next(iter(classes)), raw)
+
+
 def run(cfg: IndexConfig) -> IndexResult:
     raw = sources.canonical(cfg.raw)
     if not sources.exists(raw):
@@ -173,9 +181,8 @@ def run(cfg: IndexConfig) -> IndexResult:
     digest = _listing_digest(cfg, raw, listing, listed_ns, pattern)
     recorded = _unchanged(cfg, digest)
     if recorded is not None:
-        for name in recorded["empty_classes"]:
-            log.warning("class folder %s/%s has no images; it is not a class", raw, name)
         classes = dict(sorted(recorded["classes"].items(), key=lambda kv: NATURAL(kv[0])))  # JSON sorted them
+        _warn_about_classes(raw, recorded["empty_classes"], classes)
         unlabelled = [] if pattern is None else [r for r in listing.files if label_from_filename(r, pattern) is None]
         return IndexResult(cfg.out, recorded["images"], classes, recorded["skipped"], recorded["empty_classes"],
                            unlabelled, listing.skipped_folders, up_to_date=True)
@@ -233,8 +240,7 @@ def run(cfg: IndexConfig) -> IndexResult:
     empty: list[str] = []
     if pattern is None:
         empty = sorted((name for name in listing.folders if name not in counts), key=NATURAL)
-        for name in empty:
-            log.warning("class folder %s/%s has no images; it is not a class", raw, name)
+    _warn_about_classes(raw, empty, class_counts)
 
     workdir.write_csv(cfg.out, LABEL_COLUMNS, rows)
     skipped = {reason: len(items) for reason, items in sorted(listing.skipped.items())}
