@@ -9,6 +9,7 @@ settings in force now.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,11 +89,31 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     return _judge("index", True, reasons, "")
 
 
+def _journaled(wd: workdir.Workdir) -> int | None:
+    """How many images an interrupted resize finished (its journal's records), None if none was."""
+    from .resize import JOURNAL, PENDING
+
+    try:
+        with open(wd.path(JOURNAL), encoding="utf-8") as handle:
+            return len({row["path"] for row in map(_json_line, handle) if row and PENDING not in row})
+    except FileNotFoundError:
+        return None
+
+
+def _json_line(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # the line a killed run was writing
+        return None
+
+
 def resize_status(wd: workdir.Workdir, spec: ResizeSpec) -> StageStatus:
     table = wd.path(workdir.RESIZED)
+    journaled = _journaled(wd)
+    interrupted = f"interrupted after {_count(journaled or 0, 'image')}; run `prep resize` to finish"
     if not table.exists():
-        return StageStatus("resize", "missing", ["run `prep resize`"])
-    reasons = []
+        return StageStatus("resize", "missing", [interrupted if journaled is not None else "run `prep resize`"])
+    reasons = [interrupted] if journaled is not None else []
     try:
         labels = {r["path"]: r["sha256"] for r in workdir.read_csv(wd.labels(), ["path", "sha256"])}
     except PrepError:
