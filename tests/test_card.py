@@ -147,3 +147,14 @@ def test_the_tfrecord_snippet_reads_the_records_without_prep(tmp_path, prep, mon
     assert len(pairs) == manifest["splits"]["train"]["count"]
     assert all(image.shape == (8, 8, 3) for image, _ in pairs)
     assert {label for _, label in pairs} == {0, 1}
+
+
+def test_the_images_section_says_how_pkl_gz_stores_them_when_flat_or_float(tmp_path, prep):
+    from conftest import make_tree
+
+    raw = make_tree(tmp_path / "raw", {"cat": 6, "dog": 6})
+    assert prep("run", raw, "--size", "8x4", "--format", "pkl.gz", "--flat", "--executor", "serial").exit_code == 0
+    text = (tmp_path / "work" / "README.md").read_text(encoding="utf-8")
+    assert "uint8 arrays of shape (N, 4, 8, 3)" in section(text, "Images")
+    assert "dataset.pkl.gz holds them flat, (N, 96).\n" in section(text, "Images")
+    assert "prep pack --format pkl.gz --flat\n" in section(text, "How it was made")

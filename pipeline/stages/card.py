@@ -188,10 +188,13 @@ def render(facts: Facts) -> str | None:
 
     parts.append("## Images\n")
     if shape:
+        pickled = ((facts.settings().get("pack") or {}).get("pkl.gz") or {}) if "pkl.gz" in facts.formats() else {}
+        stored = [what for key, what in (("flat", f"flat, (N, {shape[0] * shape[1] * shape[2]})"),
+                                         ("as_float", "float32 in [0, 1]")) if pickled.get(key)]
         parts.append(
             f"{shape[0]} x {shape[1]} pixels (width x height), {colour}, 8 bits per channel: images are uint8"
             f" arrays of shape (N, {shape[1]}, {shape[0]}, {shape[2]}) (N, height, width, channels) and labels"
-            " int64 ids.\n"
+            " int64 ids" + (f"; dataset.pkl.gz holds them {' and '.join(stored)}" if stored else "") + ".\n"
         )
     else:
         parts.append("Not resized yet: run `prep resize`.\n")
