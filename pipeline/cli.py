@@ -310,7 +310,7 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Labels CSV [default: WORKDIR/labels.csv].")
 @click.option("--labels-from", type=Choice(["folder", "filename"]), default="folder", show_default=True,
               help="Class from the first-level folder, or from the file name with --pattern.")
-@click.option("--pattern", help=r"Regex on the file stem with a (?P<label>...) group [default: part before the last -<digits>].")
+@click.option("--pattern", help=r"Regex on the file stem with a (?P<label>...) group [default: the part before the last -, _, . or space and digits].")
 @click.option("--follow-links", is_flag=True, help="Follow symbolic links.")
 @executor_options
 @pass_ctx

@@ -60,19 +60,26 @@ def test_files_directly_in_raw_are_skipped_in_folder_mode(tmp_path, prep):
 
 def test_labels_from_filename_with_the_default_pattern(tmp_path, prep):
     raw = tmp_path / "flat"
-    for name in ["drop-12.png", "drop-2.png", "motor-3.png", "motor-10.jpg", "wet-road-7.png", "nodigits.png"]:
+    for name in ["drop-12.png", "drop-2.png", "motor-3.png", "motor-10.jpg", "wet-road-7.png", "nodigits.png",
+                 "cat_001.png", "cat.1234.jpg", "cat 7.png", "v1-3.png", "img12.png"]:
         write_image(raw / name)
     result = prep("index", raw, "--labels-from", "filename")
     assert result.exit_code == 0, result.output
     rows = read_labels(tmp_path / "work" / "labels.csv")
     assert [(r["path"], r["label"]) for r in rows] == [
+        ("cat 7.png", "cat"),
+        ("cat.1234.jpg", "cat"),
+        ("cat_001.png", "cat"),
         ("drop-2.png", "drop"),
         ("drop-12.png", "drop"),
         ("motor-3.png", "motor"),
         ("motor-10.jpg", "motor"),
+        ("v1-3.png", "v1"),
         ("wet-road-7.png", "wet-road"),
     ]
-    assert "Found 5 images in 3 classes (skipped 1 file)" in result.stdout
+    assert "Found 9 images in 5 classes (skipped 2 files)" in result.stdout
+    skipped = json.loads((tmp_path / "work" / "index.json").read_text())["skipped_examples"]
+    assert skipped["name does not match the label pattern (--pattern)"] == ["img12.png", "nodigits.png"]
 
 
 def test_labels_from_filename_with_a_custom_pattern(tmp_path, prep):

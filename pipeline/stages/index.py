@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 SETTLED_NS = 2_000_000_000
 
 LABEL_COLUMNS = ["path", "label", "sha256", "bytes"]
-DEFAULT_PATTERN = r"^(?P<label>.+)-\d+$"
-NO_MATCH = "name does not match --pattern"
+# the name up to its last run of digits after a -, _, . or space: drop-12, cat_001, cat.1234, wet-road 7
+DEFAULT_PATTERN = r"^(?P<label>.+)[-_. ]\d+$"
+NO_MATCH = "name does not match the label pattern (--pattern)"
 LOOSE = "not in a class folder"  # an image directly in RAW, when classes come from folders
 NATURAL = workdir.natural_key
 
