@@ -82,6 +82,13 @@ class Group(click.Group):
             raise OneLineUsageError(err) from None
 
 
+def _failed(ctx: "Context", message: str) -> click.ClickException:
+    """The one-line error (on stderr); with --json, stdout gets it too, as {"error": ...}."""
+    if ctx.json:
+        click.echo(json.dumps({"error": message}, ensure_ascii=False))
+    return click.ClickException(message)
+
+
 class Context:
     """What every command shares: the work directory and how much to say, and in what form."""
 
@@ -131,12 +138,12 @@ def delegate(fn=None, *, lock: bool = True):
             with ctx.workdir.lock() if lock else contextlib.nullcontext():
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
-            raise click.ClickException(str(err)) from None
+            raise _failed(ctx, str(err)) from None
         except OutputClosed:  # Click's own handling of a closed stdout: exit 1, quietly
             raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None
         except OSError as err:  # a folder that cannot be created or written, a full disk, ...
             where = f"{err.filename}: " if err.filename else ""
-            raise click.ClickException(f"{where}{err.strerror or err}") from None
+            raise _failed(ctx, f"{where}{err.strerror or err}") from None
         except KeyboardInterrupt:
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(130)

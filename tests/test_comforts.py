@@ -31,6 +31,14 @@ def stage_states(result) -> dict[str, dict]:
     return {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
 
 
+def test_a_failing_command_with_json_prints_the_error_as_json_too(project: Path):
+    result = invoke("split", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error.endswith("labels.csv does not exist; run `prep index RAW` first (or pass the file's path)")
+    assert result.stderr.strip() == f"Error: {error}"
+
+
 def test_every_command_prints_json_on_stdout(project: Path):
     commands = [
         ["sample", "digits", "digits"],
