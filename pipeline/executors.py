@@ -223,14 +223,15 @@ def _unboxed(boxed: Future) -> Future:
 
 def _prep_version() -> str:
     """This prep's version and what else decides the bytes of its outputs: the PNG encoder
-    (the deflate package's version) and the JPEG decoders (simplejpeg's and Pillow's builds of
-    libjpeg-turbo)."""
+    (the deflate package's version), the transform's revision and the decoders (simplejpeg's and
+    Pillow's builds of libjpeg-turbo)."""
     from importlib.metadata import version
 
     from . import __version__
-    from .spec import PNG_ENCODING
+    from .spec import PNG_ENCODING, TRANSFORM_REVISION
 
-    return f"{__version__} ({PNG_ENCODING}, simplejpeg {version('simplejpeg')}, pillow {version('pillow')})"
+    return (f"{__version__} ({PNG_ENCODING}, transform {TRANSFORM_REVISION}, simplejpeg {version('simplejpeg')},"
+            f" pillow {version('pillow')})")
 
 
 def _check_workers(client, scheduler: str) -> None:
