@@ -451,20 +451,18 @@ def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp
     assert snapshot(work) == expected
 
 
-def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
-    raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
-    clean, work = tmp_path / "clean", tmp_path / "work"
-    for wd in (clean, work):
-        assert prep("index", raw, workdir=wd).exit_code == 0
-    assert prep("resize", "--size", "8", "--executor", "serial", workdir=clean).exit_code == 0
-
-    # the same command, slowed down per image so that it can be killed half way
+def slowed_prep_half_way(work: Path, *args) -> subprocess.Popen:
+    """``prep --workdir WORK ARGS`` in a process group of its own, each image slowed down, once
+    its resize journal holds 8 lines: a run half way, to be killed or interrupted."""
     script = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        # as in a terminal: a test run started in the background (nohup, a CI runner) ignores
+        # SIGINT, and its children inherit that
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from pipeline import cli, imaging\n"
         "real = imaging.transform\n"
         "imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]\n"
-        f"sys.argv = ['prep', '-q', '--workdir', {str(work)!r}, 'resize', '--size', '8', '--workers', '2']\n"
+        f"sys.argv = ['prep', '-q', '--workdir', {str(work)!r}, *{[str(a) for a in args]!r}]\n"
         "cli.main()\n"
     )
     proc = subprocess.Popen(
@@ -474,10 +472,21 @@ def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         if journal.exists() and journal.read_text().count("\n") >= 8:
-            break
+            return proc
         time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.fail(f"resize finished before it could be killed: {proc.stderr.read().decode()}")
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"the run ended, or took a minute, before it was half way: {proc.stderr.read().decode()}")
+
+
+def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    for wd in (clean, work):
+        assert prep("index", raw, workdir=wd).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial", workdir=clean).exit_code == 0
+
+    proc = slowed_prep_half_way(work, "resize", "--size", "8", "--workers", "2")
     os.killpg(proc.pid, signal.SIGKILL)  # the command and its worker processes
     proc.wait()
     assert (work / resize.JOURNAL).exists() and not (work / "resized.csv").exists()
@@ -532,29 +541,7 @@ def test_ctrl_c_stops_the_run_with_one_line_and_a_rerun_resumes(tmp_path, prep):
     raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
     clean, work = tmp_path / "clean", tmp_path / "work"
     assert prep("run", raw, "--size", "8", "--format", "pkl.gz", "--executor", "serial", workdir=clean).exit_code == 0
-    script = (
-        "import signal, sys, time\n"
-        # as in a terminal: a test run started in the background (nohup, a CI runner) ignores
-        # SIGINT, and its children inherit that
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-        "from pipeline import cli, imaging\n"
-        "real = imaging.transform\n"
-        "imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]\n"
-        f"sys.argv = ['prep', '-q', '--workdir', {str(work)!r}, 'run', {str(raw)!r}, '--size', '8',"
-        " '--format', 'pkl.gz', '--workers', '3']\n"
-        "cli.main()\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    journal = work / resize.JOURNAL
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        if journal.exists() and journal.read_text().count("\n") >= 8:
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.fail(f"the run finished before it could be interrupted: {proc.stderr.read().decode()}")
+    proc = slowed_prep_half_way(work, "run", raw, "--size", "8", "--format", "pkl.gz", "--workers", "3")
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the command and its workers
     assert proc.wait(timeout=60) == 130
     stderr = proc.stderr.read().decode()

@@ -171,6 +171,8 @@ def render(facts: Facts) -> str | None:
     shape = facts.image_shape()
     colour = {1: "grayscale", 3: "RGB"}.get(shape[2], f"{shape[2]} channels") if shape else ""
     made = f" by prep {facts.version}" + (f" on {facts.time()}" if facts.time() else "")
+    settings, formats = facts.settings(), facts.formats()
+    pickled = ((settings.get("pack") or {}).get("pkl.gz") or {}) if "pkl.gz" in formats else {}  # its options
 
     parts = [front_matter(name, classes, table), f"# {name}\n"]
     parts.append(
@@ -188,7 +190,6 @@ def render(facts: Facts) -> str | None:
 
     parts.append("## Images\n")
     if shape:
-        pickled = ((facts.settings().get("pack") or {}).get("pkl.gz") or {}) if "pkl.gz" in facts.formats() else {}
         stored = [what for key, what in (("flat", f"flat, (N, {shape[0] * shape[1] * shape[2]})"),
                                          ("as_float", "float32 in [0, 1]")) if pickled.get(key)]
         parts.append(
@@ -199,7 +200,6 @@ def render(facts: Facts) -> str | None:
     else:
         parts.append("Not resized yet: run `prep resize`.\n")
 
-    settings = facts.settings()
     parts.append("## How it was made\n")
     parts.append(_code("\n".join(commands(facts)), "sh"))
     parts.append(
@@ -228,13 +228,11 @@ def render(facts: Facts) -> str | None:
     parts.append("`report/index.html` beside this card shows samples of every class, the source image sizes,"
                  " rejected files, duplicates and label conflicts.\n")
 
-    formats = facts.formats()
     parts.append("## Loading\n")
     if not formats:
         parts.append("Not packaged yet: run `prep pack`.\n")
     else:
         parts.append("From this folder, in Python:\n")
-        pickled = (settings.get("pack") or {}).get("pkl.gz") or {}
         x = ("float32 in [0, 1]" if pickled.get("as_float") else "uint8") + (
             " (N, H*W*C)" if pickled.get("flat") else " (N, H, W, C)")
         for fmt in formats:

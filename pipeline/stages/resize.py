@@ -126,20 +126,29 @@ def _previous_state(wd: workdir.Workdir) -> dict[str, dict]:
                 state[row["path"]] = row
         except (PrepError, KeyError):
             state = {}
-    journal = wd.path(JOURNAL)
-    if journal.exists():
-        with open(journal, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # the line a killed run was writing (a rerun appends after it)
-                if PENDING in row:  # outputs about to be written: forget them until their records follow
-                    for path in row[PENDING]:
-                        state.pop(path, None)
-                else:
-                    state[row["path"]] = row
+    for row in journal_entries(wd):
+        if PENDING in row:  # outputs about to be written: forget them until their records follow
+            for path in row[PENDING]:
+                state.pop(path, None)
+        else:
+            state[row["path"]] = row
     return state
+
+
+def journal_entries(wd: workdir.Workdir) -> Iterator[dict]:
+    """The journal of an interrupted run (nothing if there is none), in order: a record per
+    image finished, and before each shard's files a note of the images about to be written
+    (``{PENDING: [path, ...]}``)."""
+    try:
+        handle = open(wd.path(JOURNAL), encoding="utf-8")
+    except FileNotFoundError:
+        return
+    with handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the line a killed run was writing (a rerun appends after it)
 
 
 def _is_current(prev: dict | None, sha: str, settings: str, out_dir: str) -> bool:

@@ -9,7 +9,6 @@ settings in force now.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,27 +88,12 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     return _judge("index", True, reasons, "")
 
 
-def _journaled(wd: workdir.Workdir) -> int | None:
-    """How many images an interrupted resize finished (its journal's records), None if none was."""
-    from .resize import JOURNAL, PENDING
-
-    try:
-        with open(wd.path(JOURNAL), encoding="utf-8") as handle:
-            return len({row["path"] for row in map(_json_line, handle) if row and PENDING not in row})
-    except FileNotFoundError:
-        return None
-
-
-def _json_line(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # the line a killed run was writing
-        return None
-
-
 def resize_status(wd: workdir.Workdir, spec: ResizeSpec) -> StageStatus:
+    from .resize import JOURNAL, PENDING, journal_entries
+
     table = wd.path(workdir.RESIZED)
-    journaled = _journaled(wd)
+    # images an interrupted run finished; None when no run was interrupted
+    journaled = len({e["path"] for e in journal_entries(wd) if PENDING not in e}) if wd.path(JOURNAL).exists() else None
     interrupted = f"interrupted after {_count(journaled or 0, 'image')}; run `prep resize` to finish"
     if not table.exists():
         return StageStatus("resize", "missing", [interrupted if journaled is not None else "run `prep resize`"])
