@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 		{ echo "prep needs Python 3.11 or newer (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
 	$(BIN)/python -m compileall -q pipeline  # as a regular install does: each command starts without compiling
 	touch $@
 
@@ -39,17 +39,13 @@ verify-train: install
 report: install
 	$(PREP) report
 
-# The report as headless Chromium renders it, to $(OUT)/report/screenshot.png (Chromium is
-# installed from Debian packages when missing).
-SHOT := $(abspath $(OUT))/report/screenshot.png
+# The report as headless Chromium renders it, the whole page at 1280 px and at 390 px (a phone),
+# to $(OUT)/report/screenshot-<width>.png; fails when the page is wider than the screen.
+# Chromium is installed from Debian packages when missing.
 report-check: report
 	@command -v chromium >/dev/null || { echo "Installing chromium (apt-get)"; \
 		$$([ "$$(id -u)" = 0 ] || echo sudo) sh -c 'apt-get update && apt-get install -y chromium'; }
-	@rm -f '$(SHOT)'; profile=$$(mktemp -d); \
-	chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
-		--disable-component-update --disable-sync --user-data-dir=$$profile --screenshot='$(SHOT)' \
-		--window-size=1280,4000 'file://$(abspath $(OUT))/report/index.html' 2>/dev/null; \
-	rm -rf $$profile; test -s '$(SHOT)' && echo "Screenshot: $(SHOT)"
+	$(BIN)/python tests/report_check.py '$(OUT)/report/index.html' --widths 1280,390
 
 test: install
 	$(BIN)/python -m pytest -n 2 -q

@@ -3,6 +3,7 @@
     python bench/run.py                  # 10 classes x 2,000 JPEG photos (about 20k files)
     python bench/run.py --per-class 20   # smoke run: completes in well under a minute
     python bench/run.py --large          # pack 100k small images into h5 and tfrecord
+    python bench/run.py --near-copies    # the near-copy search to 1M hashes; prep split on 100k
 
 Every row runs as its own process (or, for prep, one process per command, as a user types
 them) and is timed end to end, start-up and imports included. Peak memory is sampled from the
@@ -535,6 +536,55 @@ def large_benchmark(args) -> int:
     return 0
 
 
+NEAR_TARGET_S = 60  # prep split of 100,000 images, near-copy search included
+NEAR_SEARCHES = [(100_000, "random"), (300_000, "random"), (1_000_000, "random"), (100_000, "cluster100"),
+                 (1_000_000, "cluster100"), (100_000, "cluster1000")]
+
+
+def near_copies_benchmark(args) -> int:
+    """The near-copy search on synthetic hashes, `prep split` on 100,000 images, and what the
+    perceptual hashes add to each image's transform (bench/nearcopies.py does the work)."""
+    warn_if_busy()
+    script = str(HERE / "nearcopies.py")
+    logs = WORK / "logs"
+    searches = []
+    for n, kind in NEAR_SEARCHES[: 3 if args.quick else None]:
+        print(f"near-copy search: {n:,} {kind} hashes ...", flush=True)
+        run = require_ok(measure([PYTHON, script, "search", str(n), kind], logs / f"near-search-{n}-{kind}.log"))
+        found = _last_json(run.log)
+        searches.append({**found, "seconds": run.seconds, "peak_pss_mb": run.peak_pss_mb})
+    splits = []
+    for kind in ("random", "cluster100"):
+        folder = WORK / f"near-split-{kind}"
+        set_aside(folder)
+        subprocess.run([PYTHON, script, "workdir", "100000", kind, str(folder)], check=True)
+        print(f"prep split on 100,000 images ({kind} hashes) ...", flush=True)
+        run = require_ok(measure([PREP, "--workdir", str(folder), "-q", "split"], logs / f"near-split-{kind}.log"))
+        splits.append({"kind": kind, "images": 100_000, "seconds": run.seconds, "peak_pss_mb": run.peak_pss_mb,
+                       "met": run.seconds < NEAR_TARGET_S})
+    raw = corpus.ensure("photos", 100, args.seed)
+    print(f"perceptual hashes on {raw} ...", flush=True)
+    run = require_ok(measure([PYTHON, script, "cost", str(raw)], logs / "near-cost.log"))
+    cost = _last_json(run.log)
+    print(f"\n  {'hashes':>10} {'kind':<12}{'pairs':>12}{'groups':>9}{'largest':>9}{'search s':>10}{'all s':>8}"
+          f"{'PSS MB':>8}")
+    for s in searches:
+        print(f"  {s['hashes']:>10,} {s['kind']:<12}{s['pairs']:>12,}{s['groups']:>9,}{s['largest']:>9,}"
+              f"{s['search_s']:>10.1f}{s['seconds']:>8.1f}{s['peak_pss_mb']:>8.0f}")
+    for s in splits:
+        print(f"  prep split, 100,000 images, {s['kind']} hashes: {s['seconds']:.1f} s, {s['peak_pss_mb']:.0f} MB"
+              f" (target < {NEAR_TARGET_S} s: {'met' if s['met'] else 'NOT MET'})")
+    print(f"  hashes per image: +{cost['added_us']} us on a transform of {cost['transform_us']} us"
+          f" ({cost['images']} photos, 32x32)")
+    save("near_copies", {"machine": machine(), "search": searches, "split": splits, "hash_cost": cost})
+    print(f"results: {RESULTS}")
+    return 0
+
+
+def _last_json(log) -> dict:
+    return json.loads([line for line in Path(log).read_text().splitlines() if line.startswith("{")][-1])
+
+
 def clear_pack_outputs(workdir: Path) -> None:
     """Remove what an earlier `prep pack` wrote, so the pack is measured, not its up-to-date check."""
     for path in list(workdir.glob("dataset*")) + [workdir / "tfrecord", workdir / "manifest.json"]:
@@ -559,6 +609,10 @@ def compile_prep() -> None:
 
 
 def main() -> int:
+    if "--scale" in sys.argv[1:]:  # a benchmark of its own, with its own options
+        import scale
+
+        return scale.main([arg for arg in sys.argv[1:] if arg != "--scale"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=2000, help="JPEG images per class (10 classes) [2000]")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
@@ -567,6 +621,11 @@ def main() -> int:
                         help="rows to leave out (dask: the executor comparison)")
     parser.add_argument("--large", action="store_true", help="only the packing benchmark on 100k small images")
     parser.add_argument("--large-images", type=int, default=100_000, help="images for --large [100000]")
+    parser.add_argument("--near-copies", action="store_true",
+                        help="only the near-copy benchmark: the pair search to 1M hashes, prep split on 100k")
+    parser.add_argument("--quick", action="store_true", help="with --near-copies: leave out the largest searches")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the scale benchmark: every command at growing sizes (see scale.py --help)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1; received {args.repeat}")
@@ -579,6 +638,8 @@ def main() -> int:
     WORK.mkdir(exist_ok=True)
     compile_prep()
     try:
+        if args.near_copies:
+            return near_copies_benchmark(args)
         return large_benchmark(args) if args.large else main_benchmark(args)
     finally:
         empty_trash()  # after every timing, or a failure: see set_aside

@@ -3,17 +3,21 @@
 Architecture (data flows one way, top to bottom; no module imports one above it)::
 
     cli.py          parse options, build a stage config, call the stage, report
+    cli_support.py  what every command shares: errors as one line, --json, the lock, prep.toml
     config.py       defaults from prep.toml / [tool.prep], checked against the CLI's options
     stages/         one module per command: sample, index, resize, split, encode, pack, verify,
                     train (verify-train), report and card, status
-    loaders.py      the public load API (load, load_tf, load_classes); verify-train uses it too
+    loaders.py      the public load API (load, load_tf, load_torch, load_classes, load_frame);
+                    verify-train uses it too
     imaging.py      the pure per-image transform: bytes in, 8-bit pixels or a reason out
     spec.py         the resize settings (what decides the pixels), without imaging's imports
+    nearcopy.py     perceptual hashes of an image, and the search for near copies among them
     executors.py    serial / local processes / Dask behind concurrent.futures.Executor
     sources.py      listing and reading the RAW tree, a folder or an fsspec URL
-    manifest.py     manifest.json: settings, counts and checksums of what was packaged
+    checks.py       warnings about the data (folders, class counts, source sizes), kept in index.json
+    manifest.py     manifest.json: settings, counts, class weights and checksums of what was packaged
     workdir.py      the work directory's files, atomic writes, CSV/JSON, locks, up-to-date stamps
-    formats/        pkl.gz, h5, tfrecord: a writer and readers each, in one registry
+    formats/        pkl.gz, h5, tfrecord, parquet: a writer and readers each, in one registry
     errors.py       the exceptions the CLI prints as one-line messages
 """
 
@@ -40,3 +44,18 @@ def load_classes(path):
     from .loaders import load_classes
 
     return load_classes(path)
+
+
+def load_torch(path, split="train", transform=None):
+    """A map-style dataset of one split for torch.utils.data.DataLoader: ds[i] -> (uint8 H x W x C
+    numpy image, or transform(image), int label), from Parquet, h5 or pkl.gz; torch is not imported."""
+    from .loaders import load_torch
+
+    return load_torch(path, split, transform)
+
+
+def load_frame(path):
+    """A pandas DataFrame with one row per indexed image of a work directory (rejected ones with their reason)."""
+    from .loaders import load_frame
+
+    return load_frame(path)

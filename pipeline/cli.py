@@ -1,174 +1,24 @@
 """The `prep` command line: parse options, build a stage config, call the stage, report.
 
-Nothing else lives here. Stage modules are imported inside each command, so `prep --help`
-does not pay for numpy, scikit-learn or tensorflow.
+Nothing else lives here: what every command shares (errors, --json, the lock, prep.toml) is
+in :mod:`pipeline.cli_support`. Stage modules are imported inside each command, so
+`prep --help` does not pay for numpy, scikit-learn or tensorflow.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
 import json
-import logging
-import os
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_support import (Choice, Group, configure, count_table, delegate, echo, effective_settings, padded, pass_ctx,
+                          settings_file, text_width)
 from .errors import PrepError
 from .spec import INTERPOLATION_NAMES, RESIZE_MODES
 
-FORMATS = ("pkl.gz", "h5", "tfrecord")
-
-
-class Choice(click.Choice):
-    """click.Choice that suggests the nearest valid value: `--format h6` -> did you mean 'h5'?"""
-
-    def convert(self, value, param, ctx):
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter as err:
-            from .config import suggest
-
-            hint = suggest(value, self.choices)
-            raise click.BadParameter(
-                f"{value!r} is not one of {', '.join(map(repr, self.choices))}{hint}", ctx, param
-            ) from err
-
-
-# plain `prep` (Click 8.2 and later raise this to show the help): shown as Click shows it
-_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
-
-
-class OneLineUsageError(click.UsageError):
-    """A mistake on the command line, shown as one line instead of Click's usage block."""
-
-    def __init__(self, err: click.UsageError):
-        message = " ".join(line.strip() for line in err.format_message().splitlines() if line.strip())
-        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
-        super().__init__(message.removesuffix(".") + where, err.ctx)
-
-    def show(self, file=None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
-
-
-class Group(click.Group):
-    """The prep group: usage errors (bad option values, unknown options or commands, missing
-    arguments), whether found while parsing or while a command runs, are one line."""
-
-    def make_context(self, *args, **kwargs):
-        try:
-            return super().make_context(*args, **kwargs)
-        except _NO_ARGS_IS_HELP:
-            raise
-        except click.UsageError as err:
-            raise OneLineUsageError(err) from None
-
-    def invoke(self, ctx):
-        try:  # covers finding the command, and making and running its context
-            return super().invoke(ctx)
-        except (_NO_ARGS_IS_HELP, OneLineUsageError):
-            raise
-        except click.NoSuchOption as err:
-            own = {name for param in self.params for name in param.opts}  # prep's own, as --workdir
-            if err.option_name in own and err.ctx is not None:
-                err = click.UsageError(
-                    f"{err.option_name} is an option of prep itself: put it before the command"
-                    f" (prep {err.option_name} ... {err.ctx.info_name} ...)", err.ctx)
-            raise OneLineUsageError(err) from None
-        except click.UsageError as err:
-            raise OneLineUsageError(err) from None
-
-
-def _failed(ctx: "Context", message: str) -> click.ClickException:
-    """The one-line error (on stderr); with --json, stdout gets it too, as {"error": ...}."""
-    if ctx.json:
-        click.echo(json.dumps({"error": message}, ensure_ascii=False))
-    return click.ClickException(message)
-
-
-class Context:
-    """What every command shares: the work directory and how much to say, and in what form."""
-
-    def __init__(self, workdir: Path, quiet: bool, verbose: int, as_json: bool = False):
-        from .workdir import Workdir
-
-        self.workdir = Workdir(workdir)
-        self.quiet = quiet
-        self.verbose = verbose
-        self.json = as_json
-        self.configure_logging()
-
-    @property
-    def progress(self) -> bool:
-        return not self.quiet
-
-    def execution(self, executor: str, workers: int | None, scheduler: str | None):
-        from .executors import Execution
-
-        return Execution(executor, workers, scheduler, self.progress)
-
-    def configure_logging(self) -> None:
-        if self.quiet:
-            level = logging.ERROR
-        else:
-            level = logging.DEBUG if self.verbose > 1 else logging.INFO if self.verbose else logging.WARNING
-        logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-def delegate(fn=None, *, lock: bool = True):
-    """Give a command -q/-v/--json, print its result, and turn a PrepError into one line and exit 1.
-
-    A command that writes into the work directory holds its lock (``lock=True``) while it runs.
-    """
-    if fn is None:
-        return functools.partial(delegate, lock=lock)
-
-    @functools.wraps(fn)
-    def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, **kwargs):
-        if quiet or verbose or as_json:
-            ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
-            ctx.configure_logging()
-        try:
-            with ctx.workdir.lock() if lock else contextlib.nullcontext():
-                result = fn(ctx, *args, **kwargs)
-        except PrepError as err:
-            raise _failed(ctx, str(err)) from None
-        except OutputClosed:  # Click's own handling of a closed stdout: exit 1, quietly
-            raise BrokenPipeError(errno.EPIPE, "Broken pipe") from None
-        except OSError as err:  # a folder that cannot be created or written, a full disk, ...
-            where = f"{err.filename}: " if err.filename else ""
-            raise _failed(ctx, f"{where}{err.strerror or err}") from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted; run the same command again to resume.", err=True)
-            sys.exit(130)
-        if ctx.json and result is not None:
-            click.echo(json.dumps(to_json(result), indent=2, ensure_ascii=False, default=str))
-
-    wrapper = click.option("--json", "as_json", is_flag=True,
-                           help="Print a machine-readable summary on stdout (messages go to stderr).")(wrapper)
-    wrapper = click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")(wrapper)
-    return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(wrapper)
-
-
-def to_json(result):
-    """A stage result (dataclass), or a dict of them, as plain JSON data with its summary."""
-    import dataclasses
-
-    if isinstance(result, dict):
-        return {key: to_json(value) for key, value in result.items()}
-    if dataclasses.is_dataclass(result):
-        data = dataclasses.asdict(result)
-        summary = getattr(result, "summary", None)
-        if isinstance(summary, str):
-            data["summary"] = summary
-        return data
-    return result
+FORMATS = ("pkl.gz", "h5", "tfrecord", "parquet")
+CLASS_ORDERS = ("natural", "alphabetical")
 
 
 def _check_executor(ctx, param, value):
@@ -246,28 +96,7 @@ def cli(ctx, workdir, quiet, verbose):
       index -> resize -> split -> encode -> pack -> verify -> verify-train
     `prep run RAW` runs them all.
     """
-    settings = _settings(ctx)
-    if "workdir" in settings.group and ctx.get_parameter_source("workdir") == click.core.ParameterSource.DEFAULT:
-        if not isinstance(settings.group["workdir"], str):
-            raise click.ClickException(
-                f"{settings.source}: workdir must be a folder name in quotes; received {settings.group['workdir']!r}"
-            )
-        workdir = Path(settings.group["workdir"])
-    ctx.default_map = _default_map(settings)
-    ctx.obj = Context(workdir, quiet, verbose)
-
-
-class OutputClosed(Exception):
-    """stdout was closed by its reader (`prep split | head -1`): not an error of the run."""
-
-
-def echo(ctx: Context, text: str) -> None:
-    """A human message: stdout, or stderr when stdout carries --json; nothing with --quiet."""
-    if not ctx.quiet:
-        try:
-            click.echo(text, err=ctx.json)
-        except BrokenPipeError:
-            raise OutputClosed from None
+    configure(ctx, workdir, quiet, verbose)
 
 
 # -- sample ---------------------------------------------------------------------------------
@@ -293,22 +122,22 @@ def sample(ctx, name, out):
 # -- index ----------------------------------------------------------------------------------
 
 
-def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers, scheduler):
+def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers, scheduler, allow_outside_links=False):
     from .stages import index as stage
 
     if pattern and labels_from != "filename":
         raise PrepError(f"--pattern {pattern!r} takes the class from file names: pass --labels-from filename too")
     cfg = stage.IndexConfig(
         raw=raw, workdir=ctx.workdir, out=ctx.workdir.output(out, "labels.csv"), labels_from=labels_from,
-        pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links,
+        pattern=pattern or stage.DEFAULT_PATTERN, follow_links=follow_links, allow_outside_links=allow_outside_links,
         execution=ctx.execution(executor, workers, scheduler),
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
     if ctx.verbose or not ctx.quiet:
-        width = max(_width(c) for c in result.class_counts)
+        width = max(text_width(c) for c in result.class_counts)
         for label, n in result.class_counts.items():
-            echo(ctx, f"  {_pad(label, width)}  {n:>7}")
+            echo(ctx, f"  {padded(label, width)}  {n:>7}")
     return result
 
 
@@ -318,7 +147,8 @@ def _index(ctx, raw, out, labels_from, pattern, follow_links, executor, workers,
 @click.option("--labels-from", type=Choice(["folder", "filename"]), default="folder", show_default=True,
               help="Class from the first-level folder, or from the file name with --pattern.")
 @click.option("--pattern", help=r"Regex on the file stem with a (?P<label>...) group [default: the part before the last -, _, . or space and digits].")
-@click.option("--follow-links", is_flag=True, help="Follow symbolic links.")
+@click.option("--follow-links", is_flag=True, help="Follow symbolic links (not those that loop or lead out of RAW).")
+@click.option("--allow-outside-links", is_flag=True, help="With --follow-links, follow links that lead out of RAW too.")
 @executor_options
 @pass_ctx
 @delegate
@@ -362,38 +192,40 @@ def resize(ctx, **options):
 # -- split ----------------------------------------------------------------------------------
 
 
-def _split(ctx, labels, out, ratios, seed, drop_small):
+def _split(ctx, labels, out, ratios, seed, drop_small, near_copies="default", on_conflict="keep", group_by=None,
+           groups=None):
     from .stages import split as stage
 
     cfg = stage.SplitConfig(
         workdir=ctx.workdir, labels=ctx.workdir.labels(labels),
         out=ctx.workdir.output(out, "splits.csv"), ratios=stage.parse_ratios(ratios), seed=seed,
-        drop_small=drop_small,
+        drop_small=drop_small, near_copies=near_copies, on_conflict=on_conflict, group_by=group_by, groups=groups,
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
-    echo(ctx, _table(result.table, stage.SPLITS))
+    echo(ctx, count_table(result.table, stage.SPLITS))
+    for note in result.notes:
+        echo(ctx, note)
     return result
 
 
-def _width(text: str) -> int:
-    """Columns ``text`` takes in a terminal: wide (e.g. Korean) characters take two."""
-    import unicodedata
-
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def _pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - _width(text))
-
-
-def _table(table: dict[str, dict[str, int]], columns) -> str:
-    width = max([5] + [_width(k) for k in table])
-    lines = [f"  {'class':<{width}}" + "".join(f"{c:>8}" for c in columns)]
-    for label, counts in table.items():
-        lines.append(f"  {_pad(label, width)}" + "".join(f"{counts[c]:>8}" for c in columns))
-    lines.append(f"  {'total':<{width}}" + "".join(f"{sum(t[c] for t in table.values()):>8}" for c in columns))
-    return "\n".join(lines)
+def grouping_options(fn):
+    """What `prep split` keeps together, shared by `prep run`."""
+    options = [
+        click.option("--near-copies", type=Choice(["off", "strict", "default"]), default="default", show_default=True,
+                     help="Keep near copies (re-saved, resized, retouched) in one split: strict: perceptual hashes"
+                          " within 4 bits; default: also 5-8 bits when the finer hash agrees."),
+        click.option("--on-conflict", type=Choice(["keep", "drop", "error"]), default="keep", show_default=True,
+                     help="One picture under two labels (listed in conflicts.csv): keep both, drop both, or fail."),
+        click.option("--group-by", metavar="REGEX",
+                     help="Keep the images of one group in one split: a regex with (?P<group>...) matched on the"
+                          " path, e.g. '(?P<group>patient\\d+)'."),
+        click.option("--groups", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Keep the images of one group in one split: a CSV with columns path,group."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 @cli.command()
@@ -402,6 +234,7 @@ def _table(table: dict[str, dict[str, int]], columns) -> str:
 @click.option("--ratios", default="7:2:1", show_default=True, help="train:valid:test, e.g. 7:2:1, 0.8,0.2,0 or 80:10:10.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the assignment.")
 @click.option("--drop-small", is_flag=True, help="Leave out classes too small for the ratios instead of failing.")
+@grouping_options
 @pass_ctx
 @delegate
 def split(ctx, **options):
@@ -412,12 +245,13 @@ def split(ctx, **options):
 # -- encode ---------------------------------------------------------------------------------
 
 
-def _encode(ctx, splits, classes):
+def _encode(ctx, splits, classes, class_order="natural"):
     from .stages import encode as stage
 
     cfg = stage.EncodeConfig(
         workdir=ctx.workdir, splits=ctx.workdir.input(splits, "splits.csv", made_by="split"),
         classes_out=ctx.workdir.path("classes.json"), out=ctx.workdir.path("encoded.csv"), pinned=classes,
+        class_order=class_order,
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
@@ -428,6 +262,9 @@ def _encode(ctx, splits, classes):
 @click.argument("splits", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Pin an existing classes.json so classes keep their ids.")
+@click.option("--class-order", type=Choice(CLASS_ORDERS), default="natural", show_default=True,
+              help="Ids in natural order (2 before 10) or alphabetical, Python's sorted() (10 before 2), "
+                   "as torchvision's ImageFolder and Keras number folders.")
 @pass_ctx
 @delegate
 def encode(ctx, **options):
@@ -439,8 +276,8 @@ def encode(ctx, **options):
 
 
 @cli.command("verify-train")
-@click.option("--format", "fmt", type=Choice(["pkl.gz", "h5", "tfrecord"]),
-              help="Packaged format to train on [default: the first found: pkl.gz, h5, tfrecord].")
+@click.option("--format", "fmt", type=Choice(FORMATS),
+              help="Packaged format to train on [default: the first found: pkl.gz, h5, tfrecord, parquet].")
 @click.option("--model", type=Choice(["cnn", "small", "mlp"]), default="cnn", show_default=True,
               help="cnn: the original workflow's CNN; small: a smaller CNN; mlp: one hidden layer.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True,
@@ -451,15 +288,20 @@ def encode(ctx, **options):
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of weights, shuffling and dropout.")
 @click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of the headroom above the majority baseline the test accuracy must reach.")
+@click.option("--class-weight", type=Choice(["none", "balanced"]), default="none", show_default=True,
+              help="balanced: weigh each class inversely to its train images (manifest.json's class_weights).")
+@click.option("--save-model", is_flag=True, help="Keep the trained model as verify/model.keras.")
 @pass_ctx
-@delegate
-def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin):
-    """Train a Keras model on the packaged data and check that it learned."""
+@delegate(makes_workdir=False)
+def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin, class_weight, save_model):
+    """Train a Keras model on the packaged data and check that it learned.
+
+    One progress bar runs over every epoch; -v logs each epoch's loss and accuracy.
+    """
     from .stages import train as stage
 
-    # Keras logs epochs on stdout, which carries the JSON with --json
-    cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin,
-                            ctx.progress and not ctx.json)
+    cfg = stage.TrainConfig(ctx.workdir, fmt, model, epochs, batch_size, patience, seed, margin, ctx.progress,
+                            class_weight, save_model)
     result = stage.run(cfg)
     echo(ctx, result.summary)
     return result
@@ -468,10 +310,10 @@ def verify_train(ctx, fmt, model, epochs, batch_size, patience, seed, margin):
 # -- report ---------------------------------------------------------------------------------
 
 
-def _report(ctx, out=None, samples=8):
+def _report(ctx, out=None, samples=8, license="unknown"):
     from .stages import report as stage
 
-    cfg = stage.ReportConfig(ctx.workdir, ctx.workdir.output(out, stage.REPORT), samples)
+    cfg = stage.ReportConfig(ctx.workdir, ctx.workdir.output(out, stage.REPORT), samples, license)
     result = stage.run(cfg)
     echo(ctx, result.summary)
     return result
@@ -481,8 +323,11 @@ def _report(ctx, out=None, samples=8):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="[default: WORKDIR/report/index.html]")
 @click.option("--samples", type=click.IntRange(min=0), default=8, show_default=True,
               help="Resized images shown per class.")
+@click.option("--license", default="unknown", show_default=True, metavar="ID",
+              help="The dataset card's license: a Hugging Face Hub license id (cc-by-4.0, mit, ...), "
+                   "unknown, or other (the card then points to a LICENSE file beside it).")
 @pass_ctx
-@delegate
+@delegate(makes_workdir=False)
 def report(ctx, **options):
     """Write a self-contained HTML report and the dataset card (WORKDIR/README.md).
 
@@ -530,9 +375,9 @@ def _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, executor
 @pack_options
 @executor_options
 @pass_ctx
-@delegate
+@delegate(makes_workdir=False)
 def pack(ctx, **options):
-    """Write the split, encoded, resized images as pkl.gz, h5 and tfrecord/, then manifest.json.
+    """Write the split, encoded, resized images as pkl.gz, h5, tfrecord/ and data/ (Parquet), then manifest.json.
 
     A format whose file already matches its inputs and options is left as it is.
     """
@@ -555,7 +400,7 @@ def _verify(ctx, workdir, executor, workers, scheduler):
 @click.argument("workdir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @executor_options
 @pass_ctx
-@delegate(lock=False)
+@delegate(lock="read")
 def verify(ctx, **options):
     """Check the packaged files of WORKDIR [default: --workdir] against manifest.json and their sources.
 
@@ -578,97 +423,40 @@ def verify(ctx, **options):
 @click.option("--ratios", default="7:2:1", show_default=True, help="As in `prep split`.")
 @click.option("--seed", type=int, default=42, show_default=True, help="As in `prep split`.")
 @click.option("--drop-small", is_flag=True, help="As in `prep split`.")
+@grouping_options
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="As in `prep encode`.")
+@click.option("--class-order", type=Choice(CLASS_ORDERS), default="natural", show_default=True,
+              help="As in `prep encode`.")
+@click.option("--license", default="unknown", show_default=True, metavar="ID", help="As in `prep report`.")
 @pack_options
 @executor_options
 @pass_ctx
 @delegate
 def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolation, channels, background, fill,
-            max_pixels, strict, ratios, seed, drop_small, classes, formats, flat, as_float, shard_mb,
-            tfrecord_compression, executor, workers, scheduler):
+            max_pixels, strict, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups, classes,
+            class_order, license, formats, flat, as_float, shard_mb, tfrecord_compression, executor, workers, scheduler):
     """Run every stage on RAW with one set of options."""
+    from .stages.card import check_license
     from .stages.split import parse_ratios
 
     # check every value before the first stage starts, not when its stage is reached
     parse_ratios(ratios)
+    check_license(license)
     build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
     return {
         "index": _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options),
         "resize": _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels,
                           strict, **run_options),
-        "split": _split(ctx, None, None, ratios, seed, drop_small),
-        "encode": _encode(ctx, None, classes),
+        "split": _split(ctx, None, None, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups),
+        "encode": _encode(ctx, None, classes, class_order),
         "pack": _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options),
         "verify": _verify(ctx, None, **run_options),
-        "report": _report(ctx),
+        "report": _report(ctx, license=license),
     }
 
 
 # -- settings: prep.toml, config, status --------------------------------------------------
-
-RUN_PARTS = ("index", "resize", "split", "encode", "pack")
-COMMON = {"quiet", "verbose", "as_json", "help"}
-
-
-def _option_names(command: click.Command) -> dict[str, click.Parameter]:
-    """Every spelling a settings file may use for an option (``labels-from``, ``format``) -> its parameter."""
-    names = {}
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name not in COMMON:
-            names[param.name] = param
-            for opt in param.opts:
-                names[opt.lstrip("-").replace("-", "_")] = param
-    return names
-
-
-def _settings(ctx: click.Context):
-    from . import config
-
-    try:
-        settings = config.find(Path.cwd())
-        config.check(
-            settings,
-            set(_option_names(ctx.command)),
-            {name: set(_option_names(cmd)) for name, cmd in cli.commands.items()},
-        )
-    except PrepError as err:
-        raise click.ClickException(str(err)) from None
-    return settings
-
-
-def _default_map(settings) -> dict[str, dict]:
-    """Click's default_map from the settings file; `run` takes every stage's table, then its own."""
-    default_map: dict[str, dict] = {}
-    for name, command in cli.commands.items():
-        names = _option_names(command)
-        tables = [settings.commands.get(part, {}) for part in RUN_PARTS] if name == "run" else []
-        tables.append(settings.commands.get(name, {}))
-        values = {}
-        for table in tables:
-            for key, value in table.items():
-                if key in names:
-                    param = names[key]
-                    values[param.name] = [value] if param.multiple and isinstance(value, str) else value
-        if values:
-            default_map[name] = values
-    return default_map
-
-
-def effective_settings(ctx: click.Context, name: str) -> dict[str, tuple[object, str]]:
-    """option -> (value, where it came from) for command ``name``, before any command-line flag."""
-    root = ctx.find_root()
-    source = str(_settings(root).source or "")
-    given = (root.default_map or {}).get(name, {})
-    command = cli.commands[name]
-    # parsing no arguments gives every option its effective default, converted by its type
-    values = command.make_context(name, [], parent=root, resilient_parsing=True).params
-    return {
-        param.name: (values.get(param.name), source if param.name in given else "default")
-        for param in command.params
-        if isinstance(param, click.Option) and param.name not in COMMON
-    }
-
 
 @cli.command("config")
 @click.pass_context
@@ -682,7 +470,7 @@ def show_config(ctx, click_ctx):
     Flags on the command line win over the file.
     """
     root = click_ctx.find_root()
-    settings = _settings(root)
+    settings = settings_file(root)
     data = {"file": str(settings.source) if settings.source else None, "workdir": str(ctx.workdir.root), "commands": {}}
     lines = [f"# settings file: {settings.source or 'none (prep.toml or [tool.prep] in pyproject.toml)'}",
              f"workdir = {json.dumps(str(ctx.workdir.root))}"]
@@ -703,7 +491,7 @@ def show_config(ctx, click_ctx):
 @cli.command()
 @click.pass_context
 @pass_ctx
-@delegate(lock=False)
+@delegate(lock="peek")
 def status(ctx, click_ctx):
     """For each stage: up to date, stale or missing, and why.
 
@@ -712,15 +500,19 @@ def status(ctx, click_ctx):
     """
     from .stages import status as stage
 
-    resize = {k: v for k, (v, _) in effective_settings(click_ctx, "resize").items()}
-    split = {k: v for k, (v, _) in effective_settings(click_ctx, "split").items()}
-    from .stages.split import parse_ratios
+    from .stages.split import parse_ratios, settings_of
+
+    effective = {name: effective_settings(click_ctx, name) for name in ("resize", "split")}
+    resize, split = ({k: v for k, (v, _) in effective[name].items()} for name in ("resize", "split"))
 
     cfg = stage.StatusConfig(
         workdir=ctx.workdir,
         spec=build_spec(resize["size"], resize["mode"], resize["interpolation"], resize["channels"],
                         resize["background"], resize["fill"], resize["max_pixels"]),
-        split={"ratios": list(parse_ratios(split["ratios"])), "seed": split["seed"], "drop_small": split["drop_small"]},
+        split=settings_of(parse_ratios(split["ratios"]), split["seed"], split["drop_small"], split["near_copies"],
+                          split["on_conflict"], split["group_by"], split["groups"]),
+        origins={name: {k: "defaults" if src == "default" else Path(src).name for k, (_, src) in values.items()}
+                 for name, values in effective.items()},
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("local", "serial", "dask")
 DASK_MISSING = "--executor dask needs Dask: pip install 'dask[distributed]'"
 T = TypeVar("T")
+WORKERS_PER_CORE = 4  # the most worker processes prep starts per core (--workers above is lowered)
 IN_FLIGHT_PER_SLOT = 4  # shards submitted per worker thread: enough to hide a round-trip
 # Dask's defaults changed for the local cluster prep starts (each measured on resize, 20,000
 # photos, 2 workers on 2 cores; docs/cluster.md gives the same as a file for other clusters):
@@ -74,7 +75,8 @@ def _local_executor(workers: int) -> Executor:
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if sys.platform == "linux" else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_interrupt)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+                               initargs=(os.getpid(),))
     pool.slots = workers  # type: ignore[attr-defined]
     # Fork every worker now, while this process is still small and has no other threads:
     # a pool forks on its first task, which may come after a progress bar's thread has
@@ -83,12 +85,24 @@ def _local_executor(workers: int) -> Executor:
     return pool
 
 
-def _ignore_interrupt() -> None:
+def _start_worker(parent: int) -> None:
     """In a worker: Ctrl-C reaches every process of the terminal's group, and it is the main
-    process's to handle (it stops the pool and says how to resume), not a traceback per worker."""
+    process's to handle (it stops the pool and says how to resume), not a traceback per worker;
+    so are SIGTERM and SIGHUP. A worker dies with the main process, even one killed by kill -9:
+    on Linux the kernel kills it when the thread that forked it ends, and the pool forks from
+    the main thread (:func:`_local_executor`)."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the main process ended before the line above
+        os._exit(1)
 
 
 def require(kind: str) -> None:
@@ -99,6 +113,15 @@ def require(kind: str) -> None:
         raise PrepError(DASK_MISSING)
 
 
+def bounded_workers(kind: str, workers: int | None, scheduler: str | None = None) -> int | None:
+    """``workers``, at most :data:`WORKERS_PER_CORE` per core where prep starts them (local
+    processes, a local Dask cluster): more only add memory and start-up time, as each image
+    costs a core's time. A cluster's size is its own (``scheduler``)."""
+    if workers is None or kind == "serial" or (kind == "dask" and (scheduler or os.environ.get("PREP_SCHEDULER"))):
+        return workers
+    return min(workers, WORKERS_PER_CORE * cpu_count())
+
+
 @contextlib.contextmanager
 def make_executor(kind: str = "local", workers: int | None = None, scheduler: str | None = None) -> Iterator[Executor]:
     """Open an executor of ``kind`` with ``workers`` processes (all cores by default).
@@ -107,7 +130,7 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
     or else starts a local cluster of ``workers`` single-threaded processes.
     """
     require(kind)
-    workers = workers or cpu_count()
+    workers = bounded_workers(kind, workers, scheduler) or cpu_count()
     if workers < 1:
         raise PrepError(f"--workers must be at least 1; received {workers}")
     if kind == "serial" or (kind == "local" and workers == 1):

@@ -18,6 +18,7 @@ Mode rules (documented in the README):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import re
@@ -32,6 +33,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
+from .nearcopy import perceptual_hashes
 from .spec import DEFAULT_MAX_PIXELS, PNG_LEVEL, PNG_STORED_MAX, ResizeSpec, parse_color, parse_size  # noqa: F401  (imaging.X for callers)
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "GIF", "TIFF", "WEBP"})
@@ -57,29 +59,50 @@ _TRANSPOSE = {  # EXIF orientation -> the transpose that makes the image upright
 
 
 class Rejected(Exception):
-    """The image cannot be used; ``str(err)`` is the reason recorded in rejected.csv."""
+    """The image cannot be used; ``str(err)`` is the reason recorded in rejected.csv, and
+    ``messages`` what the codecs said meanwhile (see :func:`transform`)."""
+
+    messages: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class SourceInfo:
     """What the source was, for reports: its format and mode, and its size upright (after
-    its EXIF orientation, as a viewer shows it) and before any resizing."""
+    its EXIF orientation, as a viewer shows it) and before any resizing; and the perceptual
+    hashes of that upright 8-bit image, for finding near copies (:mod:`pipeline.nearcopy`); and
+    what the codecs said while decoding it (see :func:`transform`)."""
 
     format: str
     mode: str
     width: int
     height: int
+    phash8: str = ""
+    phash16: str = ""
+    messages: tuple[str, ...] = ()
 
 
 def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
-    """Decode ``data`` once and return the resized 8-bit image (mode RGB or L) and source info."""
+    """Decode ``data`` once and return the resized 8-bit image (mode RGB or L) and source info.
+
+    What the codecs say about what they work around (libtiff's warnings and errors, Pillow's
+    warnings: corrupt EXIF, odd TIFF tags, bad code words) is not written anywhere: it comes back
+    in ``info.messages``, or the Rejected error's ``messages``, for the caller to log with the file.
+    """
+    messages: list[str] = []
+    try:
+        with _codec_messages(messages):
+            img, info = _transform(data, spec)
+    except Rejected as err:
+        err.messages = tuple(messages)
+        raise
+    return img, dataclasses.replace(info, messages=tuple(messages))
+
+
+def _transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
     if not data:
         raise Rejected("empty file (0 bytes)")
     with warnings.catch_warnings(), _pixel_limit(spec.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        # Pillow warns about what it works around (corrupt EXIF, odd TIFF tags): the image is
-        # still used, so a warning per file would only be noise in the run's output
-        warnings.simplefilter("ignore", UserWarning)
         decoded = _decode_plain_jpeg(data, spec)
         img, info = decoded[:2] if decoded else _open_with_pillow(data, spec)
         try:
@@ -89,6 +112,10 @@ def transform(data: bytes, spec: ResizeSpec) -> tuple[Image.Image, SourceInfo]:
                 if orientation >= 5:  # turned by 90 degrees: the size as a viewer shows it
                     info = SourceInfo(info.format, info.mode, info.height, info.width)
             img = _to_8bit(img, spec)
+            # a JPEG decoded at a reduced scale (draft) is hashed at that scale: a full decode
+            # would cost more than the rest of the transform
+            phash8, phash16 = perceptual_hashes(img)
+            info = dataclasses.replace(info, phash8=phash8, phash16=phash16)
             img = _resize(img, spec)
         except Rejected:
             raise
@@ -248,6 +275,93 @@ def _decode_own_png(data: bytes) -> np.ndarray | None:
     if filters.count(_PNG_NONE) == height:
         return pixels.copy()
     return None
+
+
+# -- codec messages -------------------------------------------------------------------------
+
+_libtiff_messages: list[str] | None = None  # where libtiff's handler puts messages (None: nowhere)
+
+
+@contextlib.contextmanager
+def _codec_messages(into: list[str]) -> Iterator[None]:
+    """Collect into ``into`` what the codecs say while the block runs: Pillow's warnings, and
+    libtiff's warnings and errors, which libtiff writes to stderr itself unless given a handler
+    (Pillow sets none): the C library's text would land between prep's lines and bars."""
+    global _libtiff_messages
+
+    _capture_libtiff()
+    _libtiff_messages = into
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                into.extend(_one_line(w.message) for w in caught)
+    finally:
+        _libtiff_messages = None
+
+
+@functools.cache
+def _capture_libtiff() -> bool:
+    """Hand libtiff (the one Pillow uses) a warning and error handler that keeps the messages in
+    :data:`_libtiff_messages`; once per process. False where that library or C's vsnprintf
+    cannot be found (libtiff then writes to stderr, as without prep)."""
+    import ctypes
+
+    path = _libtiff_path()
+    try:
+        libtiff = ctypes.CDLL(path) if path else None
+        libc = ctypes.CDLL(None)
+        vsnprintf = libc.vsnprintf
+    except (OSError, AttributeError, TypeError):
+        return False
+    if libtiff is None or not hasattr(libtiff, "TIFFSetWarningHandler"):
+        return False
+    # void handler(const char *module, const char *fmt, va_list ap): va_list reaches C code as
+    # a pointer on the x86-64 and ARM64 ABIs, so it is handed on to vsnprintf as one
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p)
+    vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+    def handler(module, fmt, args):
+        if _libtiff_messages is None:  # libtiff used outside transform: not prep's to show
+            return
+        text = ctypes.create_string_buffer(512)
+        vsnprintf(text, len(text), fmt, args)
+        prefix = f"{module.decode(errors='replace')}: " if module else ""
+        _libtiff_messages.append(prefix + text.value.decode(errors="replace").strip())
+
+    callback = handler_type(handler)
+    for name in ("TIFFSetWarningHandler", "TIFFSetErrorHandler"):
+        setter = getattr(libtiff, name)
+        setter.argtypes, setter.restype = [handler_type], ctypes.c_void_p
+        setter(callback)
+    _capture_libtiff.callback = callback  # type: ignore[attr-defined]  # alive as long as libtiff may call it
+    return True
+
+
+def _libtiff_path() -> str | None:
+    """The libtiff Pillow's _imaging module loaded (a wheel bundles its own), else the system's."""
+    import ctypes.util
+    import glob
+    import os
+
+    from PIL import _imaging
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:  # Linux: what is loaded
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if os.path.basename(path).startswith("libtiff"):
+                    return path
+    except OSError:
+        pass
+    here = os.path.dirname(_imaging.__file__)
+    for pattern in (".dylibs/libtiff*", "../pillow.libs/libtiff*"):  # macOS and Linux wheels
+        found = sorted(glob.glob(os.path.join(here, pattern)))
+        if found:
+            return found[0]
+    return ctypes.util.find_library("tiff")
 
 
 # -- steps ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
       "image": {"height": H, "width": W, "channels": C},
       "classes": ["name", ...],                      (label id = position)
       "splits": {"train": {"count": N, "classes": {"name": n, ...}}, "valid": ..., "test": ...},
+      "class_weights": {"name": w, ...},             (balanced, from train: what verify-train uses)
       "inputs": {"encoded.csv": sha256, "classes.json": sha256, ...},
       "files": {"dataset.h5": {"format": "h5", "bytes": n, "sha256": ...},
                 "tfrecord/train-00000-of-00001.tfrecord": {...}, ...}
@@ -20,6 +21,7 @@ It holds no timestamps, so packing the same data twice gives the same manifest.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -50,6 +52,14 @@ def describe_files(root: Path, formats: Iterable[str]) -> dict[str, dict]:
     return files
 
 
+def class_weights(counts: dict[str, int]) -> dict[str, float]:
+    """The weights that balance classes of ``counts`` images (classes without any are left out):
+    n_samples / (n_classes * n_c), scikit-learn's ``compute_class_weight("balanced")``."""
+    present = {name: n for name, n in counts.items() if n > 0}
+    total = sum(present.values())
+    return {name: round(total / (len(present) * n), 6) for name, n in present.items()}
+
+
 def optional_json(path: Path) -> dict | None:
     """The content of a settings file an earlier stage may have written, or None."""
     return workdir.read_json(path) if path.exists() else None
@@ -74,6 +84,7 @@ def build(
         "image": {"height": layout.height, "width": layout.width, "channels": layout.channels},
         "classes": list(layout.classes),
         "splits": {s: {"count": layout.counts.get(s, 0), "classes": per_class.get(s, {})} for s in SPLITS},
+        "class_weights": class_weights(per_class.get("train", {})),
         "inputs": {os.path.relpath(p, wd.root): workdir.sha256_file(p) for p in inputs},
         "files": describe_files(wd.root, formats),
     }
@@ -94,7 +105,32 @@ def read(wd: workdir.Workdir) -> dict:
     required = ("settings", "image", "classes", "splits", "inputs", "files")
     if not isinstance(data, dict) or any(key not in data for key in required):
         raise PrepError(f"{path}: not a prep manifest (expected keys {', '.join(required)})")
+    _check_entries(wd, path, data)
     return data
+
+
+def _check_entries(wd: workdir.Workdir, path: Path, data: dict) -> None:
+    """Each ``files`` and ``inputs`` entry names a file inside the work directory (links
+    resolved) and holds what :func:`build` writes: a one-line PrepError naming the first that
+    does not, before any of them is read."""
+    inside = workdir.Confined(wd.root, "the work directory")
+    for key, shape in (("files", '{"format": ..., "bytes": n, "sha256": ...}'), ("inputs", "its sha256")):
+        if not isinstance(data[key], dict):
+            raise PrepError(f"{path}: {key} is {_short(data[key])}; expected {{path: {shape}, ...}}")
+        for rel, entry in data[key].items():
+            inside(rel, f"{path} {key} entry", whole=True)
+            if key == "files":
+                ok = (isinstance(entry, dict) and isinstance(entry.get("format"), str)
+                      and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str))
+            else:
+                ok = isinstance(entry, str)
+            if not ok:
+                raise PrepError(f"{path}: {key} entry {rel!r} is {_short(entry)}; expected {shape}")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def layout(manifest: dict) -> Layout:

@@ -11,6 +11,7 @@ their credentials and endpoint from the usual environment (see docs/cluster.md).
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from dataclasses import dataclass, field
@@ -130,22 +131,42 @@ def is_dir(root: str | os.PathLike) -> bool:
     return _remote(os.fspath(root), "read", lambda fs, p: fs.isdir(p))
 
 
-def list_files(root: str | os.PathLike, *, follow_links: bool = False) -> Listing:
+def list_files(root: str | os.PathLike, *, follow_links: bool = False, outside_links: bool = False) -> Listing:
     """Every image file below ``root``, as relative ``/`` paths, in walk order (unsorted).
 
-    Hidden files and folders, junk names and other extensions are skipped with a reason, by the
-    same rules for a folder and a URL; a hidden folder is skipped whole, without listing it.
+    Hidden files and folders, junk names, other extensions and anything but regular files (FIFOs,
+    sockets, devices) are skipped with a reason, by the same rules for a folder and a URL; a
+    hidden folder is skipped whole, without listing it. Symbolic links are skipped unless
+    ``follow_links``, and then still a link that loops, is broken, or leads out of ``root``
+    (unless ``outside_links``).
     """
     path = local_path(root)
     if path is not None:
-        return _list_local(path, follow_links)
+        return _list_local(path, follow_links, outside_links)
     return _remote(os.fspath(root), "list", _list_remote)
 
 
-def _list_local(root: str, follow_links: bool) -> Listing:
+LEAVES_RAW = "symlink leaves RAW (use --allow-outside-links)"
+
+
+def _link_problem(path: str, real_root: str, outside_links: bool) -> str | None:
+    """Why the symbolic link ``path`` is not followed, or None."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop"
+        return "broken symlink" if err.errno == errno.ENOENT else f"unreadable symlink ({err.strerror})"
+    if not outside_links and not workdir.is_below(os.path.realpath(path), real_root):
+        return LEAVES_RAW
+    return None
+
+
+def _list_local(root: str, follow_links: bool, outside_links: bool) -> Listing:
     listing = Listing()
     stack = [""]
-    seen_dirs = {os.path.realpath(root)} if follow_links else None
+    real_root = os.path.realpath(root)
+    seen_dirs = {real_root} if follow_links else None
     while stack:
         rel_dir = stack.pop()
         folder = os.path.join(root, rel_dir) if rel_dir else root
@@ -158,9 +179,12 @@ def _list_local(root: str, follow_links: bool) -> Listing:
             if is_hidden(entry.name):
                 listing.skip("hidden", rel + "/" if entry.is_dir(follow_symlinks=False) else rel)
                 continue
-            if entry.is_symlink() and not follow_links:
-                listing.skip("symlink (use --follow-links)", rel)
-                continue
+            if entry.is_symlink():
+                problem = "symlink (use --follow-links)" if not follow_links else _link_problem(
+                    entry.path, real_root, outside_links)
+                if problem:
+                    listing.skip(problem, rel)
+                    continue
             if entry.is_dir(follow_symlinks=follow_links):
                 if seen_dirs is not None:
                     real = os.path.realpath(entry.path)
@@ -219,13 +243,28 @@ def _version(info: dict) -> str | None:
     return None
 
 
-def read_versioned(root: str | os.PathLike, rel: str) -> tuple[bytes, tuple[int, Any] | None]:
+def read_versioned(
+    root: str | os.PathLike, rel: str, *, outside_links: bool = False
+) -> tuple[bytes, tuple[int, Any] | None]:
     """The bytes of ``rel`` and, for a local root, its (size, mtime in ns) as the listing records
-    them, read after the bytes (a file rewritten meanwhile shows a new version); None for a URL."""
+    them, read after the bytes (a file rewritten meanwhile shows a new version); None for a URL.
+    Locally, only a regular file is read, and a symbolic link only to one inside ``root`` (or
+    anywhere with ``outside_links``, as `prep index --allow-outside-links` follows them): an
+    OSError otherwise. (The folders of ``rel`` are the caller's to check, with
+    :class:`workdir.Confined`: once per folder, not per file.)"""
     path = local_path(root)
     if path is None:
         return read_bytes(root, rel), None
-    data, seen = workdir.read_file(os.path.join(path, rel))
+    full = os.path.join(path, rel)
+    try:
+        data, seen = workdir.read_file(full, follow_links=outside_links)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        # a link (as `prep index --follow-links` takes them): where it leads decides
+        if not workdir.is_below(os.path.realpath(full), os.path.realpath(path)):
+            raise OSError(errno.EINVAL, "symbolic link to a file outside RAW", full) from None
+        data, seen = workdir.read_file(full)
     return data, (seen.st_size, seen.st_mtime_ns)
 
 

@@ -1,4 +1,4 @@
-"""The work directory: file names, atomic writes, CSV/JSON I/O and up-to-date stamps.
+"""The work directory: file names, its lock, atomic writes, CSV/JSON I/O and up-to-date stamps.
 
 Every stage reads its inputs from, and writes its outputs to, one folder (``processed/`` by
 default). The files below are the contract between stages::
@@ -6,10 +6,10 @@ default). The files below are the contract between stages::
     labels.csv      index   path,label,sha256,bytes    (path relative to the RAW root)
     index.json      index   RAW root, settings, counts, skipped files
     resized/        resize  one lossless PNG per usable image, mirroring RAW's tree
-    resized.csv     resize  path,sha256,resized,status,reason,width,height,mode
+    resized.csv     resize  path,sha256,resized,resized_sha256,status,reason,width,height,mode
     rejected.csv    resize  path,label,reason          (images that could not be used)
     resize.json     resize  the resize settings (size, mode, channels, ...)
-    splits.csv      split   path,label,sha256,resized,split
+    splits.csv      split   path,label,sha256,resized,resized_sha256,split
     split.json      split   ratios, seed
     classes.json    encode  {"classes": [...]}         (label id = position)
     encoded.csv     encode  splits.csv + label_id
@@ -18,25 +18,33 @@ default). The files below are the contract between stages::
 
 All writes go through :func:`atomic_write` (a temporary file in the same folder, fsynced, then
 renamed over the target) or :func:`atomic_write_bytes` (on Linux, a new file made unnamed and
-linked in once written), so an interrupted run never leaves a half-written file.
+linked in once written), so an interrupted run never leaves a half-written file. A command
+holds the work directory through :meth:`Workdir.lock` (``.lock``): one writer at a time.
+Paths read back from these files are checked with :class:`Confined` before use: they stay
+inside RAW, ``resized/`` or the work directory whatever a damaged or crafted file says.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import io
 import json
+import logging
 import operator
 import os
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import PrepError, StageInputMissing
+
+log = logging.getLogger(__name__)
 
 
 LABELS = "labels.csv"
@@ -93,35 +101,116 @@ class Workdir:
 
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the work directory for one command: a second prep writing here fails at once.
+    def lock(self, *, shared: bool = False, wait: bool = True, create: bool = True) -> Iterator[None]:
+        """Hold the work directory for one command, in ``.lock``.
 
-        A work directory that does not exist yet is not created here (the stage checks first
-        that it is not inside RAW); its first run goes unlocked.
+        A writer (``shared=False``) holds it alone: it fails at once if another writer holds it,
+        and waits for readers to finish. A missing work directory is made first (unless
+        ``create`` is false: the stage will say why it may not be made, e.g. inside RAW), so two
+        first runs never share it. Readers (``shared=True``) share it, and wait for a writer,
+        saying so, or with ``wait=False`` go on beside it with a warning. A reader goes on
+        without the lock where the folder does not exist or gives no permission to make or open
+        the lock file (a colleague's folder, a read-only mount): it writes nothing.
         """
         import fcntl
 
-        if not self.root.is_dir():
+        if not shared and create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        fd = self._open_lock(shared) if self.root.is_dir() else None
+        if fd is None:
             yield
             return
-        # a POSIX record lock: owned by this process alone (worker processes forked from it do
-        # not hold it) and released by the kernel when the process dies, even by kill -9
-        with open(self.root / ".lock", "a+") as handle:
-            try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise PrepError(f"another prep command ({holder}) is working in {self.root}; wait for it") from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()}")
-            handle.flush()
+        try:
+            if shared:
+                held = self._lock_shared(fd, wait)
+            else:
+                self._lock_exclusive(fd)
+                os.ftruncate(fd, 0)  # only now: the lock is held, and the file is a regular one
+                os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+                held = True
             try:
                 yield
             finally:
-                handle.truncate(0)
-                fcntl.lockf(handle, fcntl.LOCK_UN)
+                if held:
+                    if not shared:
+                        os.ftruncate(fd, 0)
+                    fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _open_lock(self, shared: bool) -> int | None:
+        """``.lock`` opened without following a link and without truncating it; None for a reader
+        that may not make or open it. (O_NONBLOCK: opening a FIFO put there would wait forever.)"""
+        import stat
+
+        path = self.root / ".lock"
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+            except PermissionError:
+                if not shared:
+                    raise
+                fd = os.open(path, os.O_RDONLY | flags)  # a shared lock needs only read access
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise PrepError(f"{path} is a symbolic link; prep keeps its lock in a regular file there:"
+                                " remove the link") from None
+            if shared and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                return None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise PrepError(f"{path} is not a regular file; prep keeps its lock there: remove it")
+        return fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """" (pid N)" of the writer holding the lock, as it wrote there; "" if not written yet."""
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return f" ({text})" if text.startswith("pid ") else ""
+
+    def _lock_exclusive(self, fd: int) -> None:
+        """Take the lock alone: at once, or after the readers that hold it (a writer fails at once)."""
+        import fcntl
+
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        try:  # only readers hold it if it can be shared
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise PrepError(f"another prep command{self._holder(fd)} is working in {self.root}; wait for it") from None
+            raise
+        # waiting holds nothing (two writers upgrading shares would wait on each other); a writer
+        # that comes meanwhile is then waited for too
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        log.warning("waiting for the prep commands reading %s to finish", self.root)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+
+    def _lock_shared(self, fd: int, wait: bool) -> bool:
+        """Share the lock with other readers; whether it is held (False: a writer has it, and
+        ``wait`` is false, or the file system keeps no locks)."""
+        import fcntl
+
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                return False  # no locks here (ENOLCK): reading goes on as it would unlocked
+        if not wait:
+            log.warning("prep%s is working in %s: what it has not finished shows as stale or missing",
+                        self._holder(fd), self.root)
+            return False
+        # the kernel releases a writer's lock when it ends, even by kill -9, so this wait ends with it
+        log.warning("waiting for prep%s working in %s", self._holder(fd), self.root)
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+        return True
 
     def relative(self, path: str | os.PathLike) -> str:
         """``path`` relative to the work directory when inside it (so a copied work directory
@@ -202,7 +291,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
 
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-_READ_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+NOT_REGULAR = "not a regular file"  # the reason a FIFO, socket or device is not read
+# O_NONBLOCK: opening a FIFO put where a file was expected returns at once (and is then
+# refused), where a plain open would wait for a writer forever
+_READ_FILE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
@@ -318,13 +410,18 @@ def _write_all(fd: int, data: bytes, fsync: bool) -> None:
         os.fsync(fd)
 
 
-def read_file(path: str | os.PathLike) -> tuple[bytes, os.stat_result]:
+def read_file(path: str | os.PathLike, *, follow_links: bool = True) -> tuple[bytes, os.stat_result]:
     """A file's bytes, and its status after reading them. Through ``os`` rather than ``open()``:
     for the small files of a dataset, the buffered file object's own work (its status calls,
-    a read in pieces) costs as much as the reading."""
-    fd = os.open(path, _READ_FILE)
+    a read in pieces) costs as much as the reading. Only a regular file is read: anything else
+    (a FIFO, a socket, a device) is an OSError "not a regular file"; with ``follow_links=False``
+    a symbolic link is one too (ELOOP)."""
+    fd = os.open(path, _READ_FILE if follow_links else _READ_FILE | os.O_NOFOLLOW)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
+        size = st.st_size
         parts = []
         while part := os.read(fd, size + 1 if not parts else 1 << 20):  # one call, then the end
             parts.append(part)
@@ -365,6 +462,65 @@ def remove_stale_temps(folder: Path) -> None:
                 entry.unlink(missing_ok=True)
 
 
+# -- paths read from files -------------------------------------------------------------------
+
+
+class Confined:
+    """The root that paths read from a file must stay below: labels.csv's images below RAW, the
+    resized names of resized.csv, splits.csv and encoded.csv below ``resized/``, manifest.json's
+    entries below the work directory, so that no crafted or damaged row reads or writes elsewhere.
+
+    ``Confined(root, "RAW")(rel, where)`` returns ``rel`` if it is a relative ``/`` path below
+    ``root``, else raises a one-line PrepError naming ``where`` (the file and line): empty, absolute,
+    a drive (``C:\\``), a ``..`` component, a NUL character, or under a local ``root`` (None for
+    a URL: its text alone is checked) a folder that resolves, through symbolic links, outside
+    it. The folders found inside are remembered, so 20,000 paths in a few folders cost a
+    realpath per folder, not per path; ``whole=True`` resolves the path itself too (where the
+    file it names may be a link).
+    """
+
+    def __init__(self, root: str | os.PathLike | None, name: str):
+        self.name = name
+        self.real = None if root is None else os.path.realpath(root)
+        self._inside: set[str] = set()
+
+    def __call__(self, rel: Any, where: str, line: int | None = None, *, whole: bool = False) -> str:
+        """``rel``, checked; ``where`` the file it comes from, ``line`` the line there, if any."""
+        suspect = (  # the usual path passes these tests in a microsecond, once per image
+            type(rel) is not str or not rel or "\0" in rel or rel[0] in "/\\" or ".." in rel or ":" in rel[1:2]
+        )
+        problem = self._text_problem(rel) if suspect else None
+        if problem is None and self.real is not None:
+            folder = rel if whole else rel.rpartition("/")[0]
+            if folder not in self._inside:
+                real = os.path.realpath(os.path.join(self.real, folder))
+                if not is_below(real, self.real):
+                    problem = f"leaves {self.name} through a symbolic link (to {real})"
+                else:
+                    self._inside.add(folder)
+        if problem is not None:
+            raise PrepError(f"{where}{'' if line is None else f' line {line}'}: path {rel!r} {problem}")
+        return rel
+
+    def _text_problem(self, rel: Any) -> str | None:
+        if not isinstance(rel, str) or not rel:
+            return f"is not a file name (expected a path relative to {self.name})"
+        if "\0" in rel:
+            return f"holds a NUL character (expected a path relative to {self.name})"
+        if (
+            rel[0] in "/\\"
+            or rel[1:3] in (":/", ":\\")
+            or (".." in rel and ".." in rel.replace("\\", "/").split("/"))
+        ):
+            return f"leaves {self.name} (expected a path relative to {self.name} without '..')"
+        return None
+
+
+def is_below(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or inside it (both real, absolute paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 # -- CSV and JSON ----------------------------------------------------------------------------
 
 
@@ -379,22 +535,38 @@ def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable
 
 
 def read_csv(path: str | os.PathLike, required: Sequence[str] = ()) -> list[dict[str, str]]:
-    """Read a CSV written by :func:`write_csv`; check that ``required`` columns are present."""
+    """Read a CSV written by :func:`write_csv`; check that ``required`` columns are present, on
+    every row. Text that is not UTF-8, a NUL character, a malformed row or one too short for a
+    required column is a one-line error naming the line."""
     path = Path(path)
+    data = read_file(path)[0]
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, [])
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise PrepError(
-                    f"{path}: expected columns {', '.join(required)}; missing {', '.join(missing)}"
-                )
-            return [_row(header, line) for line in reader if line]
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise PrepError(f"{path}: not a UTF-8 CSV file ({err.reason})") from None
+        line = data.count(b"\n", 0, err.start) + 1
+        raise PrepError(f"{path} line {line}: not UTF-8 text ({err.reason}); expected a CSV file") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise PrepError(f"{path} line {line}: a NUL character; expected CSV text")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, [])
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise PrepError(f"{path}: expected columns {', '.join(required)}; missing {', '.join(missing)}")
+        width = len(header)
+        needed = max((header.index(c) + 1 for c in required), default=0)  # fields a row must have
+
+        def other(line: list[str]) -> dict:  # a line of another width than the header's
+            if len(line) < needed:
+                raise PrepError(f"{path} line {reader.line_num}: {len(line)} fields; expected {width}"
+                                f" ({','.join(header)})")
+            return _row(header, line)
+
+        return [dict(zip(header, line)) if len(line) == width else other(line) for line in reader if line]
     except csv.Error as err:
-        raise PrepError(f"{path}: malformed CSV ({err})") from None
+        raise PrepError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
 
 
 def _row(header: list[str], line: list[str]) -> dict:
@@ -424,7 +596,7 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) ->
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_file(path)[0].decode("utf-8"))
     except json.JSONDecodeError as err:
         raise PrepError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
@@ -457,8 +629,12 @@ def settled_hash(entry: Any) -> tuple[int, Any, str] | None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The sha256 of a regular file (anything else, a FIFO say, is an OSError, not a hang)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    fd = os.open(path, _READ_FILE)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()

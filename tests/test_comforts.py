@@ -158,8 +158,8 @@ def test_status_follows_inputs_and_settings(project: Path):
     (project / "prep.toml").write_text('[resize]\nsize = "20"\n[split]\nseed = 7\n')
     states = stage_states(invoke("status", "--json"))
     assert states["resize"]["state"] == "stale"
-    assert "setting width: 32 -> 20" in states["resize"]["reasons"]
-    assert any(r.startswith("setting seed: 42 -> 7") for r in states["split"]["reasons"])
+    assert "size 32 when run; 20 now, from prep.toml" in states["resize"]["reasons"]
+    assert "seed 42 when run; 7 now, from prep.toml" in states["split"]["reasons"]
     # the stages after a stale one are stale too: its next run changes their inputs
     assert states["encode"]["state"] == "stale" and states["encode"]["reasons"] == ["waits on resize, which is stale"]
     assert states["pack"]["reasons"] == ["waits on resize, which is stale"]

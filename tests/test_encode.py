@@ -43,7 +43,7 @@ def test_ids_follow_natural_order(tmp_path):
     result = run_encode(wd)
     expected = ["Zebra", "img1", "img2", "img10", "img10b", "강아지", "고양이"]
     assert result.classes == expected
-    assert json.loads(wd.path("classes.json").read_text(encoding="utf-8")) == {"classes": expected}
+    assert json.loads(wd.path("classes.json").read_text(encoding="utf-8")) == {"classes": expected, "order": "natural"}
     assert encoded_ids(wd) == {c: i for i, c in enumerate(expected)}
     assert "고양이" in wd.path("classes.json").read_text(encoding="utf-8")  # not \\u-escaped
 

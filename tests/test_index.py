@@ -151,7 +151,13 @@ def test_symlinks_are_followed_only_when_asked(tmp_path, prep):
     assert [r["path"] for r in rows] == ["cat/img0.png", "cat/img1.png"]
     assert "(skipped 3 files)" in result.stdout
 
-    result = prep("index", raw, "--follow-links")
+    result = prep("index", raw, "--follow-links")  # not the links that lead out of RAW
+    assert result.exit_code == 0, result.output
+    assert [r["path"] for r in read_labels(tmp_path / "work" / "labels.csv")] == ["cat/img0.png", "cat/img1.png"]
+    skipped = json.loads((tmp_path / "work" / "index.json").read_text())["skipped_examples"]
+    assert sorted(skipped["symlink leaves RAW (use --allow-outside-links)"]) == ["cat/linked.png", "linked_class"]
+
+    result = prep("index", raw, "--follow-links", "--allow-outside-links")
     assert result.exit_code == 0, result.output
     rows = read_labels(tmp_path / "work" / "labels.csv")
     assert [r["path"] for r in rows] == [
@@ -246,7 +252,7 @@ def test_a_pattern_without_labels_from_filename_is_an_error_not_ignored(tmp_path
 
 
 def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
-    raw = make_tree(tmp_path / "raw", {"cat": 2})
+    raw = make_tree(tmp_path / "raw", {"cat": 10})  # enough not to be a small class (tests/test_polish.py)
     (raw / "empty_class").mkdir()
     (raw / "only_text").mkdir()
     (raw / "only_text" / "a.txt").write_text("x")
@@ -256,10 +262,10 @@ def test_empty_class_folder_gets_a_warning_naming_it(tmp_path, prep):
     assert len(warnings) == 3
     assert "empty_class" in warnings[0] and "only_text" in warnings[1]
     assert warnings[2].startswith("WARNING: one class only (cat): a classifier needs at least two")
-    assert "Found 2 images in 1 class" in result.stdout
+    assert "Found 10 images in 1 class" in result.stdout
     (raw / "empty_class" / "a.png").write_bytes((raw / "cat" / "img0.png").read_bytes())
     again = prep("index", raw)
-    assert "one class only" not in again.stderr and "Found 3 images in 2 classes" in again.stdout
+    assert "one class only" not in again.stderr and "Found 11 images in 2 classes" in again.stdout
 
 
 def test_workdir_inside_raw_is_refused(tmp_path, prep):

@@ -122,7 +122,9 @@ def test_manifest_checksums_counts_and_settings(work):
     assert manifest["image"] == {"height": 8, "width": 12, "channels": 3}
     settings = manifest["settings"]
     assert (settings["resize"]["width"], settings["resize"]["height"], settings["resize"]["mode"]) == (12, 8, "stretch")
-    assert settings["split"] == {"ratios": [0.6, 0.2, 0.2], "seed": 42, "drop_small": False, "dropped_classes": {}}
+    split = {k: settings["split"][k] for k in ("ratios", "seed", "drop_small", "dropped_classes", "near_copies")}
+    assert split == {"ratios": [0.6, 0.2, 0.2], "seed": 42, "drop_small": False, "dropped_classes": {},
+                     "near_copies": "default"}
     assert settings["pack"]["pkl.gz"] == {"flat": False, "as_float": False}
     assert manifest["inputs"]["encoded.csv"] == hashlib.sha256((work / "encoded.csv").read_bytes()).hexdigest()
 

@@ -63,6 +63,7 @@ class Page(HTMLParser):
         super().__init__()
         self.sections: list[str] = []
         self.images: list[str] = []
+        self.near_images: list[str] = []
         self.urls: list[str] = []
         self.tags: set[str] = set()
         self.tables: dict[str, list[tuple[dict, list[str]]]] = {}
@@ -81,8 +82,8 @@ class Page(HTMLParser):
                 self.urls.append(attrs[key])
         if tag == "section":
             self.sections.append(attrs["id"])
-        elif tag == "img":
-            self.images.append(attrs["src"])
+        elif tag == "img":  # the near-copy section's thumbnails apart: the others are in page order
+            (self.near_images if self.sections[-1:] == ["near"] else self.images).append(attrs["src"])
             if self._thumbs is not None:
                 self.thumbs[self._thumbs] += 1
         elif tag == "table":
@@ -139,8 +140,8 @@ def test_every_section_is_there_and_self_contained(page: Page):
     assert page.sections == [sid for sid, _ in report.SECTIONS]
     assert not page.tags & {"script", "link", "iframe", "object"}
     assert all(url.startswith(("data:image/png;base64,", "#")) for url in page.urls)
-    # the split chart, the size chart and 3 classes x 8 samples
-    assert len(page.images) == 2 + 3 * 8
+    # the split chart, the two size charts and 3 classes x 8 samples
+    assert len(page.images) == 3 + 3 * 8
     for uri in page.images:
         assert decode(uri).format == "PNG"
 
@@ -160,7 +161,7 @@ def test_class_split_table_equals_the_manifest(work: Path, page: Page):
 
 def test_samples_are_the_resized_images_per_class(page: Page, work: Path):
     assert page.thumbs == {"cat": 8, "dog": 8, ODD_CLASS: 8}
-    thumbs = [decode(uri) for uri in page.images[1:-1]]  # between the split chart and the size chart
+    thumbs = [decode(uri) for uri in page.images[1:-2]]  # between the split chart and the size charts
     assert {t.size for t in thumbs} == {(8, 8)}
 
 

@@ -55,7 +55,8 @@ def learnable(tmp_path_factory) -> Path:
 
 def test_learnable_data_passes_and_writes_every_output(learnable: Path):
     result = CliRunner().invoke(
-        cli, ["--workdir", str(learnable), "verify-train", "--model", "small", "--epochs", "15", "--patience", "5"]
+        cli, ["--workdir", str(learnable), "verify-train", "--model", "small", "--epochs", "15", "--patience", "5",
+              "--save-model"]
     )
     assert result.exit_code == 0, result.output
     out = learnable / "verify"

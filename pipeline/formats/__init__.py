@@ -15,10 +15,12 @@ Every format module offers the same small interface::
     load(path)             ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored
     load_tf(path, split)   a tf.data.Dataset of (uint8 H x W x C image, int64 label)
     classes(path)          the class names the file records, or None
+    NEEDS_PNG              (optional) True when the writer stores each sample's resized PNG bytes
+                           (``Sample.png``); pack reads them only when a format it writes needs them
 
-The modules import small compression libraries only; numpy, h5py and tensorflow are imported
-inside the functions that use them, so picking a format or checking that one is up to date loads
-none of them, and writing pkl.gz or tfrecord never loads h5py or tensorflow.
+The modules import small compression libraries only; numpy, h5py, pyarrow and tensorflow are
+imported inside the functions that use them, so picking a format or checking that one is up to
+date loads none of them, and writing pkl.gz, tfrecord or parquet never loads h5py or tensorflow.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Sample(NamedTuple):
     index: int  # position within its split
     label: int
     path: str  # relative to RAW
-    png: bytes  # the resized PNG, as written by `prep resize`
+    png: bytes | None  # the resized PNG, as written by `prep resize` (None unless a format NEEDS_PNG)
     pixels: np.ndarray  # uint8 (H, W, C)
 
 
@@ -84,9 +86,9 @@ class Batch(NamedTuple):
 
 
 # The format modules use the types above, so they are imported once those exist.
-from . import hdf5, pickle_gz, tfrecord  # noqa: E402
+from . import hdf5, parquet, pickle_gz, tfrecord  # noqa: E402
 
-FORMATS: dict[str, ModuleType] = {"pkl.gz": pickle_gz, "h5": hdf5, "tfrecord": tfrecord}
+FORMATS: dict[str, ModuleType] = {"pkl.gz": pickle_gz, "h5": hdf5, "tfrecord": tfrecord, "parquet": parquet}
 
 
 def get(name: str) -> ModuleType:
@@ -109,3 +111,29 @@ def to_images(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     if x.dtype != np.uint8:
         x = np.rint(x.astype(np.float64) * 255.0).clip(0, 255).astype(np.uint8)
     return x.reshape((len(x), *shape))
+
+
+def check_arrays(path, pairs, *, stored_forms: bool = False) -> tuple:
+    """``pairs`` (train, valid, test) as a tuple if each is an (x, y) pair as prep packs them, or a
+    PrepError naming ``path`` and the split: x uint8 (N, H, W, C) (with ``stored_forms``, pkl.gz's
+    --flat and --float too: (N, H*W*C) and float32), y int64 (N,), every split's x of one dtype
+    and image shape. Shapes and dtypes only: the pixels are not read (an h5 dataset may be passed)."""
+    import numpy as np
+
+    dtypes = (np.uint8, np.float32) if stored_forms else (np.uint8,)
+    dims = (4, 2) if stored_forms else (4,)
+    expected = "uint8 (N, H, W, C)" + (", or as packed with --flat (N, H*W*C) or --float float32" if stored_forms else "")
+    first = None
+    for split, (x, y) in zip(SPLITS, pairs, strict=True):
+        where = f"{path}: split {split}"
+        if x.dtype not in dtypes or len(x.shape) not in dims:
+            raise PrepError(f"{where}: images are {x.dtype} {x.shape}; expected {expected}")
+        if y.dtype != np.int64 or len(y.shape) != 1:
+            raise PrepError(f"{where}: labels are {y.dtype} {y.shape}; expected int64 (N,)")
+        if len(x) != len(y):
+            raise PrepError(f"{where}: {len(x)} images but {len(y)} labels")
+        if first is None:
+            first = (split, x.dtype, x.shape[1:])
+        elif (x.dtype, x.shape[1:]) != first[1:]:
+            raise PrepError(f"{where}: images are {x.dtype} {x.shape[1:]}; split {first[0]}'s are {first[1]} {first[2]}")
+    return tuple((x, y) for x, y in pairs)

@@ -10,11 +10,19 @@ Layout::
 
 Memory stays bounded whatever the dataset size: each split buffers at most one chunk of
 images. Datasets are created with ``track_times=False`` so a rerun gives the same bytes.
+
+HDF5 cannot survive a failed write: closing the file then fails too, leaves it open with part of
+its state freed, and the next close (h5py's, or HDF5's own at exit) crashes the process. So the
+writer makes sure HDF5 never sees one: a full disk or a file size limit is kept by :class:`_Sink`
+and raised from prep's code after HDF5 returns, and Ctrl-C waits until HDF5 has returned
+(:func:`_interrupts_held`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -35,14 +43,90 @@ def _h5py():
     return h5py
 
 
+class _Sink:
+    """The temporary file as HDF5 writes it, through h5py's file-object driver, with no call that
+    fails: the first OSError is kept for :meth:`check`, and from then on (or once ``dropping`` is
+    set, when the file is abandoned) writes are dropped. Unbuffered, so seeking and reading never
+    write (and fail) either."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.error: OSError | None = None
+        self.dropping = False
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.raw.read(size)
+        except OSError as err:
+            self._failed(err)
+            return b""
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        try:
+            while view and not self.dropping:
+                view = view[self.raw.write(view) :]  # a write may be short (at a file size limit)
+        except OSError as err:
+            self._failed(err)
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self.raw.truncate(size) if not self.dropping else 0
+        except OSError as err:
+            self._failed(err)
+            return 0
+
+    def flush(self) -> None:
+        pass  # unbuffered
+
+    def _failed(self, err: OSError) -> None:
+        if self.error is None:
+            self.error = err
+        self.dropping = True
+
+    def check(self) -> None:
+        """Raise the first error a write met, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) off while HDF5 runs, and deliver it once HDF5 has returned: raised in
+    :class:`_Sink`'s Python code, while HDF5 waits on it, a KeyboardInterrupt would fail HDF5's
+    call as a failed write does. Only Python's own handler needs this (a process that ignores
+    SIGINT, or dies of it, runs no Python code meanwhile); it runs in the main thread alone."""
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
 class _Writer:
-    def __init__(self, f, layout):
+    def __init__(self, f, layout, sink: _Sink):
         import numpy as np
 
         from . import SPLITS
 
         h5py = _h5py()
         self.f = f
+        self.sink = sink
         self.rows: dict[str, int] = {}
         self.buffers: dict[str, list] = {s: [] for s in SPLITS}
         self.written = dict.fromkeys(SPLITS, 0)
@@ -81,10 +165,13 @@ class _Writer:
         end = start + len(buffer)
         if buffer[0].index != start or end > self.counts[split]:
             raise PrepError(f"h5 writer: split {split} received sample {buffer[0].index} at position {start}")
-        group = self.f[split]
-        group["images"][start:end] = np.stack([s.pixels for s in buffer])
-        group["labels"][start:end] = np.array([s.label for s in buffer], dtype=np.int64)
-        group["paths"][start:end] = [s.path for s in buffer]
+        images, labels = np.stack([s.pixels for s in buffer]), np.array([s.label for s in buffer], dtype=np.int64)
+        with _interrupts_held():
+            group = self.f[split]
+            group["images"][start:end] = images
+            group["labels"][start:end] = labels
+            group["paths"][start:end] = [s.path for s in buffer]
+        self.sink.check()
         self.written[split] = end
         buffer.clear()
 
@@ -101,10 +188,23 @@ class _Writer:
 def writer(target: Path, layout, options) -> Iterator[_Writer]:
     """Stream samples into ``target`` (through a temporary file renamed into place on success)."""
     h5py = _h5py()
-    with workdir.atomic_write(target, "w+b") as handle, h5py.File(handle, "w") as f:
-        w = _Writer(f, layout)
-        yield w
-        w.close()
+    with workdir.atomic_write(target, "w+b", buffering=0) as handle:
+        sink = _Sink(handle)
+        with _interrupts_held():
+            f = h5py.File(sink, "w")
+        try:
+            with _interrupts_held():
+                w = _Writer(f, layout, sink)
+            sink.check()
+            yield w
+            w.close()
+        except BaseException:
+            sink.dropping = True  # abandoned: closing it need not write anything
+            raise
+        finally:
+            with _interrupts_held():
+                f.close()
+        sink.check()
 
 
 def _open(path: Path):
@@ -160,25 +260,40 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
 
 def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)), images uint8 (N, H, W, C)."""
-    from . import SPLITS
-
     path = Path(path)
     with _open(path) as f:
+        pairs = _datasets(path, f)
         try:
-            return tuple((f[s]["images"][()], f[s]["labels"][()]) for s in SPLITS)
-        except KeyError as err:
-            raise PrepError(f"{path}: not a prep HDF5 dataset ({err})") from None
+            return tuple((images[()], labels[()]) for images, labels in pairs)
+        except OSError as err:  # a chunk that does not decompress, a filter this HDF5 lacks
+            raise PrepError(f"{path}: not a readable HDF5 dataset ({err})") from None
+
+
+def _datasets(path: Path, f) -> tuple:
+    """The (images, labels) h5py datasets of each split, their shapes and dtypes checked (not read)."""
+    from . import SPLITS, check_arrays
+
+    h5py = _h5py()
+    pairs = []
+    for split in SPLITS:
+        group = f.get(split)
+        pair = tuple(group.get(name) if isinstance(group, h5py.Group) else None for name in ("images", "labels"))
+        for name, found in zip(("images", "labels"), pair):
+            if not isinstance(found, h5py.Dataset):
+                raise PrepError(f"{path}: not a prep HDF5 dataset (no dataset {split}/{name})")
+        pairs.append(pair)
+    return check_arrays(path, pairs)
 
 
 def load_tf(path: str | Path, split: str):
     """A tf.data.Dataset of (uint8 H x W x C image, int64 label), read one chunk at a time."""
     from .tfrecord import import_tf
 
+    from . import SPLITS
+
     path = Path(path)
     with _open(path) as f:
-        if f"{split}/images" not in f:
-            raise PrepError(f"{path}: not a prep HDF5 dataset (no {split}/images)")
-        shape = f[split]["images"].shape[1:]
+        shape = _datasets(path, f)[SPLITS.index(split)][0].shape[1:]
 
     def batches():
         with _open(path) as f:

@@ -12,6 +12,10 @@ is fixed, so the bytes depend on the data only. The file is a series of gzip mem
 multi-member rule (``gzip.open``, ``gunzip``, ``zcat``, ``pigz -d``) read them as one stream,
 while a bare ``zlib.decompress(data, 31)`` stops after the first member. The members are cut at
 fixed offsets, so the bytes do not depend on the number of cores either.
+
+A pickle can name any Python callable to run while it is read, so :func:`load` unpickles through
+:class:`_Unpickler`, which builds numpy arrays and nothing else: a file that asks for anything
+more (``os.system``, an object array) is refused, and no code in it runs.
 """
 
 from __future__ import annotations
@@ -149,12 +153,14 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored (flat or float if packed so)."""
     import numpy as np
 
+    from . import check_arrays
+
     path = Path(path)
     try:
         with gzip.open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="latin1")
+            data = _Unpickler(handle, path).load()
     except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, AttributeError,
-            ImportError, IndexError) as err:
+            ImportError, IndexError, TypeError) as err:
         raise PrepError(f"{path}: not a readable pkl.gz dataset ({type(err).__name__}: {err})") from None
     if not (
         isinstance(data, (list, tuple))
@@ -163,7 +169,56 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         and all(isinstance(a, np.ndarray) for pair in data for a in pair)
     ):
         raise PrepError(f"{path}: expected a pickled list of three (x, y) numpy array pairs")
-    return tuple((pair[0], pair[1]) for pair in data)
+    return check_arrays(path, [(pair[0], pair[1]) for pair in data], stored_forms=True)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Unpickles numpy arrays of numbers in lists and tuples, and refuses every other global.
+
+    Lists, tuples, numbers and bytes have opcodes of their own; an array needs the few globals
+    of :func:`_globals`, which run no code of the file's choosing. Every other global, and every
+    dtype holding Python objects (their pickle would be unpickled as well), is refused.
+    """
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle, encoding="latin1")  # latin1: Python 2 pickles (mnist.pkl.gz) hold str
+        self.path = path
+        self.allowed = _globals(self._dtype)
+
+    def find_class(self, module: str, name: str):
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise PrepError(f"refusing to unpickle {module}.{name} from {self.path}: not a prep dataset")
+        return found
+
+    def _dtype(self, *args):
+        import numpy as np
+
+        dtype = np.dtype(*args)
+        if dtype.hasobject:
+            raise PrepError(f"refusing to unpickle an object array from {self.path}: not a prep dataset")
+        return dtype
+
+
+def _globals(dtype) -> dict:
+    """(module, name) -> what it resolves to, for the globals pickled numpy arrays refer to:
+    ``numpy._core`` (numpy 2) or ``numpy.core`` (numpy 1) ``multiarray._reconstruct`` with
+    ``ndarray`` and ``dtype`` (protocols 0-4), ``numeric._frombuffer`` (protocol 5), and
+    ``_codecs.encode`` (bytes in protocols 0-2, as Python 3 writes them). Looked up here,
+    not imported by name, so numpy 2 does not warn that ``numpy.core`` is deprecated."""
+    import codecs
+
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray, numeric
+    found = {"_codecs": {"encode": codecs.encode}, "numpy": {"ndarray": np.ndarray, "dtype": dtype}}
+    for core in ("numpy._core", "numpy.core"):
+        found[f"{core}.multiarray"] = {"_reconstruct": multiarray._reconstruct}
+        found[f"{core}.numeric"] = {"_frombuffer": numeric._frombuffer}
+    return {(module, name): value for module, names in found.items() for name, value in names.items()}
 
 
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
@@ -201,6 +256,8 @@ def load_tf(path: str | Path, split: str):
     path = Path(path)
     x, y = load(path)[SPLITS.index(split)]
     shape = x.shape[1:] if x.ndim == 4 else _shape_beside(path)
+    if x.ndim == 2 and x.shape[1] != shape[0] * shape[1] * shape[2]:
+        raise PrepError(f"{path}: split {split}: flat images of {x.shape[1]} values; manifest.json says (H, W, C) {shape}")
     tf = import_tf()
     return tf.data.Dataset.from_tensor_slices((to_images(x, shape), y))
 

@@ -15,14 +15,16 @@ files. The folder is built under a temporary name and swapped in whole.
 Records are written without TensorFlow: :func:`encode_example` serializes the Example by hand
 and :func:`frame` adds the TFRecord length and masked CRC32C, so an uncompressed shard is
 byte-identical to what ``tf.io.TFRecordWriter`` writes. A gzip shard is one gzip stream of
-those records (header mtime 0, so reruns match), which TensorFlow reads as "GZIP". Only the
-readers import TensorFlow.
+those records (header mtime 0, so reruns match), which TensorFlow reads as "GZIP". They are read
+back without it too (:func:`records`, :func:`decode_example`, the mirrors of the writer), so
+`prep verify` and :func:`load` need no TensorFlow; only :func:`load_tf` imports it.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -37,6 +39,7 @@ from ..errors import PrepError, VerificationFailed
 
 OUTPUT = "tfrecord"
 OPTIONS = ("shard_mb", "tfrecord_compression")
+NEEDS_PNG = True  # records hold the resized PNG bytes
 FEATURES_JSON = "features.json"
 COMPRESSION = {"none": "", "gzip": "GZIP"}  # option value -> TFRecord compression_type
 RECORD_OVERHEAD = 160  # bytes an Example adds to its PNG, for the shard-size estimate
@@ -56,6 +59,11 @@ FEATURES = {
 }
 
 
+# prep installs TensorFlow and Keras only with its `train` extra (the `prep` on PyPI is another project)
+INSTALL_TF = ("this needs TensorFlow and Keras, which prep installs only with its train extra:"
+              " pip install '.[train]' in prep's folder (or pip install tensorflow)")
+
+
 def import_tf():
     """TensorFlow, imported on first use (it takes seconds), quiet about its C++ start-up."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -68,7 +76,7 @@ def import_tf():
 
         tf.config.list_physical_devices()  # device discovery logs too (a machine without CUDA)
     except ImportError:
-        raise PrepError("this needs TensorFlow: pip install tensorflow") from None
+        raise PrepError(INSTALL_TF) from None
     finally:
         os.dup2(saved, 2)
         os.close(saved)
@@ -270,21 +278,14 @@ def _features(folder: Path) -> dict:
     return meta
 
 
-def _parser(tf, meta: dict, check_shape: bool):
+def _parser(tf, meta: dict):
     spec = {name: tf.io.FixedLenFeature(f["shape"], tf.as_dtype(f["dtype"])) for name, f in meta["features"].items()}
     image = meta["image"]
     shape = [int(image["height"]), int(image["width"]), int(image["channels"])]
 
     def parse(record):
         example = tf.io.parse_single_example(record, spec)
-        if check_shape:
-            # channels=0 keeps the PNG's own channels, so a wrong PNG shows up instead of being converted
-            decoded = tf.io.decode_png(example["image/encoded"], channels=0)
-            ok = tf.reduce_all(tf.equal(tf.shape(decoded), shape))
-            decoded = tf.cond(ok, lambda: decoded, lambda: tf.zeros(shape, tf.uint8))
-            example["image/shape_ok"] = ok
-        else:
-            decoded = tf.io.decode_png(example["image/encoded"], channels=shape[2])
+        decoded = tf.io.decode_png(example["image/encoded"], channels=shape[2])
         example["image"] = tf.ensure_shape(decoded, shape)
         return example
 
@@ -299,7 +300,7 @@ def _split_files(folder: Path, meta: dict, split: str) -> list[str]:
 
 
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
-    """(split, Batch) pairs decoded with TensorFlow; checks features.json and every record's features."""
+    """(split, Batch) pairs, parsed and decoded here; checks features.json and every record's features."""
     import numpy as np
 
     from . import SPLITS, Batch
@@ -331,28 +332,156 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
     if unlisted:
         raise VerificationFailed(f"{unlisted[0]} is not listed in {FEATURES_JSON}")
 
-    tf = import_tf()
-    parse = _parser(tf, meta, check_shape=True)
     classes = np.array([c.encode("utf-8") for c in layout.classes] or [b""], dtype=object)
+    gzip = bool(meta["compression"])
     for split in SPLITS:
         index = 0
         for shard in meta["splits"][split]["shards"]:
             where = f"split {split}, {shard['file']}"
-            dataset = tf.data.TFRecordDataset(str(path / shard["file"]), compression_type=meta["compression"])
-            dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(BATCH)
             seen = 0
             try:
-                for ex in dataset.as_numpy_iterator():
+                for ex in _batches(records(path / shard["file"], gzip), layout.shape):
                     n = len(ex["image"])
                     _check_records(ex, layout, classes, f"split {split}", index)
                     yield split, Batch(ex["image"], ex["image/class/label"],
                                        [p.decode("utf-8", "replace") for p in ex["image/filename"]])
                     index += n
                     seen += n
-            except tf.errors.OpError as err:
-                raise VerificationFailed(f"{where}, near index {index}: {err.message.splitlines()[0]}") from None
+            except (OSError, EOFError, ValueError) as err:
+                raise VerificationFailed(f"{where}, near index {index}: {err}") from None
             if seen != shard["count"]:
                 raise VerificationFailed(f"{where}: {seen} records; {FEATURES_JSON} says {shard['count']}")
+
+
+# -- reading without TensorFlow: the mirror of encode_example and frame ----------------------
+
+
+def records(path: Path, gzip: bool) -> Iterator[bytes]:
+    """The records of one TFRecord file, their lengths and CRCs checked (ValueError otherwise)."""
+    import gzip as gzip_module
+
+    with (gzip_module.open if gzip else open)(path, "rb") as f:
+        while head := f.read(12):
+            length = head[:8]
+            if len(head) < 12 or _masked_crc(length) != head[8:]:
+                raise ValueError("truncated record or corrupt record length (CRC mismatch)")
+            (size,) = struct.unpack("<Q", length)
+            data, crc = f.read(size), f.read(4)
+            if len(data) < size or len(crc) < 4:
+                raise ValueError("truncated record")
+            if _masked_crc(data) != crc:
+                raise ValueError("corrupt record (CRC mismatch)")
+            yield data
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while shift < 70:
+        if pos >= len(buf):
+            raise ValueError("truncated protobuf varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("protobuf varint longer than 10 bytes")
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
+    """(field number, wire type, value) of a protobuf message; lengths are checked."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire in (1, 2, 5):
+            size, pos = (_read_varint(buf, pos) if wire == 2 else ({1: 8, 5: 4}[wire], pos))
+            value = buf[pos : pos + size]
+            if len(value) < size:
+                raise ValueError("truncated protobuf field")
+            pos += size
+        else:
+            raise ValueError(f"protobuf wire type {wire} in a tf.train.Example")
+        yield number, wire, value
+
+
+def _int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _feature_values(feature: bytes) -> list:
+    """The values of a Feature: bytes_list(1), float_list(2) or int64_list(3), packed or not."""
+    values = []
+    for number, wire, data in _fields(feature):
+        if wire != 2:
+            continue
+        for item, item_wire, value in _fields(data):
+            if item != 1:
+                continue
+            if number == 1 and item_wire == 2:
+                values.append(bytes(value))
+            elif number == 2:
+                values += struct.unpack(f"<{len(value) // 4}f", value) if item_wire == 2 else [struct.unpack("<f", value)[0]]
+            elif number == 3 and item_wire == 0:
+                values.append(_int64(value))
+            elif number == 3 and item_wire == 2:
+                pos = 0
+                while pos < len(value):
+                    x, pos = _read_varint(value, pos)
+                    values.append(_int64(x))
+    return values
+
+
+def decode_example(record: bytes) -> dict[str, list]:
+    """feature name -> its values, from a serialized tf.train.Example."""
+    features = {}
+    for number, wire, message in _fields(record):
+        if number != 1 or wire != 2:  # Example.features
+            continue
+        for entry_number, entry_wire, entry in _fields(message):
+            if entry_number != 1 or entry_wire != 2:  # Features.feature, a map entry
+                continue
+            key, feature = b"", b""
+            for part, part_wire, value in _fields(entry):
+                if part == 1 and part_wire == 2:
+                    key = bytes(value)
+                elif part == 2 and part_wire == 2:
+                    feature = value
+            features[key.decode("utf-8")] = _feature_values(feature)
+    return features
+
+
+def _batches(stream: Iterator[bytes], shape: tuple[int, int, int]) -> Iterator[dict]:
+    """Batches of up to BATCH records as numpy columns (feature name -> array), plus ``image``
+    (uint8, zeros where the PNG is not of ``shape``) and ``image/shape_ok``."""
+    import numpy as np
+
+    from ..imaging import decode_png
+
+    batch: list[dict] = []
+    for record in itertools.chain(stream, [None]):
+        if record is not None:
+            example = decode_example(record)
+            for name in FEATURES:
+                if len(example.get(name, ())) != 1:
+                    raise ValueError(f"feature {name} has {len(example.get(name, ()))} values; expected 1")
+            batch.append(example)
+        if batch and (record is None or len(batch) == BATCH):
+            ex = {name: np.array([e[name][0] for e in batch], dtype=np.int64 if dtype == "int64" else object)
+                  for name, (dtype, _) in FEATURES.items()}
+            images, ok = np.zeros((len(batch), *shape), np.uint8), np.zeros(len(batch), bool)
+            for i, data in enumerate(ex["image/encoded"]):
+                try:
+                    image = decode_png(data)
+                except ValueError:
+                    continue
+                if image.shape == shape:
+                    images[i], ok[i] = image, True
+            ex["image"], ex["image/shape_ok"] = images, ok
+            yield ex
+            batch = []
 
 
 def _check_records(ex: dict, layout, classes: np.ndarray, where: str, start: int) -> None:
@@ -381,20 +510,29 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)), decoded into memory."""
     import numpy as np
 
-    from . import SPLITS
+    from . import SPLITS, check_arrays
 
     path = Path(path)
     meta = _features(path)
     image = meta["image"]
-    shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
+    try:
+        shape = (int(image["height"]), int(image["width"]), int(image["channels"]))
+    except (KeyError, TypeError, ValueError):
+        raise PrepError(f"{path / FEATURES_JSON}: image is {image!r}; expected its height, width and channels") from None
     result = []
     for split in SPLITS:
         xs, ys = [np.zeros((0, *shape), np.uint8)], [np.zeros(0, np.int64)]
-        for x, y in load_tf(path, split).batch(1024).as_numpy_iterator():
-            xs.append(x)
-            ys.append(y)
+        for file in _split_files(path, meta, split):
+            try:
+                for ex in _batches(records(Path(file), bool(meta["compression"])), shape):
+                    if not ex["image/shape_ok"].all():
+                        raise ValueError(f"an image is not a PNG of {shape} (H, W, C)")
+                    xs.append(ex["image"])
+                    ys.append(ex["image/class/label"])
+            except (OSError, EOFError, ValueError) as err:
+                raise PrepError(f"{file}: not a readable TFRecord file of prep's records ({err})") from None
         result.append((np.concatenate(xs), np.concatenate(ys)))
-    return tuple(result)
+    return check_arrays(path, result)
 
 
 def load_tf(path: str | Path, split: str):
@@ -403,7 +541,7 @@ def load_tf(path: str | Path, split: str):
     meta = _features(path)
     files = _split_files(path, meta, split)
     tf = import_tf()
-    parse = _parser(tf, meta, check_shape=False)
+    parse = _parser(tf, meta)
     dataset = tf.data.TFRecordDataset(files, compression_type=meta["compression"])
     return dataset.map(lambda r: (lambda ex: (ex["image"], ex["image/class/label"]))(parse(r)),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,29 +1,33 @@
 """The dataset card: ``README.md`` in the work directory, in the Hugging Face shape.
 
-YAML front matter (``pretty_name``, ``task_categories``, ``size_categories``, a ``license``
-placeholder, and ``dataset_info`` with the class names as a ``class_label`` feature and the
-split sizes), then a body: what the data is, classes and counts per split, image size and
-mode, the prep commands and settings that made it, how to load each format, and the
-checksums from ``manifest.json``.
+YAML front matter (``pretty_name``, ``license`` from ``prep report --license``,
+``task_categories``, ``size_categories`` and, once the Parquet shards are packed, ``configs``
+naming their files per split and ``dataset_info`` with the features they hold, the class names
+as a ``class_label``, and the split sizes), then a body: what the data is, classes and counts
+per split, image size and mode, the prep commands and settings that made it, how to load each
+format, and the checksums from ``manifest.json``. With it, ``datasets.load_dataset(WORKDIR)``
+and the Hub (once the folder is uploaded) read the Parquet shards as typed splits.
 
-``prep report`` writes it (:mod:`pipeline.stages.report` gathers the facts) once the data is
-split; the numbers come from the manifest once ``prep pack`` has run. The YAML is written by
-hand, every string as a JSON string (which YAML reads as a double-quoted scalar), so it
-needs no YAML library and keeps its TODO comment.
+``prep report`` writes it once the data is split, from the facts :mod:`pipeline.stages.facts`
+gathers; the numbers come from the manifest once ``prep pack`` has run. The YAML is written by
+PyYAML, in the order the Hub's own cards use; the Markdown by the template
+``pipeline/templates/card.md.j2``, where every name read from the data is escaped for Markdown
+(:func:`md`, :func:`code`, :func:`fence`): the Hub renders a card's HTML tags, tables and emphasis.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
-from typing import TYPE_CHECKING
 
+import yaml
+
+from ..errors import PrepError
 from ..formats import FORMATS, SPLITS
 from ..spec import ResizeSpec
-
-if TYPE_CHECKING:
-    from .report import Facts
+from .facts import Facts, flatten
 
 # Hugging Face's size_categories buckets
 SIZE_CATEGORIES = (
@@ -50,8 +54,23 @@ def parse(record):
     x = tf.io.parse_single_example(record, features)
     return tf.io.decode_png(x["image/encoded"], spec["image"]["channels"]), x["image/class/label"]
 train = tf.data.TFRecordDataset(files, compression_type=spec["compression"] or None).map(parse)""",
+    "parquet": """\
+import os
+from datasets import load_dataset  # reads this card's configs: splits train, validation (prep's valid), test
+ds = load_dataset(os.path.abspath("."))  # this folder; or "user/name", the Hub repository it is uploaded to
+names = ds["train"].features["label"].names  # ds["train"][0]: {"image": PIL image, "label": id}
+train = ds["train"].with_format("numpy")  # or "torch": image uint8 (H, W, C), label int64""",
+    "pandas": """\
+import glob, io, pandas as pd  # or DuckDB: SELECT image.path, label FROM 'data/train-*.parquet'
+from PIL import Image
+train = pd.concat([pd.read_parquet(f) for f in sorted(glob.glob("data/train-*.parquet"))], ignore_index=True)
+image = Image.open(io.BytesIO(train["image"][0]["bytes"]))  # columns image {bytes: PNG, path}, label""",
+    "torch": """\
+import pipeline, torch  # prep's loaders: Parquet row groups read on demand, h5 opened in each worker
+train = pipeline.load_torch("{file}", "train")  # (uint8 H x W x C array, int label); transform= as in torchvision
+loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, num_workers=2)""",
     "tf.data": """\
-import pipeline  # prep's loaders, installed with prep, for any of the formats
+import pipeline  # prep's loaders, installed with prep, for any of the formats (TensorFlow: prep's train extra)
 train = pipeline.load_tf("{file}", "train").shuffle(10_000).batch(64)  # (uint8 H x W x C, int64) pairs""",
     "numpy": """\
 import pipeline  # prep's loaders, installed with prep, for any of the formats
@@ -68,52 +87,71 @@ def size_category(n: int) -> str:
     return "n>1B"
 
 
-def _q(value) -> str:
-    return json.dumps(str(value), ensure_ascii=False)
+LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
 
 
-def front_matter(name: str, classes: list[str], table: dict[str, dict[str, int]]) -> str:
-    """The YAML block between ``---`` lines."""
+def check_license(value: str) -> str:
+    """A Hub license id (lowercase, as the Hub lists them: cc-by-4.0, mit, apache-2.0, unknown, other)."""
+    if not LICENSE_ID.fullmatch(value or ""):
+        raise PrepError(f"--license must be a Hugging Face Hub license id such as cc-by-4.0, mit, unknown or other;"
+                        f" received {value!r}")
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
+
+
+def front_matter(name: str, classes: list[str], table: dict[str, dict[str, int]], license: str = "unknown",
+                 parquet: dict[str, tuple[int, int]] | None = None) -> str:
+    """The YAML block between ``---`` lines; ``parquet`` (split -> (in-memory bytes, file bytes)
+    of its Parquet shards) adds the ``configs`` and ``dataset_info`` that `datasets` and the Hub read."""
     total = sum(sum(t.values()) for t in table.values())
-    lines = [
-        "---",
-        f"pretty_name: {_q(name)}",
-        "task_categories:",
-        "- image-classification",
-        "size_categories:",
-        f"- {size_category(total)}",
-        "license: other  # TODO: the license of the source images (an SPDX id such as cc-by-4.0)",
-        "dataset_info:",
-        "  features:",
-        "  - name: image",
-        "    dtype: image",
-        "  - name: label",
-        "    dtype:",
-        "      class_label:",
-        "        names:",
-        *(f"          {_q(i)}: {_q(c)}" for i, c in enumerate(classes)),
-        "  splits:",
-    ]
-    for split in SPLITS:
-        lines += [f"  - name: {split}", f"    num_examples: {sum(t[split] for t in table.values())}"]
-    lines.append("---")
-    return "\n".join(lines) + "\n"
+    meta = {
+        "pretty_name": name,
+        "license": check_license(license),
+        **({"license_name": f"{_slug(name)}-license", "license_link": "LICENSE"} if license == "other" else {}),
+        "task_categories": ["image-classification"],
+        "size_categories": [size_category(total)],
+    }
+    if parquet is not None:
+        from ..formats.parquet import HUB_SPLITS, OUTPUT
+
+        counts = {s: sum(t[s] for t in table.values()) for s in SPLITS}
+        present = [s for s in SPLITS if counts[s]]  # an empty split has no file, and `datasets` refuses it
+        meta["configs"] = [{"config_name": "default", "data_files": [
+            {"split": HUB_SPLITS[s], "path": f"{OUTPUT}/{HUB_SPLITS[s]}-*"} for s in present]}]
+        meta["dataset_info"] = {
+            "features": [
+                {"name": "image", "dtype": "image"},
+                {"name": "label", "dtype": {"class_label": {"names": {str(i): c for i, c in enumerate(classes)}}}},
+            ],
+            "splits": [{"name": HUB_SPLITS[s], "num_bytes": parquet[s][0], "num_examples": counts[s]}
+                       for s in present],
+            "download_size": sum(size for _, size in parquet.values()),
+            "dataset_size": sum(size for size, _ in parquet.values()),
+        }
+    text = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    return f"---\n{text}---\n"
 
 
-def _md(text) -> str:
-    return str(text).replace("|", "\\|")
+def parquet_sizes(facts: Facts) -> dict[str, tuple[int, int]] | None:
+    """split -> (uncompressed bytes, file bytes) of the packaged Parquet shards, or None when
+    there are none. The first is what `datasets` calls a split's num_bytes (its size in memory)."""
+    from ..formats import parquet
 
-
-def counts_table(classes: list[str], table: dict[str, dict[str, int]]) -> str:
-    """Markdown: one row per class (id, name, images per split, total) and a total row."""
-    lines = ["| id | class | " + " | ".join(SPLITS) + " | total |", "| ---: | --- |" + " ---: |" * 4]
-    for i, label in enumerate(classes):
-        counts = table.get(label, dict.fromkeys(SPLITS, 0))
-        cells = [counts[s] for s in SPLITS] + [sum(counts.values())]
-        lines.append(f"| {i} | {_md(label)} | " + " | ".join(map(str, cells)) + " |")
-    totals = [sum(t[s] for t in table.values()) for s in SPLITS]
-    lines.append("| | **total** | " + " | ".join(f"**{n}**" for n in [*totals, sum(totals)]) + " |")
-    return "\n".join(lines)
+    if "parquet" not in facts.formats():
+        return None
+    try:
+        files = parquet.shards(facts.wd.path(parquet.OUTPUT))
+        sizes = {}
+        for split, paths in files.items():
+            footers = [parquet._open(p).metadata for p in paths]
+            sizes[split] = (sum(m.row_group(g).total_byte_size for m in footers for g in range(m.num_row_groups)),
+                            sum(p.stat().st_size for p in paths))
+        return sizes
+    except (PrepError, OSError):  # gone since `prep pack`: `prep verify` says so
+        return None
 
 
 def commands(facts: Facts) -> list[str]:
@@ -138,8 +176,12 @@ def commands(facts: Facts) -> list[str]:
     args = ["--ratios " + ":".join(map(str, split["ratios"]))] if isinstance(split.get("ratios"), list) else []
     args += [f"--seed {split['seed']}"] if "seed" in split else []
     args += ["--drop-small"] if split.get("drop_small") else []
+    for key, usual in (("near_copies", "default"), ("on_conflict", "keep"), ("group_by", None), ("groups", None)):
+        if split.get(key, usual) != usual:
+            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(split[key]))}")
     lines.append(" ".join(["prep split", *args]))
-    lines.append("prep encode")
+    order = facts.class_order
+    lines.append("prep encode" + (f" --class-order {order}" if order == "alphabetical" else ""))
     formats = facts.formats()
     pack = settings.get("pack") or {}
     args = [] if set(formats) == set(FILES) else [f"--format {f}" for f in formats]
@@ -155,100 +197,123 @@ def commands(facts: Facts) -> list[str]:
     return lines
 
 
-def _code(text: str, lang: str = "python") -> str:
-    return f"```{lang}\n{text}\n```\n"
+ORDERS = {
+    "natural": "in natural order (`2` before `10`)",
+    "alphabetical": "in alphabetical order, Python's `sorted()` (`10` before `2`), as torchvision's ImageFolder"
+                    " and Keras number class folders",
+    "pinned": "as a pinned classes.json gave them (`prep encode --classes`)",
+}
 
 
-def render(facts: Facts) -> str | None:
+# Markdown: what a name read from the data must not be taken for. Backslash escapes stop
+# emphasis, links, code, strikethrough, math ($) and table cells (|, which GFM splits on even
+# inside a code span); entities stop HTML tags, which the Hub renders.
+MD_PUNCTUATION = re.compile(r"([\\`*\[\]|~$])")
+UNDERSCORES = re.compile(r"(?<=[^\W_])(_+)(?=[^\W_])|(_+)")  # inside a word (snake_case) they emphasise nothing
+HTML_CHARS = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).splitlines()).replace("\t", " ")
+
+
+def md(text) -> str:
+    """``text`` as Markdown that shows it as it is, on one line (a table cell too)."""
+    escaped = MD_PUNCTUATION.sub(r"\\\1", _one_line(text))
+    escaped = UNDERSCORES.sub(lambda m: m.group(1) or m.group(2).replace("_", "\\_"), escaped)
+    return re.sub(r"[&<>]", lambda m: HTML_CHARS[m.group()], escaped)
+
+
+def code(text, table: bool = False) -> str:
+    """``text`` as a code span: no Markdown nor HTML inside; fenced by more backticks than it
+    holds in a row. In a table, ``|`` is escaped (GFM splits cells before it reads code)."""
+    text = _one_line(text)
+    fence = "`" * (max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith(("`", " ")) or text.endswith(("`", " ")) else ""
+    if table:
+        text = text.replace("|", "\\|")
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def fence(text: str, lang: str = "") -> str:
+    """``text`` as a fenced code block whose fence no line of it can close."""
+    ticks = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
+def template():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=False,  # Markdown: escaped by md()
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters.update(md=md, code=code, fence=fence)
+    return env.get_template("card.md.j2")
+
+
+NEAR_RULES = {
+    "default": "identical files and near copies (perceptual hashes of the upright images within 4 of 64 bits,"
+               " or within 8 when their 256-bit hashes are within 40)",
+    "strict": "identical files and near copies (perceptual hashes of the upright images within 4 of 64 bits)",
+}
+
+
+def render(facts: Facts, license: str = "unknown") -> str | None:
     """The card's text, or None before `prep split` has run."""
     table = facts.table()
     if not table:
         return None
     classes = facts.class_names() or list(table)
-    source = str(facts.source or "")
-    name = source.rstrip("/").rsplit("/", 1)[-1] or facts.wd.root.name
     totals = {s: sum(t[s] for t in table.values()) for s in SPLITS}
     shape = facts.image_shape()
-    colour = {1: "grayscale", 3: "RGB"}.get(shape[2], f"{shape[2]} channels") if shape else ""
-    made = f" by prep {facts.version}" + (f" on {facts.time()}" if facts.time() else "")
     settings, formats = facts.settings(), facts.formats()
     pickled = ((settings.get("pack") or {}).get("pkl.gz") or {}) if "pkl.gz" in formats else {}  # its options
-
-    parts = [front_matter(name, classes, table), f"# {name}\n"]
-    parts.append(
-        f"An image-classification dataset of {sum(totals.values())} images in {len(classes)} classes"
-        + (f", {shape[0]} x {shape[1]} pixels, {colour}" if shape else "")
-        + f": {totals['train']} for training, {totals['valid']} for validation and {totals['test']} for testing."
-        + f" It was made from the class folders of `{source or 'RAW'}`{made}.\n"
-    )
-    parts.append("## Classes\n\nA label id is the class's position in this list, the same in every split and format.\n")
-    parts.append(counts_table(classes, table) + "\n")
-    dropped = facts.dropped_classes()
-    if dropped:
-        listed = ", ".join(f"`{_md(c)}` ({n} image{'s' * (n != 1)})" for c, n in dropped.items())
-        parts.append(f"Left out by `prep split --drop-small`, too small for the ratios: {listed}.\n")
-
-    parts.append("## Images\n")
-    if shape:
-        stored = [what for key, what in (("flat", f"flat, (N, {shape[0] * shape[1] * shape[2]})"),
-                                         ("as_float", "float32 in [0, 1]")) if pickled.get(key)]
-        parts.append(
-            f"{shape[0]} x {shape[1]} pixels (width x height), {colour}, 8 bits per channel: images are uint8"
-            f" arrays of shape (N, {shape[1]}, {shape[0]}, {shape[2]}) (N, height, width, channels) and labels"
-            " int64 ids" + (f"; dataset.pkl.gz holds them {' and '.join(stored)}" if stored else "") + ".\n"
-        )
-    else:
-        parts.append("Not resized yet: run `prep resize`.\n")
-
-    parts.append("## How it was made\n")
-    parts.append(_code("\n".join(commands(facts)), "sh"))
-    parts.append(
-        "`prep index` lists and hashes the images, `prep resize` decodes each one (EXIF orientation, colour"
-        " modes, transparency) and resizes it, `prep split` assigns whole groups of identical files to one split,"
-        " stratified by class, `prep encode` numbers the classes and `prep pack` writes the formats below with"
-        " their checksums.\n"
-    )
-    if settings:
-        from .report import flatten
-
-        rows = ["| setting | value |", "| --- | --- |"] + [f"| {_md(k)} | {_md(v)} |" for k, v in flatten(settings)]
-        parts.append("The recorded settings:\n\n" + "\n".join(rows) + "\n")
-
-    parts.append("## Verification\n")
+    stored = [what for key, what in (("flat", f"flat, (N, {shape[0] * shape[1] * shape[2]})"),
+                                     ("as_float", "float32 in [0, 1]")) if shape and pickled.get(key)]
     m = facts.metrics
-    if m:
-        parts.append(
-            f"`prep verify-train` trained a {m.get('model', '?')} model on {m.get('format', '?')}: test accuracy"
-            f" {m.get('test_accuracy', float('nan')):.3f} against a majority baseline of"
-            f" {m.get('baseline_accuracy', float('nan')):.3f} (required {m.get('required_accuracy', float('nan')):.3f},"
-            f" p = {m.get('p_value', float('nan')):.1e}): **{m.get('verdict', '?')}**.\n"
-        )
-    else:
-        parts.append("`prep verify-train` has not run yet.\n")
-    parts.append("`report/index.html` beside this card shows samples of every class, the source image sizes,"
-                 " rejected files, duplicates and label conflicts.\n")
 
-    parts.append("## Loading\n")
-    if not formats:
-        parts.append("Not packaged yet: run `prep pack`.\n")
-    else:
-        parts.append("From this folder, in Python:\n")
+    def number(key: str, spec: str) -> str:
+        value = m.get(key)
+        return format(value, spec) if isinstance(value, (int, float)) else "?"
+
+    snippets = []
+    if formats:
         x = ("float32 in [0, 1]" if pickled.get("as_float") else "uint8") + (
             " (N, H*W*C)" if pickled.get("flat") else " (N, H, W, C)")
         for fmt in formats:
             if fmt in LOADING:
-                parts.append(f"**{fmt}**\n\n" + _code(LOADING[fmt].replace("{x}", x)))
+                title = "parquet, with Hugging Face datasets" if fmt == "parquet" else fmt
+                snippets.append((title, LOADING[fmt].replace("{x}", x)))
+            if fmt == "parquet":
+                snippets.append(("parquet, with pandas", LOADING["pandas"]))
         first = FILES.get(formats[0], ".")
-        parts.append("**numpy, any format**\n\n" + _code(LOADING["numpy"].replace("{file}", first)))
-        parts.append("**tf.data, any format**\n\n" + _code(LOADING["tf.data"].replace("{file}", first)))
-
-    parts.append("## Checksums\n")
-    files = facts.files()
-    if not files:
-        parts.append("Not packaged yet: run `prep pack`.\n")
-    else:
-        lines = ["| file | bytes | sha256 |", "| --- | ---: | --- |"]
-        lines += [f"| `{path}` | {info.get('bytes', '')} | `{info.get('sha256', '')}` |"
-                  for path, info in files.items()]
-        parts.append("\n".join(lines) + "\n\n`prep verify` checks them, and every image in every format.\n")
-    return "\n".join(parts)
+        snippets += [("numpy, any format", LOADING["numpy"].replace("{file}", first)),
+                     ("PyTorch, any format but tfrecord", LOADING["torch"].replace("{file}", ".")),
+                     ("tf.data, any format", LOADING["tf.data"].replace("{file}", first))]
+    near = (settings.get("split") or {}).get("near_copies", "default")
+    return template().render(
+        front_matter=front_matter(facts.name, classes, table, license, parquet_sizes(facts)),
+        name=facts.name,
+        source=facts.source,
+        version=facts.version,
+        time=facts.time(),
+        total=sum(totals.values()),
+        totals=totals,
+        split_names=list(SPLITS),
+        shape=shape,
+        colour={1: "grayscale", 3: "RGB"}.get(shape[2], f"{shape[2]} channels") if shape else "",
+        stored=stored,
+        classes=[(i, c, [table.get(c, {}).get(s, 0) for s in SPLITS], sum(table.get(c, {}).values()))
+                 for i, c in enumerate(classes)],
+        order=ORDERS.get(facts.class_order, facts.class_order),
+        dropped=list(facts.dropped_classes().items()),
+        commands=commands(facts),
+        kept=NEAR_RULES.get(near, "identical files"),
+        settings=flatten(settings),
+        metrics=m and {"model": m.get("model", "?"), "format": m.get("format", "?"), "verdict": m.get("verdict", "?"),
+                       "accuracy": number("test_accuracy", ".3f"), "baseline": number("baseline_accuracy", ".3f"),
+                       "required": number("required_accuracy", ".3f"), "p_value": number("p_value", ".1e")},
+        snippets=snippets,
+        files=[(path, info.get("bytes", ""), info.get("sha256", "")) for path, info in facts.files().items()],
+    )

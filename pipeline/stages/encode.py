@@ -2,7 +2,10 @@
 
 One map is fitted on the classes of all splits together (never per split, which would shift
 ids when a split lacks a class). Ids follow the natural order of the class names (``img2``
-before ``img10``); ``--classes FILE`` pins an existing map so new data keeps old ids.
+before ``img10``) or, with ``--class-order alphabetical``, Python's ``sorted()`` (``img10``
+before ``img2``), the order torchvision's ImageFolder and Keras give class folders;
+``--classes FILE`` pins an existing map so new data keeps old ids. classes.json records the
+order (``natural``, ``alphabetical`` or ``pinned``).
 scikit-learn's LabelEncoder is not used: it always sorts classes lexicographically, and
 importing scikit-learn would cost more than the whole stage.
 """
@@ -14,9 +17,10 @@ from pathlib import Path
 
 from .. import workdir
 from ..errors import PrepError
-from .split import SPLIT_COLUMNS
+from .split import SPLIT_COLUMNS, confine_rows
 
 ENCODED_COLUMNS = SPLIT_COLUMNS + ["label_id"]
+CLASS_ORDERS = {"natural": workdir.natural_key, "alphabetical": None}  # name -> sort key (None: sorted())
 
 
 @dataclass
@@ -26,6 +30,7 @@ class EncodeConfig:
     classes_out: Path
     out: Path
     pinned: Path | None = None
+    class_order: str = "natural"
 
 
 @dataclass
@@ -53,17 +58,20 @@ def read_classes(path: Path) -> list[str]:
 
 
 def run(cfg: EncodeConfig) -> EncodeResult:
+    if cfg.class_order not in CLASS_ORDERS:
+        raise PrepError(f"--class-order must be one of {', '.join(CLASS_ORDERS)}; received {cfg.class_order!r}")
     stamp = workdir.Stamp(cfg.workdir, "encode")
     inputs = [cfg.splits] + ([cfg.pinned] if cfg.pinned else [])
-    settings = {"pinned": str(cfg.pinned) if cfg.pinned else None}
+    settings = {"pinned": str(cfg.pinned) if cfg.pinned else None, "class_order": cfg.class_order}
     if stamp.is_current(inputs, settings) and cfg.out.exists() and cfg.classes_out.exists():
         return EncodeResult(read_classes(cfg.classes_out), cfg.out, up_to_date=True)
 
     rows = workdir.read_csv(cfg.splits, SPLIT_COLUMNS)
     if not rows:
         raise PrepError(f"{cfg.splits} has no rows; run `prep split` first")
+    confine_rows(cfg.workdir, rows, cfg.splits)
     labels = [r["label"] for r in rows]
-    present = sorted(set(labels), key=workdir.natural_key)
+    present = sorted(set(labels), key=CLASS_ORDERS[cfg.class_order])
     if cfg.pinned:
         classes = read_classes(cfg.pinned)
         unknown = [c for c in present if c not in set(classes)]
@@ -77,7 +85,8 @@ def run(cfg: EncodeConfig) -> EncodeResult:
 
     ids = {name: i for i, name in enumerate(classes)}
 
-    workdir.write_json(cfg.classes_out, {"classes": classes})
+    order = "pinned" if cfg.pinned else cfg.class_order
+    workdir.write_json(cfg.classes_out, {"classes": classes, "order": order})
     workdir.write_csv(cfg.out, ENCODED_COLUMNS, ({**r, "label_id": ids[r["label"]]} for r in rows))
     stamp.record(inputs, settings, [cfg.out, cfg.classes_out])
     return EncodeResult(classes, cfg.out)

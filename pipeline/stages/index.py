@@ -5,7 +5,8 @@ Labels come from the first-level folder (``raw/<class>/.../<image>``) or, with
 order (classes, then paths), so the CSV is the same whatever order the filesystem lists.
 
 A rerun hashes only files whose size or version (mtime, ETag) changed, and does nothing at all
-when the listing, the settings and the labels CSV are all as the last run left them.
+when the listing, the settings and the labels CSV are all as the last run left them. Either way
+it warns about the usual mistakes with the folders and counts (:mod:`pipeline.checks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, executors, sources, workdir
+from .. import __version__, checks, executors, sources, workdir
 from ..errors import PrepError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class IndexConfig:
     labels_from: str = "folder"
     pattern: str = DEFAULT_PATTERN
     follow_links: bool = False
+    allow_outside_links: bool = False  # with follow_links: follow links that lead out of RAW too
     execution: executors.Execution = field(default_factory=executors.Execution)
 
 
@@ -155,12 +157,17 @@ def hash_files(
     return result, failed
 
 
-def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int]) -> None:
+def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int], paths: list[str] | None) -> list[dict]:
+    """Log what looks wrong with the classes; the warnings to keep in index.json (see
+    :mod:`pipeline.checks`). ``paths``: the images' paths when classes come from folders."""
     for name in empty:
         log.warning("class folder %s/%s has no images; it is not a class", raw, name)
     if len(classes) == 1:
         log.warning("one class only (%s): a classifier needs at least two; is %s the folder that holds the"
                     " class folders?", next(iter(classes)), raw)
+    found = (checks.folder_warnings(raw, paths) if paths is not None else []) + checks.class_warnings(classes)
+    checks.report(found)
+    return found
 
 
 def run(cfg: IndexConfig) -> IndexResult:
@@ -173,17 +180,21 @@ def run(cfg: IndexConfig) -> IndexResult:
     for what, path in (("the work directory", cfg.workdir.root), ("--out", cfg.out)):
         if local is not None and path.resolve().is_relative_to(Path(local).resolve()):
             raise PrepError(f"{what} {path} is inside RAW {cfg.raw}; prep never writes into RAW")
+    if cfg.allow_outside_links and not cfg.follow_links:
+        raise PrepError("--allow-outside-links is about the links --follow-links follows: pass --follow-links too")
     if cfg.labels_from not in ("folder", "filename"):
         raise PrepError(f"--labels-from must be folder or filename; received {cfg.labels_from!r}")
     pattern = compile_pattern(cfg.pattern) if cfg.labels_from == "filename" else None
 
     listed_ns = time.time_ns()
-    listing = sources.list_files(raw, follow_links=cfg.follow_links)
+    outside_links = cfg.follow_links and cfg.allow_outside_links
+    listing = sources.list_files(raw, follow_links=cfg.follow_links, outside_links=outside_links)
     digest = _listing_digest(cfg, raw, listing, listed_ns, pattern)
     recorded = _unchanged(cfg, digest)
     if recorded is not None:
         classes = dict(sorted(recorded["classes"].items(), key=lambda kv: NATURAL(kv[0])))  # JSON sorted them
-        _warn_about_classes(raw, recorded["empty_classes"], classes)
+        found = _warn_about_classes(raw, recorded["empty_classes"], classes, None if pattern else listing.files)
+        checks.record(cfg.workdir, checks.INDEX_KINDS, found)
         unlabelled = [] if pattern is None else [r for r in listing.files if label_from_filename(r, pattern) is None]
         return IndexResult(cfg.out, recorded["images"], classes, recorded["skipped"], recorded["empty_classes"],
                            unlabelled, listing.skipped_folders, up_to_date=True)
@@ -241,7 +252,7 @@ def run(cfg: IndexConfig) -> IndexResult:
     empty: list[str] = []
     if pattern is None:
         empty = sorted((name for name in listing.folders if name not in counts), key=NATURAL)
-    _warn_about_classes(raw, empty, class_counts)
+    found = _warn_about_classes(raw, empty, class_counts, None if pattern else [rel for _, rel in labelled])
 
     workdir.write_csv(cfg.out, LABEL_COLUMNS, rows)
     skipped = {reason: len(items) for reason, items in sorted(listing.skipped.items())}
@@ -256,12 +267,14 @@ def run(cfg: IndexConfig) -> IndexResult:
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
             "follow_links": cfg.follow_links,
+            "allow_outside_links": outside_links,
             "images": len(rows),
             "classes": class_counts,
             "skipped": skipped,
             "skipped_examples": {r: sorted(items, key=NATURAL)[:20] for r, items in listing.skipped.items()},
             "empty_classes": empty,
             "listing_sha256": None if failed else digest,
+            "warnings": checks.merged(cfg.workdir, checks.INDEX_KINDS, found),  # resize's: the source sizes
         },
     )
     changes = None if previous is None else _changes(previous, rows)
@@ -279,7 +292,7 @@ def _listing_digest(
     for _, version in listing.versions.values():
         if version is None or (isinstance(version, int) and version >= listed_ns - SETTLED_NS):
             return None
-    settings = [__version__, raw, cfg.labels_from, pattern and pattern.pattern, cfg.follow_links,
+    settings = [__version__, raw, cfg.labels_from, pattern and pattern.pattern, cfg.follow_links, cfg.allow_outside_links,
                 workdir.NATURAL_ORDER, LABEL_COLUMNS, cfg.workdir.relative(cfg.out)]
     files = sorted((rel, *listing.versions[rel]) for rel in listing.files)
     skipped = sorted((reason, sorted(items)) for reason, items in listing.skipped.items())
@@ -338,6 +351,18 @@ def in_natural_order(wd: workdir.Workdir, labels: Path) -> bool:
         return False
 
 
+def follows_outside_links(wd: workdir.Workdir) -> bool:
+    """Whether the last `prep index` followed links out of RAW (--allow-outside-links): resize
+    may read through them then, and only then."""
+    meta = wd.path(workdir.INDEX_META)
+    try:
+        recorded = workdir.read_json(meta) if meta.exists() else {}
+    except PrepError:
+        return False
+    return isinstance(recorded, dict) and recorded.get("follow_links") is True and recorded.get(
+        "allow_outside_links") is True
+
+
 def raw_root(wd: workdir.Workdir, given: str | Path | None = None) -> str:
     """The RAW root (absolute path or URL) recorded by the last `prep index`, or ``given``."""
     if given is not None:
@@ -345,4 +370,7 @@ def raw_root(wd: workdir.Workdir, given: str | Path | None = None) -> str:
     meta = wd.path(workdir.INDEX_META)
     if not meta.exists():
         raise PrepError(f"{meta} does not exist; run `prep index RAW` first (or pass --raw)")
-    return workdir.read_json(meta)["raw"]
+    recorded = workdir.read_json(meta)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("raw"), str):
+        raise PrepError(f"{meta} records no RAW folder; run `prep index RAW` again (or pass --raw)")
+    return recorded["raw"]

@@ -1,4 +1,4 @@
-"""`prep pack`: the split, label-encoded, resized images into pkl.gz, h5 and tfrecord, and manifest.json.
+"""`prep pack`: the split, label-encoded, resized images into pkl.gz, h5, tfrecord and parquet, and manifest.json.
 
 Workers decode shards of resized PNGs (:func:`read_pngs`); this process hands each sample, in
 encoded.csv order, to the writer of every format being packed, so pixels are decoded once
@@ -6,6 +6,10 @@ and memory stays bounded (except for pkl.gz, which is one pickle). Each output a
 atomically when complete; manifest.json is written last. A format whose output still matches
 its inputs and options (a :class:`workdir.Stamp` per format) is not rewritten, and that check
 imports none of numpy, the decoders, h5py and tensorflow.
+
+A write that fails (a full disk, a file size limit) is an error naming the output, and leaves
+the previous outputs as they were; what a pack killed while writing left behind (temporary
+files and folders of a process that is gone) is removed by the next (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +28,7 @@ from .. import __version__, executors, formats, manifest, workdir
 from ..errors import PrepError, StageInputMissing
 from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
 from .encode import ENCODED_COLUMNS, read_classes
+from .split import confine_rows
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +126,13 @@ def read_pngs(
 # -- inputs ---------------------------------------------------------------------------------
 
 
-def read_rows(encoded: Path, classes: list[str]) -> list[dict]:
-    """encoded.csv rows, with ``label_id`` an int checked against classes.json."""
+def read_rows(encoded: Path, classes: list[str], wd: workdir.Workdir) -> list[dict]:
+    """encoded.csv rows, with ``label_id`` an int checked against classes.json, and each resized
+    name inside ``wd``'s ``resized/``, with the sha256 resize recorded of it."""
     rows = workdir.read_csv(encoded, ENCODED_COLUMNS)
     if not rows:
         raise PrepError(f"{encoded} has no rows; run `prep encode` first")
+    confine_rows(wd, rows, encoded)
     for line, row in enumerate(rows, start=2):
         try:
             label_id = int(row["label_id"])
@@ -136,9 +145,10 @@ def read_rows(encoded: Path, classes: list[str]) -> list[dict]:
             )
         if row["split"] not in SPLITS:
             raise PrepError(f"{encoded} line {line}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
-        if not row["resized"]:
+        if not row["resized"] or not row["resized_sha256"]:
+            what = "resized file" if not row["resized"] else "sha256 of its resized file"
             raise PrepError(
-                f"{encoded} line {line}: {row['path']} has no resized file; run `prep resize` then `prep split`"
+                f"{encoded} line {line}: {row['path']} has no {what}; run `prep resize` then `prep split`"
             )
         row["label_id"] = label_id
     return rows
@@ -155,7 +165,7 @@ def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
 
 def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes: bool = False) -> Layout:
     """Image shape from the first resized PNG; sample counts per split, and with ``sizes`` the
-    PNG bytes per split too (what tfrecord plans its shards by)."""
+    PNG bytes per split too (what tfrecord and parquet plan their shards by)."""
     from PIL import Image
 
     folder = wd.path(workdir.RESIZED_DIR)
@@ -225,6 +235,7 @@ def run(cfg: PackConfig) -> PackResult:
     if not cfg.encoded.exists():
         raise StageInputMissing(f"{cfg.encoded} does not exist; run `prep encode` first")
     inputs = inputs_of(wd, cfg.encoded)
+    remove_stale_temps(wd)
     previous = _previous_manifest(wd)
 
     listed = {name: formats.settings(name, cfg.options) for name in requested}
@@ -244,16 +255,18 @@ def run(cfg: PackConfig) -> PackResult:
     manifest_stamp = _stamp(wd, "manifest")
     if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
-        rows = read_rows(cfg.encoded, classes)
-        layout = make_layout(wd, rows, classes, sizes="tfrecord" in todo)
+        rows = read_rows(cfg.encoded, classes, wd)
+        layout = make_layout(wd, rows, classes, sizes=_needs_png(todo))
         if todo:
             _pack(cfg, rows, layout, todo)
         previous = manifest.build(wd, layout, per_class_counts(rows, classes), inputs, listed)
-        manifest.write(wd, previous)
-        for name in todo:
-            outputs = [wd.root / f for f in manifest.output_files(wd.root, name)]
-            _stamp(wd, name).record(inputs, stamp_settings(listed[name], name), outputs)
-        manifest_stamp.record(inputs, stamp_settings(listed), [wd.path(workdir.MANIFEST)])
+        with _naming(wd.path(workdir.MANIFEST)):
+            manifest.write(wd, previous)
+        with _naming(wd.path(workdir.STAMPS_DIR)):
+            for name in todo:
+                outputs = [wd.root / f for f in manifest.output_files(wd.root, name)]
+                _stamp(wd, name).record(inputs, stamp_settings(listed[name], name), outputs)
+            manifest_stamp.record(inputs, stamp_settings(listed), [wd.path(workdir.MANIFEST)])
 
     sizes = {}
     for name in listed:
@@ -261,6 +274,11 @@ def run(cfg: PackConfig) -> PackResult:
         sizes[name] = (len(entries), sum(f["bytes"] for f in entries))
     current = [n for n in requested if n not in todo]
     return PackResult(todo, current, manifest.layout(previous), sizes, time.perf_counter() - started)
+
+
+def _needs_png(names) -> bool:
+    """Whether a format among ``names`` stores the PNG bytes (and plans its shards by their size)."""
+    return any(getattr(FORMATS[name], "NEEDS_PNG", False) for name in names)
 
 
 def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) -> None:
@@ -274,11 +292,11 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(cfg.execution.open())
         writers = [
-            stack.enter_context(FORMATS[name].writer(wd.path(FORMATS[name].OUTPUT), layout, cfg.options))
+            stack.enter_context(_Named(wd.path(FORMATS[name].OUTPUT), FORMATS[name].writer, layout, cfg.options))
             for name in todo
         ]
         bar = stack.enter_context(cfg.execution.bar(len(rows), "pack"))
-        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, "tfrecord" in todo,
+        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, _needs_png(todo),
                                        str(folder / rows[0]["resized"]))
         for shard, (pixels, pngs, problems) in zip(shards, results, strict=True):
             if problems:
@@ -291,6 +309,79 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
                 for w in writers:
                     w.write(sample)
             bar.update(len(shard))
+
+
+class _Named:
+    """A format's writer whose OSErrors name its output (a failed write names no file)."""
+
+    def __init__(self, target: Path, writer, *args):
+        self.target = target
+        self.writer = writer(target, *args)
+
+    def __enter__(self) -> "_Named":
+        with _naming(self.target):
+            self.w = self.writer.__enter__()
+        return self
+
+    def write(self, sample: Sample) -> None:
+        with _naming(self.target):
+            self.w.write(sample)
+
+    def __exit__(self, *exc) -> bool | None:
+        with _naming(self.target):  # the writer's own error: an exception passed in comes back as it is
+            return self.writer.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An OSError that names no file (a full disk, a file size limit) raised as one naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+
+
+# a temporary file or folder of an output (workdir.atomic_write, atomic_dir), or the previous
+# version of a folder being swapped (atomic_dir)
+_TEMP = re.compile(r"\.(?P<output>.+)\.(?:(?P<pid>\d+)-\d+\.tmp|old)")
+
+
+def remove_stale_temps(wd: workdir.Workdir) -> None:
+    """Delete the temporaries of pack's outputs (``.dataset.h5.<pid>-<thread>.tmp``,
+    ``.tfrecord.<pid>-<thread>.tmp/``, ``.tfrecord.old/``, ...) that a pack killed while writing
+    left in the work directory: those of a process that is gone, or of this one (which writes
+    none yet). A folder's ``.old`` goes unless a live process is writing that output."""
+    outputs = {module.OUTPUT for module in FORMATS.values()} | {workdir.MANIFEST}
+    try:
+        entries = list(os.scandir(wd.root))
+    except FileNotFoundError:
+        return
+    found = [(entry, match) for entry in entries if (match := _TEMP.fullmatch(entry.name)) and match["output"] in outputs]
+    live = {entry.name for entry, m in found if m["pid"] and int(m["pid"]) != os.getpid() and _alive(int(m["pid"]))}
+    writing = {m["output"] for entry, m in found if entry.name in live}
+    for entry, match in found:
+        if entry.name in live or (match["pid"] is None and match["output"] in writing):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _shape(shape) -> str:

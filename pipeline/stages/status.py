@@ -9,6 +9,7 @@ settings in force now.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class StatusConfig:
     workdir: workdir.Workdir
     spec: ResizeSpec = field(default_factory=ResizeSpec)
     split: dict = field(default_factory=lambda: {"ratios": [0.7, 0.2, 0.1], "seed": 42, "drop_small": False})
+    # command -> option -> where its value now comes from ("defaults", "prep.toml", ...)
+    origins: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,10 +67,13 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
         labels = wd.labels()
     except PrepError:
         return StageStatus("index", "missing", ["labels.csv is missing; run `prep index RAW`"])
+    if not isinstance(meta, dict) or not isinstance(meta.get("raw"), str):
+        return StageStatus("index", "stale", [f"{workdir.INDEX_META} records no RAW folder; run `prep index RAW`"])
     root = meta["raw"]
     if not sources.exists(root):
         return StageStatus("index", "stale", [f"RAW {root} not found"])
-    listing = sources.list_files(root, follow_links=bool(meta.get("follow_links")))
+    follow, outside = meta.get("follow_links") is True, meta.get("allow_outside_links") is True
+    listing = sources.list_files(root, follow_links=follow, outside_links=follow and outside)
     indexed = {r["path"] for r in workdir.read_csv(labels, ["path"])}
     found = set(listing.files)
     if meta.get("labels_from", "folder") == "folder":
@@ -88,8 +94,38 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     return _judge("index", True, reasons, "")
 
 
-def resize_status(wd: workdir.Workdir, spec: ResizeSpec) -> StageStatus:
-    from .resize import JOURNAL, PENDING, journal_entries
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def setting_changes(recorded: dict, wanted: dict, origins: dict[str, str]) -> list[str]:
+    """``size 48 when run; 32 now, from defaults`` for each option whose value differs: the
+    value the stage ran with, the one its next plain run would use, and where that comes from."""
+    changes = []
+    for key in sorted(recorded.keys() | wanted.keys()):
+        old, new = recorded.get(key), wanted.get(key)
+        if old != new:
+            option = key.replace("_", "-")
+            was = f"{_shown(old)} when run" if key in recorded else "not recorded"
+            changes.append(f"{option} {was}; {_shown(new)} now, from {origins.get(key, 'defaults')}")
+    return changes
+
+
+def _as_options(spec: dict) -> dict:
+    """The resize settings as its options: width and height as one size (``32``, ``64x48``)."""
+    options = {k: v for k, v in spec.items() if k not in ("width", "height")}
+    if "width" in spec or "height" in spec:
+        width, height = spec.get("width"), spec.get("height")
+        options["size"] = f"{width}" if width == height else f"{width}x{height}"
+    return options
+
+
+def resize_status(wd: workdir.Workdir, spec: ResizeSpec, origins: dict[str, str] | None = None) -> StageStatus:
+    from .resize import JOURNAL, PENDING, check_outputs, journal_entries
 
     table = wd.path(workdir.RESIZED)
     # images an interrupted run finished; None when no run was interrupted
@@ -111,13 +147,13 @@ def resize_status(wd: workdir.Workdir, spec: ResizeSpec) -> StageStatus:
     settings_path = wd.path(workdir.RESIZE_SETTINGS)
     recorded = workdir.read_json(settings_path) if settings_path.exists() else {}
     wanted = json_like(dataclasses.asdict(spec))
-    for key in sorted(wanted):
-        if recorded.get(key) != wanted[key]:
-            reasons.append(f"setting {key}: {recorded.get(key)!r} -> {wanted[key]!r}")
-    out = wd.path(workdir.RESIZED_DIR)
-    missing = sum(1 for r in done.values() if r["status"] == "ok" and not (out / r["resized"]).is_file())
-    if missing:
-        reasons.append(f"{_count(missing, 'resized file')} missing")
+    recorded = {k: v for k, v in recorded.items() if k in wanted} if isinstance(recorded, dict) else {}
+    reasons.extend(setting_changes(_as_options(recorded), _as_options(wanted), origins or {}))
+    intact = check_outputs(wd, list(done.values()))[0]
+    changed = [r["resized"] for r in done.values() if r["status"] == "ok" and r["resized"] not in intact]
+    if changed:
+        example = changed[0] if len(changed) == 1 else f"{changed[0]}, ..."
+        reasons.append(f"{_count(len(changed), 'resized file')} missing or changed since `prep resize` ({example})")
     return _judge("resize", True, reasons, "")
 
 
@@ -131,13 +167,24 @@ def json_like(value):
 
 
 def stamped_status(wd: workdir.Workdir, stage: str, stamp: str, inputs: list[Path], settings, output: Path,
-                   hint: str) -> StageStatus:
+                   hint: str, origins: dict[str, str] | None = None) -> StageStatus:
     if not output.exists():
         return StageStatus(stage, "missing", [hint])
     missing_inputs = [p for p in inputs if not p.exists()]
     if missing_inputs:
         return StageStatus(stage, "stale", [f"input {p.name} is missing" for p in missing_inputs])
-    return _judge(stage, True, workdir.Stamp(wd, stamp).explain(inputs, settings), hint)
+    stamped = workdir.Stamp(wd, stamp)
+    reasons = stamped.explain(inputs, None if isinstance(settings, dict) else settings)
+    if isinstance(settings, dict) and reasons != ["never run here"]:
+        try:
+            recorded = workdir.read_json(stamped.path).get("settings")
+        except (PrepError, AttributeError):
+            recorded = None
+        if isinstance(recorded, dict):
+            reasons.extend(setting_changes(recorded, json.loads(json.dumps(settings, default=str)), origins or {}))
+        else:
+            reasons.append("settings changed")
+    return _judge(stage, True, reasons, hint)
 
 
 def pack_status(wd: workdir.Workdir) -> StageStatus:
@@ -182,8 +229,9 @@ def run(cfg: StatusConfig) -> StatusResult:
     splits = wd.path(workdir.SPLITS)
     stages = [
         index_status(wd),
-        resize_status(wd, cfg.spec),
-        stamped_status(wd, "split", "split", with_labels, cfg.split, splits, "run `prep split`"),
+        resize_status(wd, cfg.spec, cfg.origins.get("resize")),
+        stamped_status(wd, "split", "split", with_labels, cfg.split, splits, "run `prep split`",
+                       cfg.origins.get("split")),
         stamped_status(wd, "encode", "encode", [splits], None, wd.path(workdir.ENCODED),
                        "run `prep encode`"),
         pack_status(wd),

@@ -13,20 +13,23 @@ the second on small ones.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import workdir
+from .. import manifest, workdir
 from ..errors import PrepError, VerificationFailed
 
 log = logging.getLogger(__name__)
 
 MODELS = ("cnn", "small", "mlp")
+CLASS_WEIGHTS = ("none", "balanced")
 STAMP = "verify-train"  # the stamp of the last training, under WORKDIR/.stamps
 P_VALUE = 0.01
 
@@ -41,7 +44,9 @@ class TrainConfig:
     patience: int = 4
     seed: int = 42
     margin: float = 0.2
-    progress: bool = True
+    progress: bool = True  # one bar over every epoch's steps; the epochs are logged at INFO (-v)
+    class_weight: str = "none"  # balanced: weigh each class by manifest.class_weights of train
+    save_model: bool = False  # keep the trained model as verify/model.keras
 
 
 @dataclass
@@ -129,20 +134,57 @@ def verdict(accuracy: float, baseline: float, n_test: int, margin: float) -> tup
     return accuracy >= required - 1e-12 and p_value < P_VALUE, required, float(p_value)
 
 
+def _require_keras() -> None:
+    """One line with the install command, before any work, when TensorFlow or Keras is missing."""
+    from ..formats.tfrecord import INSTALL_TF, import_tf
+
+    import_tf()
+    try:
+        import keras  # noqa: F401
+    except ImportError:
+        raise PrepError(INSTALL_TF) from None
+
+
+OUTPUTS = ("model.keras", "metrics.json", "training_curves.png", "confusion_matrix.png", "predictions.png")
+
+
+OWNED = ".prep-verify-train"  # written into verify/ before any output: the folder is prep's
+
+
+def _check_owned(out: Path) -> None:
+    """verify/ may be a project's own folder (--workdir .): prep writes its files there only
+    while none of their names is taken, or they are its own (its marker, or its metrics.json,
+    is there)."""
+    if (out / OWNED).is_file():
+        return
+    taken = [name for name in OUTPUTS if os.path.lexists(out / name)]
+    try:
+        metrics = workdir.read_json(out / "metrics.json") if taken else None
+    except (OSError, PrepError):
+        metrics = None
+    if taken and not (isinstance(metrics, dict) and {"verdict", "baseline_accuracy"} <= metrics.keys()):
+        raise PrepError(f"{out / taken[0]} was not written by prep verify-train: move it away, or use another --workdir")
+
+
 def run(cfg: TrainConfig) -> TrainResult:
     if cfg.model not in MODELS:
         raise PrepError(f"--model must be one of {', '.join(MODELS)}; received {cfg.model!r}")
     if not 0 <= cfg.margin < 1:
         raise PrepError(f"--margin must be in [0, 1); received {cfg.margin}")
+    if cfg.class_weight not in CLASS_WEIGHTS:
+        raise PrepError(f"--class-weight must be one of {', '.join(CLASS_WEIGHTS)}; received {cfg.class_weight!r}")
     fmt, path = packaged_path(cfg.workdir, cfg.format)
+    _require_keras()
     out = cfg.workdir.path(workdir.VERIFY_DIR)
+    _check_owned(out)
     # training is deterministic (seeded, deterministic ops): the same data and settings give the
     # same verdict, so a rerun reports the last one instead of training for minutes again
     from .. import loaders
 
     classes = loaders.load_classes(path)
     stamp, settings, inputs = workdir.Stamp(cfg.workdir, STAMP), _settings(cfg, fmt, classes), packaged_files(path)
-    if (out / "metrics.json").exists() and stamp.is_current(inputs, settings):
+    saved = not cfg.save_model or (out / "model.keras").exists()
+    if saved and (out / "metrics.json").exists() and stamp.is_current(inputs, settings):
         return _verdict(TrainResult(fmt, workdir.read_json(out / "metrics.json"), out, up_to_date=True))
     started = time.perf_counter()
     if len(classes) < 2:
@@ -176,13 +218,22 @@ def run(cfg: TrainConfig) -> TrainResult:
     input_shape = tuple(int(d) for d in train_ds.element_spec[0].shape[1:])
     model = build_model(cfg.model, input_shape, len(classes))
     out.mkdir(parents=True, exist_ok=True)
+    workdir.atomic_write_bytes(out / OWNED, b"verify-train's outputs; prep may replace them\n")
+    (out / "model.keras").unlink(missing_ok=True)  # an earlier model: not this verdict's
+    weights = None
+    if cfg.class_weight == "balanced":
+        weights = manifest.class_weights({classes[i]: n for i, n in counts["train"].items()})
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
-    history = model.fit(
-        train_ds, validation_data=dataset("valid", shuffle=False), epochs=cfg.epochs, callbacks=[stop],
-        shuffle=False,  # the dataset shuffles itself, seeded; Keras cannot shuffle a tf.data.Dataset
-        verbose=2 if cfg.progress else 0,
-    )
-    _save_model(model, out / "model.keras")
+    steps = math.ceil(sizes["train"] / cfg.batch_size)
+    with _progress(cfg, steps) as progress:
+        history = model.fit(
+            train_ds, validation_data=dataset("valid", shuffle=False), epochs=cfg.epochs, callbacks=[stop, progress],
+            shuffle=False,  # the dataset shuffles itself, seeded; Keras cannot shuffle a tf.data.Dataset
+            class_weight=None if weights is None else {i: weights.get(c, 1.0) for i, c in enumerate(classes)},
+            verbose=0,  # Keras would print on stdout, which carries --json
+        )
+    if cfg.save_model:
+        _save_model(model, out / "model.keras")
 
     # one pass over test: the labels come with the predictions
     batches = [(model(x, training=False).numpy(), y.numpy()) for x, y in dataset("test", shuffle=False)]
@@ -212,6 +263,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         "baseline_accuracy": baseline,
         "baseline_class": classes[majority],
         "margin": cfg.margin,
+        "class_weights": weights,
         "required_accuracy": required,
         "p_value": p_value,
         "verdict": "learned" if learned else "did not learn",
@@ -223,7 +275,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         "seconds": time.perf_counter() - started,
     }
     workdir.write_json(out / "metrics.json", metrics)
-    _plots(out, {**metrics, "test_labels": y_test.tolist()}, loaders.load_tf(path, "test"), predicted, classes)
+    _plots(out, {**metrics, "test_labels": y_test.tolist()}, loaders.load_tf(path, "test"), probabilities, classes)
     stamp.record(inputs, settings, sorted(p for p in out.iterdir() if p.is_file()))
     return _verdict(TrainResult(fmt, metrics, out))
 
@@ -247,6 +299,8 @@ def _settings(cfg: TrainConfig, fmt: str, classes: list[str]) -> dict:
             return None
 
     options = {k: getattr(cfg, k) for k in ("model", "epochs", "batch_size", "patience", "seed", "margin")}
+    if cfg.class_weight != "none":  # absent otherwise, so the verdicts of runs before the option still stand
+        options["class_weight"] = cfg.class_weight
     return {**options, "format": fmt, "classes": classes, "prep": __version__, "keras": installed("keras"),
             "tensorflow": installed("tensorflow")}
 
@@ -283,22 +337,30 @@ def _advice(metrics: dict) -> str:
     return "Check: " + "; ".join(hints) + f"; see {workdir.VERIFY_DIR}/metrics.json"
 
 
-def _grid_indices(y_true, predicted, classes: int, size: int = 25) -> list[int]:
-    """Test samples to show: every class in turn, mistakes first within a class, sorted."""
-    import numpy as np
+@contextlib.contextmanager
+def _progress(cfg: TrainConfig, steps: int):
+    """A Keras callback drawing one bar over every step of every epoch (with the time left) and
+    logging each epoch's losses and accuracies at INFO; log lines are written above the bar."""
+    import keras
 
-    per_class = []
-    for c in range(classes):
-        members = np.flatnonzero(y_true == c)
-        wrong = [int(i) for i in members if predicted[i] != c]
-        right = [int(i) for i in members if predicted[i] == c]
-        per_class.append(wrong + right)
-    chosen: list[int] = []
-    for depth in range(max((len(m) for m in per_class), default=0)):
-        for members in per_class:
-            if depth < len(members) and len(chosen) < size:
-                chosen.append(members[depth])
-    return sorted(chosen)
+    from ..executors import progress
+
+    class Progress(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            bar.update(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if isinstance(v, (int, float)))
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, shown)
+
+    with progress(cfg.epochs * steps, "train", cfg.progress, unit="step") as bar:
+        if cfg.progress and hasattr(bar, "clear"):  # a tqdm bar
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                yield Progress()
+        else:
+            yield Progress()
 
 
 def _save_model(model, path: Path) -> None:
@@ -307,63 +369,122 @@ def _save_model(model, path: Path) -> None:
     tmp.replace(path)
 
 
+GRID, GRID_COLUMNS = 15, 3  # test images in predictions.png, and images a row (few: legible on a phone)
+PLOT_DPI = 150  # the PNGs' dots per inch: the report shows them at 100 CSS px an inch, sharp on dense screens
+
+
+def _grid_indices(y_true, probabilities, size: int = GRID) -> list[int]:
+    """Test samples to show, in order: the most confident mistakes first (at most 3/4 of the
+    grid while right ones are there), then right ones, one of each class in turn."""
+    import numpy as np
+
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != y_true)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    right = [list(np.flatnonzero((predicted == y_true) & (y_true == c))) for c in range(probabilities.shape[1])]
+    n_right = sum(map(len, right))
+    chosen = [int(i) for i in wrong[: size - min(size // 4, n_right)]]
+    for depth in range(max(map(len, right), default=0)):
+        for members in right:
+            if depth < len(members) and len(chosen) < size:
+                chosen.append(int(members[depth]))
+    return chosen
+
+
+def _short(name: str, limit: int) -> str:
+    """A class name cut to ``limit`` characters for a plot (the report's tables show it whole)."""
+    name = " ".join(str(name).split())
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
 def _savefig(fig, path: Path) -> None:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=PLOT_DPI, metadata={"Software": None})
     workdir.atomic_write_bytes(path, buffer.getvalue())
 
 
-def _plots(out: Path, metrics: dict, test_ds, predicted, classes: list[str]) -> None:
-    """training_curves.png, confusion_matrix.png and predictions.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plots(out: Path, metrics: dict, test_ds, probabilities, classes: list[str]) -> None:
+    """training_curves.png, confusion_matrix.png and predictions.png, each about 5-6 inches
+    wide (the confusion matrix grows with the classes) so that they read on a phone too."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     import numpy as np
-    from sklearn.metrics import ConfusionMatrixDisplay
 
     history = metrics["history"]
     epochs = range(1, len(history["loss"]) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(5.0, 5.6), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
     for ax, key, title in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
         ax.plot(epochs, history[key], marker="o", label="train")
         ax.plot(epochs, history[f"val_{key}"], marker="o", label="valid")
         ax.axvline(metrics["best_epoch"], color="grey", linestyle=":", label="best (restored)")
-        ax.set_xlabel("epoch")
         ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.legend()
-    fig.suptitle(f"verify-train: {metrics['model']} on {metrics['format']}")
+        ax.set_title(title, fontsize=11)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=9)
+    axes[1].set_xlabel("epoch")
+    fig.suptitle(f"verify-train: {metrics['model']} on {metrics['format']}", fontsize=12)
     _savefig(fig, out / "training_curves.png")
-    plt.close(fig)
 
-    size = max(4, min(14, 0.6 * len(classes) + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=classes).plot(
-        ax=ax, colorbar=False, xticks_rotation=45 if len(classes) > 6 else "horizontal"
-    )
-    ax.set_title(f"Test confusion matrix (accuracy {metrics['test_accuracy']:.3f})")
-    _savefig(fig, out / "confusion_matrix.png")
-    plt.close(fig)
+    _confusion_matrix(out, np.array(metrics["confusion_matrix"]), classes, metrics["test_accuracy"])
 
     y_true = np.array(metrics["test_labels"])
-    chosen = _grid_indices(y_true, np.asarray(predicted), len(classes))
-    cols = min(5, len(chosen))
+    probabilities = np.asarray(probabilities)
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    chosen = _grid_indices(y_true, probabilities)
+    cols = min(GRID_COLUMNS, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    fig = Figure(figsize=(1.8 * cols, 2.5 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
-        ax.axis("off")
-    wanted = {index: slot for slot, index in enumerate(chosen)}
+        ax.set_axis_off()
+    slots = {index: slot for slot, index in enumerate(chosen)}
+    last = max(chosen, default=-1)
     for i, (image, label) in enumerate(test_ds.as_numpy_iterator()):
-        if i not in wanted:
-            continue
-        ax = axes.flat[wanted[i]]
-        image = image[:, :, 0] if image.shape[-1] == 1 else image
-        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-        right = predicted[i] == label
-        ax.set_title(f"{classes[predicted[i]]} / {classes[label]}", fontsize=9, color="green" if right else "red")
-        if i >= chosen[-1]:
+        if i in slots:
+            ax = axes.flat[slots[i]]
+            image = image[:, :, 0] if image.shape[-1] == 1 else image
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+            p, name = int(predicted[i]), _short(classes[predicted[i]], 14)
+            if p == label:  # the mark says it; the colour only repeats it
+                ax.set_title(f"✓ {name}\nconfidence {confidence[i]:.2f}", fontsize=10, color="#1a7f37")
+            else:
+                ax.set_title(f"✗ pred: {name}\ntrue: {_short(classes[label], 14)}\nconfidence {confidence[i]:.2f}",
+                             fontsize=10, color="#cf222e")
+        if i >= last:
             break
-    fig.suptitle("Test predictions: predicted / true")
+    wrong = int(np.sum(predicted != y_true))
+    fig.suptitle(f"Test predictions: {wrong} of {len(y_true)} wrong"
+                 + ("\nthe most confident mistakes first" if wrong else ""), fontsize=11)
     _savefig(fig, out / "predictions.png")
-    plt.close(fig)
+
+
+def _confusion_matrix(out: Path, matrix, classes: list[str], accuracy: float) -> None:
+    """Counts of true (rows) x predicted (columns) classes, shaded by the share of the true
+    class; every class named on both axes up to 100 classes (smaller, turned labels as they
+    grow), counts written in the cells up to 30."""
+    from matplotlib.figure import Figure
+    import numpy as np
+
+    n = len(classes)
+    font = 10 if n <= 10 else 9 if n <= 20 else 8 if n <= 40 else 6.5 if n <= 70 else 5.5
+    names = [_short(c, 24 if n <= 20 else 16) for c in classes]
+    size = min(16.0, max(5.0, 2.0 + 0.14 * n + font * 0.6 * max(map(len, names)) / 72))  # cells + labels
+    fig = Figure(figsize=(size, size), layout="constrained")
+    ax = fig.subplots()
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ticks = np.arange(n)
+    turned = 90 if n > 12 else 45 if max(map(len, names)) > 4 else 0
+    ax.set_xticks(ticks, names, fontsize=font, rotation=turned, ha="right" if turned == 45 else "center",
+                  rotation_mode="anchor" if turned == 45 else "default")
+    ax.set_yticks(ticks, names, fontsize=font)
+    if n <= 30:
+        for (t, p), count in np.ndenumerate(matrix):
+            if count or n <= 10:  # among many classes the zeros would hide the counts
+                ax.text(p, t, str(count), ha="center", va="center", fontsize=font if n <= 15 else font - 1.5,
+                        color="white" if shares[t, p] > 0.5 else "#1f2328")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Test confusion matrix (accuracy {accuracy:.3f})", fontsize=11)
+    _savefig(fig, out / "confusion_matrix.png")

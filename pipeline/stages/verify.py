@@ -6,16 +6,23 @@ file, split and index:
 1. files: every file listed in manifest.json is present with its size and sha256, and no
    unlisted file sits in a packaged folder;
 2. inputs: encoded.csv and classes.json are the ones packed, its counts match the manifest,
-   and no content hash (sha256) appears in two splits;
+   and no content hash (sha256) and no group (its ``group`` column: images `prep split` keeps
+   together, as near copies or a user group) appears in two splits;
 3. formats: every format's structure (counts, shapes, dtypes, attributes), read back with the
    format's own reader;
 4. samples, streaming: in every format each sample's label is in range and equals encoded.csv's,
    its path (where stored) too, and the digest of its pixels equals the digest of the resized
-   PNG it came from (decoded in worker processes), so all formats hold identical pixels.
+   PNG it came from (decoded in worker processes), so all formats hold identical pixels; and
+   each resized PNG is still the file resize wrote (its sha256 is encoded.csv's), so pixels
+   edited after resize are caught even when they were packed.
+
+manifest.json's entries and encoded.csv's resized names are checked to stay inside the work
+directory before any of them is read.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import time
@@ -27,7 +34,7 @@ from typing import Iterator
 from .. import executors, imaging, manifest, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
-from .encode import ENCODED_COLUMNS
+from .pack import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +103,7 @@ def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
             raise VerificationFailed(f"{rel}: changed since `prep pack` (sha256 differs from {workdir.MANIFEST});"
                                      " run `prep pack` again")
     encoded = wd.path(workdir.ENCODED)
-    rows = workdir.read_csv(encoded, ENCODED_COLUMNS)
+    rows = read_rows(encoded, list(layout.classes), wd)
     counts = Counter(r["split"] for r in rows)
     per_class = Counter((r["split"], r["label"]) for r in rows)
     for split in SPLITS:
@@ -119,17 +126,31 @@ def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
                 f"{encoded.name}: content {row['sha256'][:12]}... is in two splits: {seen['path']} ({seen['split']})"
                 f" and {row['path']} ({row['split']})"
             )
+    by_group: dict[str, dict] = {}
+    for row in rows:
+        seen = by_group.setdefault(row.get("group") or "", row)  # split's units of several images
+        if row.get("group") and seen["split"] != row["split"]:
+            raise VerificationFailed(
+                f"{encoded.name}: group {row['group']} (copies, near copies or a user group) is in two splits:"
+                f" {seen['path']} ({seen['split']}) and {row['path']} ({row['split']})"
+            )
     return [r for split in SPLITS for r in rows if r["split"] == split]
 
 
-def digest_pngs(names: list[str], folder: str) -> list[bytes | str]:
-    """The sha256 of each resized PNG's pixels, or the reason it cannot be read."""
+def digest_pngs(files: list[tuple[str, str]], folder: str) -> list[bytes | str]:
+    """The sha256 of the pixels of each (resized PNG, the sha256 of its bytes resize recorded),
+    or the reason it cannot be used: unreadable, not a regular file, or not the file resize wrote."""
     out: list[bytes | str] = []
-    for name in names:
+    for name, recorded in files:
         try:
-            out.append(hashlib.sha256(imaging.decode_png((Path(folder) / name).read_bytes()).tobytes()).digest())
+            data = workdir.read_file(Path(folder) / name, follow_links=False)[0]
+            if workdir.sha256_bytes(data) != recorded:
+                out.append(f"changed since `prep resize` (its sha256 is not the one {workdir.ENCODED} records);"
+                           " run `prep resize` to make it again")
+                continue
+            out.append(hashlib.sha256(imaging.decode_png(data).tobytes()).digest())
         except OSError as err:
-            out.append(f"cannot read ({err.strerror or err})")
+            out.append("a symbolic link" if err.errno == errno.ELOOP else f"cannot read ({err.strerror or err})")
         except ValueError as err:
             out.append(str(err))
     return out
@@ -154,7 +175,7 @@ def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Ite
 
 def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
     folder = cfg.workdir.path(workdir.RESIZED_DIR)
-    shards = executors.chunk([r["resized"] for r in rows], cfg.execution.slots, max_size=256)
+    shards = executors.chunk([(r["resized"], r["resized_sha256"]) for r in rows], cfg.execution.slots, max_size=256)
     for digests in executors.map_shards(pool, digest_pngs, shards, str(folder.resolve())):
         yield from digests
 
