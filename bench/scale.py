@@ -20,7 +20,7 @@ with PYTHONPATH set, another checkout's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import compileall
 import io
 import json
 import os
@@ -315,11 +315,16 @@ NOISE = ("Memory repeats from run to run (peaks within a few percent, KB/img wit
 
 
 def prep_identity(prep: list[str]) -> dict:
-    """The version and, when it is a git checkout, the commit of the prep being measured."""
-    version = subprocess.run([*prep, "--version"], check=True, capture_output=True, text=True).stdout.strip()
-    folder = Path(importlib.util.find_spec("pipeline").origin).parent
+    """The version, folder and, when it is a git checkout, the commit of the prep being measured
+    (asked of the interpreter the commands run in, the same way)."""
+    version = subprocess.run([*prep, "--version"], capture_output=True, text=True)
+    if version.returncode:
+        raise SystemExit(f"`{' '.join(prep)} --version` failed: install prep into this Python (make install)\n"
+                         f"{version.stderr.strip()[-500:]}")
+    where = [*prep[:-2], "-c", "import pipeline; print(pipeline.__file__)"]
+    folder = Path(subprocess.run(where, check=True, capture_output=True, text=True).stdout.strip()).parent
     git = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    out = {"version": version}
+    out = {"version": version.stdout.strip(), "folder": str(folder)}
     if git.returncode == 0:
         dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "."],
                                capture_output=True, text=True).stdout.strip()
@@ -344,14 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
     parser.add_argument("--memory-gb", type=float, default=24.0, help="the memory of the machine to estimate for [24]")
     args = parser.parse_args(argv)
-    if importlib.util.find_spec("pipeline") is None:
-        parser.error("prep's package `pipeline` is not importable: install prep into this Python (make install)")
-    prep = [bench.PYTHON, "-m", "pipeline"]
+    # -P: not the current directory first in sys.path, which `-m` puts there, so that prep is the
+    # one the interpreter installs or PYTHONPATH gives, wherever the benchmark is started
+    prep = [bench.PYTHON, "-P", "-m", "pipeline"]
     bench.WORK.mkdir(exist_ok=True)
-    bench.compile_prep()
-    bench.warn_if_busy()
     identity = prep_identity(prep)
-    print(f"prep {identity}")
+    # byte-compiled, as an installed package is (see run.py's compile_prep)
+    if not compileall.compile_dir(identity["folder"], quiet=1):
+        raise SystemExit(f"could not byte-compile prep's modules in {identity['folder']}")
+    bench.warn_if_busy()
+    print(f"measuring {identity['version']} in {identity['folder']}"
+          + (f" (git commit {identity['commit']})" if "commit" in identity else ""))
     per_class = [n // corpus.CLASSES for n in args.scale_images]
     sizes = []
     try:
@@ -374,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in sizes:
         print(size_table(m))
         print()
-    result = {"machine": bench.machine(), "prep": identity, "sizes": sizes, "noise": NOISE}
+    prep_ = {key: value for key, value in identity.items() if key != "folder"}  # no machine paths in results
+    result = {"machine": bench.machine(), "prep": prep_, "sizes": sizes, "noise": NOISE}
     if len(sizes) >= 2:
         growth = marginal(sizes[0], sizes[-1])
         est = estimate(sizes[-1], growth, TARGET_IMAGES, args.memory_gb)

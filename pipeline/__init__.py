@@ -6,7 +6,9 @@ Architecture (data flows one way, top to bottom; no module imports one above it)
     cli_support.py  what every command shares: errors as one line, --json, the lock, prep.toml
     config.py       defaults from prep.toml / [tool.prep], checked against the CLI's options
     stages/         one module per command: sample, index, resize, split, encode, pack, verify,
-                    train (verify-train), report and card, status
+                    train (verify-train), report and card, status; facts.py gathers what the
+                    report and the card both show
+    templates/      the report page and the dataset card, as Jinja2 templates
     loaders.py      the public load API (load, load_tf, load_torch, load_classes, load_frame);
                     verify-train uses it too
     imaging.py      the pure per-image transform: bytes in, 8-bit pixels or a reason out
@@ -26,7 +28,11 @@ __version__ = "0.1.0"
 
 # The load API is imported on first call, so `import pipeline` stays light.
 def load(path):
-    """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) from a pkl.gz, h5, tfrecord/ or work directory."""
+    """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) from a pkl.gz, h5, tfrecord/ or work directory.
+
+    Safe on a file from anyone: a pkl.gz is unpickled into numpy arrays and nothing else (a pickle
+    that names any other callable is refused, none of it run), and every format's shapes and dtypes
+    are checked (a PrepError naming the file and split otherwise)."""
     from .loaders import load
 
     return load(path)

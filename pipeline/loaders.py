@@ -70,7 +70,9 @@ def load(path: str | os.PathLike) -> Arrays:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as numpy arrays.
 
     x is uint8 (N, H, W, C) and y int64 label ids; a pkl.gz packed with ``--flat`` or
-    ``--float`` comes back as stored.
+    ``--float`` comes back as stored. A pkl.gz is unpickled into numpy arrays and nothing else
+    (code in a pickle is refused, not run), and every split's shapes and dtypes are checked:
+    a PrepError names the file and split that do not fit.
     """
     name, target = resolve(path)
     return FORMATS[name].load(target)

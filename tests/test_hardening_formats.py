@@ -8,6 +8,7 @@ signals and limits are tried on real `prep` processes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +47,20 @@ def work(packed: Path, tmp_path: Path) -> Path:
 
 
 def prep_process(work: Path, *args, **popen) -> subprocess.CompletedProcess:
-    """``prep --workdir WORK ARGS`` as a process of its own."""
+    """``prep --workdir WORK ARGS`` as a process of its own, its stderr as text. Through a file,
+    not a pipe, and in a session of its own, killed at the end: the worker processes of a
+    command that crashed would hold a pipe open."""
     command = [sys.executable, "-m", "pipeline", "--workdir", str(work), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, **popen)
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, **popen)
+        try:
+            proc.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the workers it left, if any
+            proc.wait()
+        stderr.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, None, stderr.read())
 
 
 def one_error_line(stderr: str, *fragments: str) -> str:
@@ -100,6 +113,7 @@ def test_a_pickle_that_runs_code_is_refused_by_load_and_verify(work, tmp_path):
     for path in (target, work):
         with pytest.raises(PrepError) as raised:
             pipeline.load(path)
+        assert not marker.exists()
         assert str(raised.value) == refusal
     result = prep_process(work, "verify", "--executor", "serial")
     assert result.returncode == 1

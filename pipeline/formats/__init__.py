@@ -12,7 +12,8 @@ Every format module offers the same small interface::
                            ``(split, Batch)`` pairs, train then valid then test, pixels as
                            uint8 (N, H, W, C) whatever the stored form; raises
                            VerificationFailed when the file does not match ``layout``
-    load(path)             ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored
+    load(path)             ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) as stored,
+                           shapes and dtypes checked (:func:`check_arrays`)
     load_tf(path, split)   a tf.data.Dataset of (uint8 H x W x C image, int64 label)
     classes(path)          the class names the file records, or None
     NEEDS_PNG              (optional) True when the writer stores each sample's resized PNG bytes

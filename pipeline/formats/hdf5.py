@@ -287,9 +287,8 @@ def _datasets(path: Path, f) -> tuple:
 
 def load_tf(path: str | Path, split: str):
     """A tf.data.Dataset of (uint8 H x W x C image, int64 label), read one chunk at a time."""
-    from .tfrecord import import_tf
-
     from . import SPLITS
+    from .tfrecord import import_tf
 
     path = Path(path)
     with _open(path) as f:

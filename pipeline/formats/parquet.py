@@ -319,11 +319,11 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)), images uint8 (N, H, W, C)."""
     import numpy as np
 
-    from . import SPLITS
+    from . import SPLITS, check_arrays
 
     arrays = [_split_arrays(Path(path), split) for split in SPLITS]
     shape = next((x.shape[1:] for x, _ in arrays if x is not None), (0, 0, 0))
-    return tuple((x if x is not None else np.zeros((0, *shape), np.uint8), y) for x, y in arrays)
+    return check_arrays(path, [(x if x is not None else np.zeros((0, *shape), np.uint8), y) for x, y in arrays])
 
 
 def load_tf(path: str | Path, split: str):
