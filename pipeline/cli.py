@@ -419,6 +419,7 @@ def verify(ctx, **options):
               help="As in `prep index`.")
 @click.option("--pattern", help="As in `prep index`.")
 @click.option("--follow-links", is_flag=True, help="As in `prep index`.")
+@click.option("--allow-outside-links", is_flag=True, help="As in `prep index`.")
 @resize_options
 @click.option("--ratios", default="7:2:1", show_default=True, help="As in `prep split`.")
 @click.option("--seed", type=int, default=42, show_default=True, help="As in `prep split`.")
@@ -432,7 +433,7 @@ def verify(ctx, **options):
 @executor_options
 @pass_ctx
 @delegate
-def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolation, channels, background, fill,
+def run_all(ctx, raw, labels_from, pattern, follow_links, allow_outside_links, size, mode, interpolation, channels, background, fill,
             max_pixels, strict, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups, classes,
             class_order, license, formats, flat, as_float, shard_mb, tfrecord_compression, executor, workers, scheduler):
     """Run every stage on RAW with one set of options."""
@@ -445,7 +446,8 @@ def run_all(ctx, raw, labels_from, pattern, follow_links, size, mode, interpolat
     build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
     return {
-        "index": _index(ctx, raw, None, labels_from, pattern, follow_links, **run_options),
+        "index": _index(ctx, raw, None, labels_from, pattern, follow_links, allow_outside_links=allow_outside_links,
+                        **run_options),
         "resize": _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels,
                           strict, **run_options),
         "split": _split(ctx, None, None, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups),

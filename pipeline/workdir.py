@@ -62,6 +62,10 @@ VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
 HASH_CACHE = f"{CACHE_DIR}/hashes.json"  # index's sha256 of each RAW file, by size and version
+# every fixed name a stage writes in the work directory (the card and report/ aside)
+OUTPUT_NAMES = (LABELS, INDEX_META, RESIZED_DIR, RESIZED, RESIZE_SETTINGS, SPLIT_SETTINGS, REJECTED, SPLITS,
+                CLASSES, ENCODED, MANIFEST, VERIFY_DIR, "conflicts.csv", "near_copies.csv", "resized.journal",
+                "dataset.pkl.gz", "dataset.h5", "tfrecord", "data")
 SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every output holds them
 
 
@@ -128,6 +132,7 @@ class Workdir:
                 os.ftruncate(fd, 0)  # only now: the lock is held, and the file is a regular one
                 os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
                 held = True
+                self._claim()
             try:
                 yield
             finally:
@@ -137,6 +142,23 @@ class Workdir:
                     fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _claim(self) -> None:
+        """Make sure the folder is prep's before a writer writes into it: a folder that prep has
+        not worked in (no ``.stamps/``, no index.json of its own) and that already holds one of
+        prep's output names (a project's own ``labels.csv`` or ``data/``, with ``--workdir .``) is
+        refused, as its stages would replace those files; otherwise ``.stamps/`` marks it as prep's
+        from the first write on. (README.md and report/ are handled where they are written: prep
+        writes its card and page under other names there.)"""
+        if (self.root / STAMPS_DIR).is_dir() or _is_index_meta(self.root / INDEX_META):
+            return
+        taken = sorted(name for name in OUTPUT_NAMES if os.path.lexists(self.root / name))
+        if taken:
+            raise PrepError(
+                f"{self.root} already holds {', '.join(taken)}, which prep did not write, and its stages would"
+                " replace them: use another --workdir (an empty or new folder), or move them away"
+            )
+        (self.root / STAMPS_DIR).mkdir(exist_ok=True)
 
     def _open_lock(self, shared: bool) -> int | None:
         """``.lock`` opened without following a link and without truncating it; None for a reader
@@ -227,6 +249,16 @@ class Workdir:
             if recorded and (self.root / recorded).exists():
                 return self.root / recorded  # an absolute recorded path stays as it is
         return self.input(given, LABELS, made_by="index RAW")
+
+
+def _is_index_meta(path: Path) -> bool:
+    """Whether ``path`` is an index.json that `prep index` wrote (an earlier prep's work directory
+    may have no .stamps/ yet)."""
+    try:
+        data = json.loads(read_file(path)[0])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"raw", "labels", "classes"} <= data.keys()
 
 
 @functools.lru_cache(maxsize=1 << 16)  # class names repeat on every row
