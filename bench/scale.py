@@ -13,8 +13,9 @@ image, and from it an estimate for 10 million images: time on this machine, peak
 command, disk, files per folder, and the first command to run out of memory. Results are printed
 and written to the ``scale`` section of ``bench/results.json``.
 
-The commands are those of the running interpreter's ``pipeline`` package (``python -m pipeline``):
-with PYTHONPATH set, another checkout's.
+The commands are those of the running interpreter's ``pipeline`` package (``python -P -m
+pipeline``): with PYTHONPATH set, another checkout's. See bench/README.md for the columns and how
+far to trust them.
 """
 
 from __future__ import annotations
@@ -304,11 +305,11 @@ def estimate_text(est: dict) -> str:
     return "\n".join(lines)
 
 
-NOISE = ("Memory repeats from run to run (peaks within a few percent, KB/img within a tenth); times do not:"
-         " this machine's speed drifts by a fifth within minutes, other users' load and a recent large delete on the"
-         " file system (see sys s) can double a command's time or more, and `!` marks a timing during which other"
-         f" processes used more than {bench.NOISY:.0%} of the machine. Judge memory work by KB/img and the GB; read"
-         " us/img and the hours as a rough guide.")
+NOISE = ("Memory repeats from run to run (peaks within a few percent, KB/img within about 0.1); times do"
+         " not: this machine's speed drifts by a fifth within minutes, other users' load and a recent large delete"
+         " on the file system (see sys s) can make a command take three times as long, and `!` marks a timing"
+         f" during which other processes used more than {bench.NOISY:.0%} of the machine. Judge memory work by"
+         " KB/img and the GB; read us/img and the hours as a rough guide.")
 
 
 # -- main -----------------------------------------------------------------------------------

@@ -384,12 +384,13 @@ def pack(ctx, **options):
     return _pack(ctx, **options)
 
 
-def _verify(ctx, workdir, executor, workers, scheduler):
+def _verify(ctx, workdir, executor, workers, scheduler, full=False):
     from .stages import verify as stage
     from .workdir import Workdir
 
     cfg = stage.VerifyConfig(
         workdir=Workdir(workdir) if workdir else ctx.workdir, execution=ctx.execution(executor, workers, scheduler),
+        full=full,
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)
@@ -399,6 +400,7 @@ def _verify(ctx, workdir, executor, workers, scheduler):
 @cli.command()
 @click.argument("workdir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @executor_options
+@click.option("--full", is_flag=True, help="Check everything again, also what has not changed since the last check.")
 @pass_ctx
 @delegate(lock="read")
 def verify(ctx, **options):
@@ -406,6 +408,7 @@ def verify(ctx, **options):
 
     Checksums, counts, shapes, dtypes, label ids, no image in two splits, and identical
     pixels in every format and the resized PNGs. Exits non-zero at the first difference.
+    A rerun checks again only what changed since a run that passed (--full: everything).
     """
     return _verify(ctx, **options)
 

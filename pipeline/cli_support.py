@@ -230,7 +230,10 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool, options: dict):
     if lock is True:
         if _refused(wd.root, options.get("raw")):
             return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
-        return wd.lock(create=makes_workdir)
+        from .workdir import STAGE_OUTPUTS
+
+        command = click.get_current_context().info_name
+        return wd.lock(create=makes_workdir, claims=STAGE_OUTPUTS.get(command, ()))
     return wd.lock(shared=True, wait=lock == "read")
 
 
@@ -359,21 +362,49 @@ def settings_file(ctx: click.Context):
 
 
 def _default_map(group: click.Group, settings) -> dict[str, dict]:
-    """Click's default_map from the settings file; `run` takes every stage's table, then its own."""
+    """Click's default_map from the settings file; `run` takes every stage's table, then its own.
+    A value of the wrong TOML type for its option (a number for a path, a list for a number) is
+    a one-line error naming the file, table and key."""
     default_map: dict[str, dict] = {}
     for name, command in group.commands.items():
         names = _option_names(command)
-        tables = [settings.commands.get(part, {}) for part in RUN_PARTS] if name == "run" else []
-        tables.append(settings.commands.get(name, {}))
+        parts = [*(RUN_PARTS if name == "run" else ()), name]
         values = {}
-        for table in tables:
-            for key, value in table.items():
+        for part in parts:
+            for key, value in settings.commands.get(part, {}).items():
                 if key in names:
                     param = names[key]
-                    values[param.name] = [value] if param.multiple and isinstance(value, str) else value
+                    _check_setting(settings.source, part, key, param, value)
+                    values[param.name] = [value] if param.multiple and not isinstance(value, list) else value
         if values:
             default_map[name] = values
     return default_map
+
+
+def _check_setting(source: Path, table: str, key: str, param: click.Parameter, value) -> None:
+    """That ``value`` from the settings file is of a TOML type ``param`` takes (Click checks the
+    value itself): a string for a path, true or false for a flag, a whole number for a count,
+    a list of those for a repeatable option. A string is taken for a number or a flag too, as
+    Click takes one on the command line."""
+    kind = param.type
+    if isinstance(kind, click.Path):
+        expected, fits = "a path in quotes", lambda v: isinstance(v, str)
+    elif getattr(param, "is_flag", False):
+        expected, fits = "true or false", lambda v: isinstance(v, (bool, str))
+    elif isinstance(kind, click.types.IntParamType):
+        expected, fits = "a whole number", lambda v: isinstance(v, (int, str)) and not isinstance(v, bool)
+    elif isinstance(kind, click.types.FloatParamType):
+        expected, fits = "a number", lambda v: isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    else:
+        expected, fits = "a value in quotes", lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    if param.multiple:
+        expected, ok = f"{expected}, or a list of them", all(map(fits, value)) if isinstance(value, list) else fits(value)
+    else:
+        ok = fits(value)
+    if not ok:
+        where = f"tool.prep.{table}" if source.name == "pyproject.toml" else table
+        shown = json.dumps(value, ensure_ascii=False, default=str)  # as TOML writes it, mostly
+        raise click.ClickException(f"{source}: [{where}] {key} must be {expected}; received {shown}")
 
 
 def effective_settings(ctx: click.Context, name: str) -> dict[str, tuple[object, str]]:

@@ -20,7 +20,6 @@ without a manifest). Nothing here imports torch, pandas or TensorFlow until aske
 from __future__ import annotations
 
 import bisect
-import json
 import os
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def resolve(path: str | os.PathLike, prefer: tuple[str, ...] = tuple(FORMATS)) -
         return "tfrecord", path
     if any(path.glob("*.parquet")):
         return "parquet", path
-    listed = _manifest(path).get("settings", {}).get("pack", {}).get("formats")
+    listed = _listed_formats(path)
     for name in prefer:
         if (listed is None or name in listed) and (path / FORMATS[name].OUTPUT).exists():
             return resolve(path / FORMATS[name].OUTPUT)
@@ -117,19 +116,26 @@ def load_classes(path: str | os.PathLike) -> list[str]:
 
 
 def _classes_json(path: Path) -> list[str]:
-    data = workdir.read_json(path)
+    try:
+        data = workdir.read_json(path)
+    except OSError as err:  # a FIFO or a folder at the name, say
+        raise PrepError(f"{path}: not readable ({err.strerror or err})") from None
     classes = data.get("classes") if isinstance(data, dict) else data
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise PrepError(f"{path}: no class list found")
     return classes
 
 
-def _manifest(folder: Path) -> dict:
+def _listed_formats(folder: Path) -> list | None:
+    """The formats manifest.json of ``folder`` lists; None where it is missing or unreadable
+    (the formats present then decide)."""
     try:
-        data = json.loads((folder / workdir.MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        data = workdir.read_json(folder / workdir.MANIFEST)
+    except (OSError, PrepError):
+        return None
+    for key in ("settings", "pack", "formats"):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data if isinstance(data, list) else None
 
 
 # -- PyTorch --------------------------------------------------------------------------------
@@ -200,9 +206,7 @@ class _H5Rows:
 
         self.path, self.split, self.pid, self.file = path, split, None, None
         with hdf5._open(path) as f:
-            if f"{split}/images" not in f or f"{split}/labels" not in f:
-                raise PrepError(f"{path}: not a prep HDF5 dataset (no {split}/images)")
-            self.count = len(f[f"{split}/labels"])
+            self.count = len(hdf5.datasets(path, f)[SPLITS.index(split)][1])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "pid": None, "file": None}
@@ -216,7 +220,10 @@ class _H5Rows:
         if self.file is None or self.pid != os.getpid():
             self.file, self.pid = hdf5._open(self.path), os.getpid()
         group = self.file[self.split]
-        return group["images"][index], group["labels"][index]
+        try:
+            return group["images"][index], group["labels"][index]
+        except OSError as err:  # a chunk that does not decompress
+            raise PrepError(f"{self.path}: split {self.split}, index {index}: not readable ({err})") from None
 
 
 class _ParquetRows:
@@ -251,13 +258,17 @@ class _ParquetRows:
             k, g = self.groups[at]
             if k not in self.open:
                 self.open[k] = parquet._open(self.files[k])
-            pngs, _, labels = parquet.row_group(self.open[k], g)
+            pngs, _, labels = parquet.row_group(self.open[k], g, self.files[k])
             if len(self.cache) >= self.CACHED:
                 del self.cache[next(iter(self.cache))]
             self.cache[at] = (pngs, labels)
         pngs, labels = self.cache[at]
         row = index - self.starts[at]
-        return parquet.decode([pngs[row]])[0], labels[row]
+        try:
+            return parquet.decode([pngs[row]])[0], labels[row]
+        except parquet.BadImage as err:
+            k, g = self.groups[at]
+            raise PrepError(f"{self.files[k]}: row group {g}, row {row}: {err.reason}") from None
 
 
 # -- pandas ---------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ import operator
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 from .errors import PrepError, StageInputMissing
 
@@ -62,10 +63,21 @@ VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
 HASH_CACHE = f"{CACHE_DIR}/hashes.json"  # index's sha256 of each RAW file, by size and version
-# every fixed name a stage writes in the work directory (the card and report/ aside)
-OUTPUT_NAMES = (LABELS, INDEX_META, RESIZED_DIR, RESIZED, RESIZE_SETTINGS, SPLIT_SETTINGS, REJECTED, SPLITS,
-                CLASSES, ENCODED, MANIFEST, VERIFY_DIR, "conflicts.csv", "near_copies.csv", "resized.journal",
-                "dataset.pkl.gz", "dataset.h5", "tfrecord", "data")
+FILE_HASHES = f"{CACHE_DIR}/files.json"  # the sha256 of the stage files stamps compare (see FileHashes)
+# A file changed this recently may be changed again within the same clock tick, keeping its size
+# and times: its hash is not trusted on its times alone until it has settled.
+SETTLED_NS = 2_000_000_000
+# the fixed names each writing command puts in the work directory (the card and report/ aside:
+# prep writes them under other names where a project's own are in the way)
+STAGE_OUTPUTS = {
+    "index": (LABELS, INDEX_META),
+    "resize": (RESIZED_DIR, RESIZED, REJECTED, RESIZE_SETTINGS, "resized.journal"),
+    "split": (SPLITS, SPLIT_SETTINGS, "conflicts.csv", "near_copies.csv"),
+    "encode": (CLASSES, ENCODED),
+    "pack": (MANIFEST, "dataset.pkl.gz", "dataset.h5", "tfrecord", "data"),
+    "verify-train": (VERIFY_DIR,),
+}
+STAGE_OUTPUTS["run"] = tuple(name for names in STAGE_OUTPUTS.values() for name in names)
 SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every output holds them
 
 
@@ -105,7 +117,8 @@ class Workdir:
 
 
     @contextlib.contextmanager
-    def lock(self, *, shared: bool = False, wait: bool = True, create: bool = True) -> Iterator[None]:
+    def lock(self, *, shared: bool = False, wait: bool = True, create: bool = True,
+             claims: tuple[str, ...] = STAGE_OUTPUTS["run"]) -> Iterator[None]:
         """Hold the work directory for one command, in ``.lock``.
 
         A writer (``shared=False``) holds it alone: it fails at once if another writer holds it,
@@ -120,6 +133,7 @@ class Workdir:
 
         if not shared and create:
             self.root.mkdir(parents=True, exist_ok=True)
+        had_lock_file = os.path.lexists(self.root / ".lock")
         fd = self._open_lock(shared) if self.root.is_dir() else None
         if fd is None:
             yield
@@ -132,7 +146,13 @@ class Workdir:
                 os.ftruncate(fd, 0)  # only now: the lock is held, and the file is a regular one
                 os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
                 held = True
-                self._claim()
+                try:
+                    self._claim(claims)
+                except PrepError:  # not prep's folder: leave no file of prep's in it
+                    if not had_lock_file:
+                        with contextlib.suppress(OSError):
+                            os.unlink(self.root / ".lock")
+                    raise
             try:
                 yield
             finally:
@@ -143,20 +163,19 @@ class Workdir:
         finally:
             os.close(fd)
 
-    def _claim(self) -> None:
-        """Make sure the folder is prep's before a writer writes into it: a folder that prep has
-        not worked in (no ``.stamps/``, no index.json of its own) and that already holds one of
-        prep's output names (a project's own ``labels.csv`` or ``data/``, with ``--workdir .``) is
-        refused, as its stages would replace those files; otherwise ``.stamps/`` marks it as prep's
-        from the first write on. (README.md and report/ are handled where they are written: prep
-        writes its card and page under other names there.)"""
+    def _claim(self, names: tuple[str, ...]) -> None:
+        """Make sure a writer replaces nothing prep did not write: in a folder prep has not
+        worked in (no ``.stamps/``, no index.json of its own), the command's own output
+        ``names`` must be free (a project's ``labels.csv`` or ``data/``, with ``--workdir .``);
+        then ``.stamps/`` marks the folder as prep's from its first write on. Files a stage only
+        reads, as a labels.csv made by hand for `prep resize`, are welcome."""
         if (self.root / STAMPS_DIR).is_dir() or _is_index_meta(self.root / INDEX_META):
             return
-        taken = sorted(name for name in OUTPUT_NAMES if os.path.lexists(self.root / name))
+        taken = sorted(name for name in names if os.path.lexists(self.root / name))
         if taken:
             raise PrepError(
-                f"{self.root} already holds {', '.join(taken)}, which prep did not write, and its stages would"
-                " replace them: use another --workdir (an empty or new folder), or move them away"
+                f"{self.root} already holds {', '.join(taken)}, which prep did not write, and this command"
+                " would replace them: use another --workdir (an empty or new folder), or move them away"
             )
         (self.root / STAMPS_DIR).mkdir(exist_ok=True)
 
@@ -316,6 +335,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tru
             if fsync:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise _named(err, path) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -343,7 +366,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    placed = _write_unnamed(folder, path, tmp, data, fsync)
+    with _naming(path):
+        placed = _write_unnamed(folder, path, tmp, data, fsync)
     if placed == path:
         return
     try:
@@ -358,10 +382,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
             finally:
                 os.close(fd)
         os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise _named(err, path) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        raise _named(err, path) from None
+
+
+def _named(err: OSError, path: str | os.PathLike) -> OSError:
+    """``err`` naming ``path`` when it names no file (a write's ENOSPC or EFBIG names none), so
+    the one-line error says which file could not be written."""
+    if err.filename is None and err.errno is not None:
+        return type(err)(err.errno, err.strerror, os.fspath(path))
+    return err
 
 
 def _write_unnamed(folder: str, path: str, tmp: str, data: bytes, fsync: bool) -> str | None:
@@ -460,6 +504,19 @@ def read_file(path: str | os.PathLike, *, follow_links: bool = True) -> tuple[by
         return b"".join(parts) if len(parts) != 1 else parts[0], os.fstat(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """A regular file opened for reading (binary, buffered), as :func:`read_file` opens one: a
+    FIFO, socket or device is an OSError "not a regular file", not a wait for a writer."""
+    fd = os.open(path, _READ_FILE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, NOT_REGULAR, os.fspath(path))
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager
@@ -561,7 +618,7 @@ def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable
     file is left as it is (and keeps its modification time)."""
     data = csv_bytes(fieldnames, rows)
     with contextlib.suppress(OSError):
-        if Path(path).read_bytes() == data:
+        if read_file(path)[0] == data:  # a regular file only: a FIFO there would never answer
             return
     atomic_write_bytes(path, data)
 
@@ -612,14 +669,89 @@ def _row(header: list[str], line: list[str]) -> dict:
     return row
 
 
+def iter_csv(path: str | os.PathLike, columns: Sequence[str],
+             required: Sequence[str] | None = None) -> Iterator[tuple[str, ...]]:
+    """The ``columns`` of each row of a CSV written by :func:`write_csv`, as a tuple, read a line
+    at a time (memory does not grow with the file), with :func:`read_csv`'s checks: the
+    ``required`` columns (all of ``columns`` by default) must be in the header and on every row;
+    one missing from the header reads as "". Text that is not UTF-8, a NUL character or a
+    malformed row is a one-line error naming the line."""
+    path = Path(path)
+    required = columns if required is None else required
+    handle = open_regular(path)
+
+    def lines() -> Iterator[str]:  # each line decoded alone, to name the line of a bad byte
+        for number, data in enumerate(handle, start=1):
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise PrepError(f"{path} line {number}: not UTF-8 text ({err.reason}); expected a CSV file") from None
+            if "\0" in line:
+                raise PrepError(f"{path} line {number}: a NUL character; expected CSV text")
+            yield line
+
+    with handle:
+        reader = csv.reader(lines())
+        try:
+            header = next(reader, [])
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise PrepError(f"{path}: expected columns {', '.join(required)}; missing {', '.join(missing)}")
+            at = [header.index(c) if c in header else None for c in columns]
+            needed = max((header.index(c) + 1 for c in required), default=0)  # fields a row must have
+            # the usual case: the columns side by side in the header, a slice of each line
+            start = at[0] if at and at == list(range(at[0] or 0, (at[0] or 0) + len(at))) else None
+            end = None if start is None else start + len(at)
+            for line in reader:
+                if not line:
+                    continue
+                if len(line) < needed:
+                    raise PrepError(f"{path} line {reader.line_num}: {len(line)} fields; expected {len(header)}"
+                                    f" ({','.join(header)})")
+                if start is not None and len(line) >= end:
+                    yield tuple(line[start:end])
+                else:
+                    yield tuple("" if i is None or i >= len(line) else line[i] for i in at)
+        except csv.Error as err:
+            raise PrepError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+
+
+def write_csv_rows(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """:func:`write_csv` of rows given as values in ``fieldnames``' order (tuples, say), streamed
+    to a temporary file (memory does not grow with the rows), then renamed over ``path`` unless
+    its bytes are those already there (the file then keeps its modification time)."""
+    import filecmp
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does (an --out in a new folder)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(fieldnames)
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _named(err, path) from None
+        raise
+
+
 def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> None:
     """Write ``data`` as key-sorted UTF-8 JSON, atomically (not at all if unchanged); indented
     unless ``indent`` is None (compact, for large caches: the json module only uses its C
     encoder then, which is several times faster)."""
     separators = (",", ":") if indent is None else None
     text = json.dumps(data, indent=indent, separators=separators, sort_keys=True, ensure_ascii=False) + "\n"
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if Path(path).read_text(encoding="utf-8") == text:
+    with contextlib.suppress(OSError):
+        if read_file(path)[0] == text.encode("utf-8"):  # a regular file only: a FIFO would never answer
             return  # unchanged: keep the file (and its mtime) as it is
     with atomic_write(path, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -682,6 +814,58 @@ def fingerprint(settings: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class FileHashes:
+    """The sha256 of the work directory's own files (CSVs, JSON, packaged files: what the stamps
+    compare), remembered in ``.cache/files.json`` by each file's size, mtime, ctime and inode, so
+    that an up-to-date check of an unchanged file is a stat, not a read of hundreds of MB.
+
+    Any write changes a file's mtime and ctime (a reset mtime still moves its ctime) and an atomic
+    replace its inode, so a file keeping all four has kept its bytes, with one exception: a
+    same-size rewrite within the clock tick of the hashed version. So a hash is remembered only
+    when the file had settled (its mtime and ctime :data:`SETTLED_NS` older than the reading)
+    and did not change while read. Readers save it too, where they may write; a cache that
+    cannot be read or written only costs a rehash."""
+
+    def __init__(self, wd: Workdir):
+        self.wd = wd
+        self.path = wd.path(FILE_HASHES)
+        try:
+            files = json.loads(read_file(self.path)[0]).get("files")
+        except (OSError, ValueError, AttributeError):
+            files = None
+        self.files: dict[str, list] = files if isinstance(files, dict) else {}
+        self.changed = False
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """The sha256 of the regular file ``path``: remembered, or read (and remembered if settled)."""
+        key = self.wd.relative(path)
+        st = os.stat(path)
+        seen = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = self.files.get(key)
+        if isinstance(entry, list) and len(entry) == 5 and entry[:4] == seen and isinstance(entry[4], str):
+            return entry[4]
+        started = time.time_ns()
+        digest = sha256_file(path)
+        st = os.stat(path)
+        if [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] == seen and max(seen[1:3]) < started - SETTLED_NS:
+            self.files[key] = [*seen, digest]
+            self.changed = True
+        elif self.files.pop(key, None) is not None:
+            self.changed = True
+        return digest
+
+    def save(self) -> None:
+        """Write the cache if it changed, leaving out files gone since; quietly not where the
+        work directory may not be written (a reader's)."""
+        if not self.changed:
+            return
+        live = {key: entry for key, entry in self.files.items() if os.path.lexists(self.wd.root / key)}
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(exist_ok=True)
+            write_json(self.path, {"files": live})
+        self.changed = False
+
+
 class Stamp:
     """Records what a stage last produced from which inputs, to skip work that is up to date.
 
@@ -690,6 +874,7 @@ class Stamp:
     makes it stale. It may also keep a summary of the outputs (JSON, so dict keys come back
     sorted), for an up-to-date rerun to report without reading them. Paths inside the work
     directory are recorded relative to it, so a stamp holds wherever the command is run from.
+    The files are hashed through :class:`FileHashes`: checking unchanged ones reads none of them.
     """
 
     def __init__(self, workdir: Workdir, name: str):
@@ -700,9 +885,9 @@ class Stamp:
     def _path(self, key: str) -> Path:
         return Path(key) if os.path.isabs(key) else self.root / key
 
-    def _state(self, inputs: Iterable[Path], settings: Any) -> dict:
+    def _state(self, inputs: Iterable[Path], settings: Any, hashes: FileHashes) -> dict:
         return {
-            "inputs": {self._key(p): sha256_file(p) for p in inputs},
+            "inputs": {self._key(p): hashes.sha256(p) for p in inputs},
             "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
         }
 
@@ -715,7 +900,13 @@ class Stamp:
             recorded = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             return ["never run here"]
-        state = self._state(inputs, settings)
+        hashes = FileHashes(Workdir(self.root))
+        try:
+            return self._explain(recorded, self._state(inputs, settings, hashes), settings, hashes)
+        finally:
+            hashes.save()
+
+    def _explain(self, recorded: dict, state: dict, settings: Any, hashes: FileHashes) -> list[str]:
         reasons = []
         before = recorded.get("inputs", {})
         for key, digest in state["inputs"].items():
@@ -736,7 +927,7 @@ class Stamp:
             path = self._path(key)
             if not path.exists():
                 reasons.append(f"{key} is missing")
-            elif path.is_file() and sha256_file(path) != digest:
+            elif path.is_file() and hashes.sha256(path) != digest:
                 reasons.append(f"{key} was modified")
         return reasons
 
@@ -746,8 +937,10 @@ class Stamp:
     def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path], summary: Any = None) -> None:
         """Record a run; ``summary``: what the stage reports of its outputs, for a rerun that
         finds them up to date to report without reading them."""
-        state = self._state(inputs, settings)
-        state["outputs"] = {self._key(p): (sha256_file(p) if p.is_file() else "dir") for p in outputs}
+        hashes = FileHashes(Workdir(self.root))
+        state = self._state(inputs, settings, hashes)
+        state["outputs"] = {self._key(p): (hashes.sha256(p) if p.is_file() else "dir") for p in outputs}
+        hashes.save()
         if summary is not None:
             state["summary"] = summary
         write_json(self.path, state)

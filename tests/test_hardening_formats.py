@@ -51,6 +51,8 @@ def prep_process(work: Path, *args, **popen) -> subprocess.CompletedProcess:
     not a pipe, and in a session of its own, killed at the end: the worker processes of a
     command that crashed would hold a pipe open."""
     command = [sys.executable, "-m", "pipeline", "--workdir", str(work), *map(str, args)]
+    # no byte-code written: under a file size limit, Python would leave truncated .pyc files
+    popen.setdefault("env", {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     with tempfile.TemporaryFile("w+") as stderr:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, **popen)
         try:

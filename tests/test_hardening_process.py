@@ -153,6 +153,8 @@ def slowed_pack_half_way(work: Path, *args) -> subprocess.Popen:
     script = (
         "import signal, sys, time\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, also under nohup\n"
         "from pipeline import cli, imaging\n"
         "real = imaging.decode_png\n"
         "def slowly(data):\n"

@@ -334,5 +334,8 @@ def test_the_report_shows_near_copies_and_two_label_pairs(tmp_path, prep):
     assert 'id="two-labels"' in section and "flower/not-a-flower.jpg" in section
     assert 'id="near-pairs"' in section and "pagoda/china-q60.jpg" in section
     assert 'id="largest-groups"' in section
+    box = page[page.index('id="check-first"'):page.index("</aside>")]  # up front, linking to the section
+    assert "One picture under two labels" in box and f"{len(COPIES)} images with a copy" in box
+    assert 'href="#near"' in box
     card = (tmp_path / "work" / "README.md").read_text()
     assert "near copies" in card

@@ -278,9 +278,10 @@ def test_labels_rewritten_during_a_run_are_read_again_by_the_next(tmp_path, prep
     new = save(tree / "cat" / "late.png", Image.new("RGB", (24, 20), (9, 9, 9)), "PNG")
     resize_all = resize._resize_all
 
-    def while_index_runs(cfg, rows, *args):
-        done = resize_all(cfg, rows, *args)
+    def while_index_runs(cfg, *args):
+        done = resize_all(cfg, *args)
         # `prep index` rewrites the labels CSV while this run resizes the rows it read
+        rows = workdir.read_csv(labels)
         row = {"path": "cat/late.png", "label": "cat", "sha256": workdir.sha256_file(new), "bytes": new.stat().st_size}
         workdir.write_csv(labels, list(rows[0]), rows + [row])
         return done
@@ -315,8 +316,10 @@ def test_a_source_is_hashed_again_unless_its_size_and_mtime_are_those_index_hash
     seen = [source.stat().st_size, source.stat().st_mtime_ns]
     wrong = "0" * 64  # not its sha256: only hashing it again shows that
     spec = imaging.ResizeSpec(width=8, height=8)
+    (tmp_path / "out").mkdir()
     outcomes = {
-        name: resize.resize_shard([("cat/a.png", wrong, version)], str(tmp_path / "raw"), spec)[0]["status"]
+        name: resize.resize_shard([("cat/a.png", wrong, version, "cat/a.png")], str(tmp_path / "raw"), spec,
+                                  str(tmp_path / "out"))[0].status
         for name, version in {
             "as indexed": seen,
             "not recorded": None,
@@ -453,12 +456,14 @@ def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp
 
 def slowed_prep_half_way(work: Path, *args) -> subprocess.Popen:
     """``prep --workdir WORK ARGS`` in a process group of its own, each image slowed down, once
-    its resize journal holds 8 lines: a run half way, to be killed or interrupted."""
+    its resize journal holds 8 records: a run half way, to be killed or interrupted."""
     script = (
         "import signal, sys, time\n"
         # as in a terminal: a test run started in the background (nohup, a CI runner) ignores
         # SIGINT, and its children inherit that
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, also under nohup\n"
         "from pipeline import cli, imaging\n"
         "real = imaging.transform\n"
         "imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]\n"
@@ -471,7 +476,7 @@ def slowed_prep_half_way(work: Path, *args) -> subprocess.Popen:
     journal = work / resize.JOURNAL
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
-        if journal.exists() and journal.read_text().count("\n") >= 8:
+        if journal.exists() and journal.read_text().count('\n{"path"') >= 8:
             return proc
         time.sleep(0.02)
     if proc.poll() is None:
@@ -495,7 +500,7 @@ def test_killed_run_then_rerun_matches_a_clean_run(tmp_path, prep):
                     if line.startswith('{"path"') and line.endswith("}")})
     stages = {s["stage"]: s for s in json.loads(prep("status", "--json").stdout)["stages"]}
     assert stages["resize"]["state"] == "missing"
-    assert stages["resize"]["reasons"] == [f"interrupted after {finished} images; run `prep resize` to finish"]
+    assert stages["resize"]["reasons"] == [f"interrupted after {finished} images; run the interrupted command again, with its options, to finish"]
 
     result = prep("resize", "--size", "8", "--executor", "serial")
     assert result.exit_code == 0, result.output

@@ -31,3 +31,16 @@ def test_prep_claims_a_new_folder_and_a_rerun_or_an_earlier_work_directory_goes_
     result = prep("run", raw, "--size", "8", "--format", "h5", workdir=work)
     assert result.exit_code == 0, result.output
     assert (work / "dataset.h5").is_file()
+
+
+def test_a_refused_folder_keeps_no_lock_file_of_prep_but_its_own_stays(tmp_path: Path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 10, "dog": 10})
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "labels.csv").write_text("my,own\n")
+    before = tree_digests(project)
+    assert_one_line_error(prep("index", raw, workdir=project), "labels.csv", "another --workdir")
+    assert tree_digests(project) == before and not (project / ".lock").exists()
+    (project / ".lock").write_text("")  # one that was there before: not prep's to remove
+    assert_one_line_error(prep("index", raw, workdir=project), "labels.csv")
+    assert (project / ".lock").is_file()

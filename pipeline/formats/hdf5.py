@@ -14,14 +14,17 @@ images. Datasets are created with ``track_times=False`` so a rerun gives the sam
 HDF5 cannot survive a failed write: closing the file then fails too, leaves it open with part of
 its state freed, and the next close (h5py's, or HDF5's own at exit) crashes the process. So the
 writer makes sure HDF5 never sees one: a full disk or a file size limit is kept by :class:`_Sink`
-and raised from prep's code after HDF5 returns, and Ctrl-C waits until HDF5 has returned
-(:func:`_interrupts_held`).
+and raised from prep's code after HDF5 returns, and Ctrl-C, SIGTERM and SIGHUP wait until HDF5
+has returned (:func:`_interrupts_held`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -98,24 +101,31 @@ class _Sink:
             raise self.error
 
 
+# the signals prep turns into exceptions (Ctrl-C, and SIGTERM and SIGHUP while a command runs)
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) off while HDF5 runs, and deliver it once HDF5 has returned: raised in
-    :class:`_Sink`'s Python code, while HDF5 waits on it, a KeyboardInterrupt would fail HDF5's
-    call as a failed write does. Only Python's own handler needs this (a process that ignores
-    SIGINT, or dies of it, runs no Python code meanwhile); it runs in the main thread alone."""
-    previous = signal.getsignal(signal.SIGINT)
-    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C, SIGTERM and SIGHUP off while HDF5 runs, and deliver each once HDF5 has
+    returned: raised in :class:`_Sink`'s Python code, while HDF5 waits on it, a KeyboardInterrupt
+    (or prep's Stopped) would fail HDF5's call as a failed write does. Only a handler in Python
+    needs this (a signal that is ignored, or kills the process, runs no Python code meanwhile),
+    and Python runs those in the main thread alone."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {signum: handler for signum in _HELD if callable(handler := signal.getsignal(signum))}
+    caught: list[int] = []
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):  # in the order they came; the first to raise ends it
+            signal.raise_signal(signum)
 
 
 class _Writer:
@@ -210,6 +220,8 @@ def writer(target: Path, layout, options) -> Iterator[_Writer]:
 def _open(path: Path):
     h5py = _h5py()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # HDF5 would wait on a FIFO for a writer
+            raise OSError(errno.EINVAL, workdir.NOT_REGULAR)
         return h5py.File(path, "r")
     except OSError as err:
         raise PrepError(f"{path}: not a readable HDF5 file ({err})") from None
@@ -262,15 +274,16 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """((x_train, y_train), (x_valid, y_valid), (x_test, y_test)), images uint8 (N, H, W, C)."""
     path = Path(path)
     with _open(path) as f:
-        pairs = _datasets(path, f)
+        pairs = datasets(path, f)
         try:
             return tuple((images[()], labels[()]) for images, labels in pairs)
         except OSError as err:  # a chunk that does not decompress, a filter this HDF5 lacks
             raise PrepError(f"{path}: not a readable HDF5 dataset ({err})") from None
 
 
-def _datasets(path: Path, f) -> tuple:
-    """The (images, labels) h5py datasets of each split, their shapes and dtypes checked (not read)."""
+def datasets(path: Path, f) -> tuple:
+    """The (images, labels) h5py datasets of each split of the open file ``f``, their shapes and
+    dtypes checked (not read): a PrepError naming ``path`` and the split otherwise."""
     from . import SPLITS, check_arrays
 
     h5py = _h5py()
@@ -292,7 +305,7 @@ def load_tf(path: str | Path, split: str):
 
     path = Path(path)
     with _open(path) as f:
-        shape = _datasets(path, f)[SPLITS.index(split)][0].shape[1:]
+        shape = datasets(path, f)[SPLITS.index(split)][0].shape[1:]
 
     def batches():
         with _open(path) as f:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import importlib.util
+import errno
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -47,12 +49,15 @@ SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-(?P<shard>\d{5})-of-(?P<shards>\d{5}
 
 def __getattr__(name: str):
     """``ENCODING``, in the stamp (a change repacks): the writer's settings and pyarrow's version,
-    which the files' footers name. Found from its dist-info folder, without importing pyarrow."""
+    which the files' footers name. Read from its installed metadata, without importing pyarrow."""
     if name != "ENCODING":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    spec = importlib.util.find_spec("pyarrow")
-    found = sorted(Path(spec.origin).parent.parent.glob("pyarrow-*.dist-info")) if spec and spec.origin else []
-    version = found[-1].name.removeprefix("pyarrow-").removesuffix(".dist-info") if found else "missing"
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("pyarrow")
+    except importlib.metadata.PackageNotFoundError:
+        version = "missing"
     return f"{COMPRESSION}{LEVEL}-rowgroup{ROW_GROUP}-pyarrow-{version}"
 
 
@@ -183,11 +188,13 @@ def shards(folder: Path) -> dict[str, list[Path]]:
         raise PrepError(f"{folder}: not a folder of Parquet shards")
     prep_name = {hub: split for split, hub in HUB_SPLITS.items()}
     found: dict[str, dict[int, tuple[int, Path]]] = {s: {} for s in SPLITS}
+    inside = workdir.Confined(folder, "the Parquet folder")
     for path in sorted(folder.iterdir()):
         match = SHARD_NAME.fullmatch(path.name)
         if not match or match["split"] not in prep_name:
             raise PrepError(f"{path}: not a shard named like train-00000-of-00001.parquet"
                             f" (splits {', '.join(HUB_SPLITS.values())})")
+        inside(path.name, str(folder), whole=True)  # a link to a file elsewhere is not read
         found[prep_name[match["split"]]][int(match["shard"])] = (int(match["shards"]), path)
     result = {}
     for split, files in found.items():
@@ -200,11 +207,18 @@ def shards(folder: Path) -> dict[str, list[Path]]:
 
 
 def _open(path: Path):
-    _, pq = _pa()
+    pa, pq = _pa()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # pyarrow would wait on a FIFO for a writer
+            raise OSError(errno.EINVAL, workdir.NOT_REGULAR)
         return pq.ParquetFile(path)
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise PrepError(f"{path}: not a readable Parquet file ({err})") from None
+    except (OSError, ValueError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError
+        raise PrepError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    """pyarrow's message, some of which span lines (thrift's), as one line."""
+    return " ".join(str(err).split())
 
 
 def file_classes(parquet_file) -> list[str] | None:
@@ -217,22 +231,40 @@ def file_classes(parquet_file) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) else None
 
 
-def row_group(parquet_file, index: int) -> tuple[list[bytes], list[str], object]:
-    """(PNG bytes, paths, labels as int64 numpy) of one row group."""
+def row_group(parquet_file, index: int, where) -> tuple[list[bytes], list[str], object]:
+    """(PNG bytes, paths, labels as int64 numpy) of one row group; a PrepError starting with
+    ``where`` (the file) and naming the row group where it does not read as prep writes it."""
     import numpy as np
 
-    table = parquet_file.read_row_group(index, columns=["image", "label"])
+    pa, _ = _pa()
+    try:
+        table = parquet_file.read_row_group(index, columns=["image", "label"])
+    except (OSError, ValueError, pa.ArrowException) as err:  # a damaged page: "ZSTD decompression failed"
+        raise PrepError(f"{where}: row group {index} is not readable ({_one_line(err)})") from None
+    expected = schema(())
+    for name in ("image", "label"):
+        if table.schema.get_field_index(name) < 0 or table.schema.field(name).type != expected.field(name).type:
+            raise PrepError(f"{where}: columns {table.schema.to_string(show_schema_metadata=False)!r};"
+                            " expected image {bytes, path} and label int64")
     image = table.column("image").combine_chunks()
     labels = table.column("label")
     if image.null_count or labels.null_count or image.field("bytes").null_count:
-        raise PrepError(f"row group {index} has empty (null) images or labels")
+        raise PrepError(f"{where}: row group {index} has empty (null) images or labels")
     return (image.field("bytes").to_pylist(), image.field("path").to_pylist(),
             np.asarray(labels.to_numpy(), dtype=np.int64))
 
 
+class BadImage(ValueError):
+    """A PNG of a row group that is not an 8-bit PNG of the expected shape: its position and why."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"{index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 def decode(pngs: list[bytes], shape: tuple[int, int, int] | None = None):
-    """uint8 (N, H, W, C) from PNG bytes; ValueError naming the position of one that is not
-    an 8-bit PNG of ``shape`` (or of the first one's shape)."""
+    """uint8 (N, H, W, C) from PNG bytes; :class:`BadImage` for one that is not an 8-bit PNG of
+    ``shape`` (or of the first one's shape)."""
     import numpy as np
 
     from ..imaging import decode_png
@@ -242,11 +274,11 @@ def decode(pngs: list[bytes], shape: tuple[int, int, int] | None = None):
         try:
             image = decode_png(data)
         except ValueError as err:
-            raise ValueError(f"{i}: {err}") from None
+            raise BadImage(i, str(err)) from None
         if shape is None:
             shape = image.shape
         if image.shape != shape:
-            raise ValueError(f"{i}: image is {image.shape} (H, W, C); expected {shape}")
+            raise BadImage(i, f"image is {image.shape} (H, W, C); expected {shape}")
         images.append(image)
     return np.stack(images) if images else np.zeros((0, *(shape or (0, 0, 0))), np.uint8)
 
@@ -284,14 +316,13 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
             f = opened[file]
             for g in range(f.num_row_groups):
                 try:
-                    pngs, paths, labels = row_group(f, g)
+                    pngs, paths, labels = row_group(f, g, file.name)
                     images = decode(pngs, layout.shape)
                 except PrepError as err:
-                    raise VerificationFailed(f"{file.name}: {err}") from None
-                except ValueError as err:
-                    i, _, reason = str(err).partition(": ")
-                    at = index + int(i)
-                    raise VerificationFailed(f"{file.name}: split {split}, index {at} ({paths[int(i)]}): {reason}") from None
+                    raise VerificationFailed(str(err)) from None
+                except BadImage as err:
+                    raise VerificationFailed(f"{file.name}: split {split}, index {index + err.index}"
+                                             f" ({paths[err.index]}): {err.reason}") from None
                 yield split, Batch(images, labels, paths)
                 index += len(labels)
 
@@ -304,11 +335,11 @@ def _split_arrays(path: Path, split: str):
     for file in shards(path)[split]:
         f = _open(file)
         for g in range(f.num_row_groups):
-            pngs, _, y = row_group(f, g)
+            pngs, _, y = row_group(f, g, file)
             try:
                 images.append(decode(pngs, images[0].shape[1:] if images else None))
-            except ValueError as err:
-                raise PrepError(f"{file}: row group {g}, row {err}") from None
+            except BadImage as err:
+                raise PrepError(f"{file}: row group {g}, row {err.index}: {err.reason}") from None
             labels.append(y)
     if not images:
         return None, np.zeros(0, np.int64)
@@ -336,7 +367,10 @@ def load_tf(path: str | Path, split: str):
     for first in (found[0] for found in shards(path).values() if found):
         f = _open(first)
         if f.metadata.num_rows:
-            shape = decode(row_group(f, 0)[0][:1]).shape[1:]
+            try:
+                shape = decode(row_group(f, 0, first)[0][:1]).shape[1:]
+            except BadImage as err:
+                raise PrepError(f"{first}: row group 0, row 0: {err.reason}") from None
             break
     if shape is None:
         raise PrepError(f"{path}: no images in any split")
@@ -345,7 +379,7 @@ def load_tf(path: str | Path, split: str):
         for file in files:
             f = _open(file)
             for g in range(f.num_row_groups):
-                pngs, _, labels = row_group(f, g)
+                pngs, _, labels = row_group(f, g, file)
                 yield decode(pngs, shape), labels
 
     tf = import_tf()

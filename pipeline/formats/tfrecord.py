@@ -25,10 +25,11 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import json
 import math
 import os
+import re
 import struct
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -269,12 +270,34 @@ def writer(target: Path, layout, options) -> Iterator[_Writer]:
 
 
 def _features(folder: Path) -> dict:
+    """features.json of ``folder``, checked: its sections, its compression, and every split's
+    shards, each ``{"file": "<split>-NNNNN-of-NNNNN.tfrecord", "count": N}`` naming a file in
+    ``folder`` (not a link out of it), so that no crafted features.json makes prep read elsewhere."""
+    from . import SPLITS
+
     path = folder / FEATURES_JSON
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        meta["features"], meta["splits"], meta["image"]  # noqa: B018 (presence check)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PrepError(f"{path}: missing or not a prep features.json ({type(err).__name__}: {err})") from None
+        meta = workdir.read_json(path)
+    except OSError as err:
+        raise PrepError(f"{path}: missing or unreadable ({err.strerror or err})") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(key), dict) for key in ("features", "splits", "image")):
+        raise PrepError(f"{path}: not a prep features.json (expected its features, splits and image)")
+    if meta.get("compression") not in COMPRESSION.values():
+        raise PrepError(f"{path}: compression is {meta.get('compression')!r}; expected one of {list(COMPRESSION.values())}")
+    inside = workdir.Confined(folder, "the tfrecord folder")
+    for split in SPLITS:
+        entry = meta["splits"].get(split)
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise PrepError(f"{path}: no shards listed for split {split!r}")
+        for shard in shards:
+            name = shard.get("file") if isinstance(shard, dict) else None
+            count = shard.get("count") if isinstance(shard, dict) else None
+            if not (isinstance(name, str) and re.fullmatch(rf"{split}-\d{{5}}-of-\d{{5}}\.tfrecord", name)
+                    and type(count) is int and count >= 0):
+                raise PrepError(f"{path}: split {split} lists the shard {shard!r}; expected"
+                                f' {{"file": "{split}-NNNNN-of-NNNNN.tfrecord", "count": N}}')
+            inside(name, str(path), whole=True)
     return meta
 
 
@@ -293,10 +316,8 @@ def _parser(tf, meta: dict):
 
 
 def _split_files(folder: Path, meta: dict, split: str) -> list[str]:
-    try:
-        return [str(folder / shard["file"]) for shard in meta["splits"][split]["shards"]]
-    except (KeyError, TypeError):
-        raise PrepError(f"{folder / FEATURES_JSON}: no shards listed for split {split!r}") from None
+    """The shard files of ``split``, in order, from features.json as :func:`_features` checked it."""
+    return [str(folder / shard["file"]) for shard in meta["splits"][split]["shards"]]
 
 
 def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
@@ -347,7 +368,7 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
                                        [p.decode("utf-8", "replace") for p in ex["image/filename"]])
                     index += n
                     seen += n
-            except (OSError, EOFError, ValueError) as err:
+            except (OSError, EOFError, ValueError, zlib.error) as err:
                 raise VerificationFailed(f"{where}, near index {index}: {err}") from None
             if seen != shard["count"]:
                 raise VerificationFailed(f"{where}: {seen} records; {FEATURES_JSON} says {shard['count']}")
@@ -357,21 +378,35 @@ def read(path: Path, layout, options) -> Iterator[tuple[str, object]]:
 
 
 def records(path: Path, gzip: bool) -> Iterator[bytes]:
-    """The records of one TFRecord file, their lengths and CRCs checked (ValueError otherwise)."""
+    """The records of one TFRecord file (a regular one: a FIFO is an OSError), their lengths and
+    CRCs checked (ValueError otherwise)."""
     import gzip as gzip_module
 
-    with (gzip_module.open if gzip else open)(path, "rb") as f:
+    with workdir.open_regular(path) as raw, (gzip_module.GzipFile(fileobj=raw, mode="rb") if gzip else raw) as f:
+        end = os.fstat(raw.fileno()).st_size
         while head := f.read(12):
             length = head[:8]
             if len(head) < 12 or _masked_crc(length) != head[8:]:
                 raise ValueError("truncated record or corrupt record length (CRC mismatch)")
             (size,) = struct.unpack("<Q", length)
-            data, crc = f.read(size), f.read(4)
+            if not gzip and size > end - f.tell():
+                raise ValueError(f"a record length of {size} bytes, more than the {end - f.tell()} left in the file")
+            data, crc = _read_upto(f, size), f.read(4)
             if len(data) < size or len(crc) < 4:
                 raise ValueError("truncated record")
             if _masked_crc(data) != crc:
                 raise ValueError("corrupt record (CRC mismatch)")
             yield data
+
+
+def _read_upto(f, size: int) -> bytes:
+    """Up to ``size`` bytes of ``f``, read a piece at a time: a gzip stream's length is not
+    known ahead, and one read of a crafted length would ask for that much memory at once."""
+    parts = []
+    while size > 0 and (part := f.read(min(size, BUFFER))):
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -464,9 +499,12 @@ def _batches(stream: Iterator[bytes], shape: tuple[int, int, int]) -> Iterator[d
     for record in itertools.chain(stream, [None]):
         if record is not None:
             example = decode_example(record)
-            for name in FEATURES:
-                if len(example.get(name, ())) != 1:
-                    raise ValueError(f"feature {name} has {len(example.get(name, ()))} values; expected 1")
+            for name, (dtype, _) in FEATURES.items():
+                values = example.get(name, ())
+                if len(values) != 1:
+                    raise ValueError(f"feature {name} has {len(values)} values; expected 1")
+                if not isinstance(values[0], int if dtype == "int64" else bytes):
+                    raise ValueError(f"feature {name} is not of type {dtype}")
             batch.append(example)
         if batch and (record is None or len(batch) == BATCH):
             ex = {name: np.array([e[name][0] for e in batch], dtype=np.int64 if dtype == "int64" else object)
@@ -529,7 +567,7 @@ def load(path: str | Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
                         raise ValueError(f"an image is not a PNG of {shape} (H, W, C)")
                     xs.append(ex["image"])
                     ys.append(ex["image/class/label"])
-            except (OSError, EOFError, ValueError) as err:
+            except (OSError, EOFError, ValueError, zlib.error) as err:
                 raise PrepError(f"{file}: not a readable TFRecord file of prep's records ({err})") from None
         result.append((np.concatenate(xs), np.concatenate(ys)))
     return check_arrays(path, result)
@@ -540,6 +578,9 @@ def load_tf(path: str | Path, split: str):
     path = Path(path)
     meta = _features(path)
     files = _split_files(path, meta, split)
+    for file in files:  # TensorFlow's reader would wait on a FIFO for a writer
+        if not os.path.isfile(file):
+            raise PrepError(f"{file}: missing or not a regular file")
     tf = import_tf()
     parse = _parser(tf, meta)
     dataset = tf.data.TFRecordDataset(files, compression_type=meta["compression"])
@@ -548,5 +589,6 @@ def load_tf(path: str | Path, split: str):
 
 
 def classes(path: str | Path) -> list[str] | None:
-    """The class names listed in features.json."""
-    return list(_features(Path(path)).get("classes") or []) or None
+    """The class names listed in features.json (None if it lists none)."""
+    found = _features(Path(path)).get("classes")
+    return found if isinstance(found, list) and found and all(isinstance(c, str) for c in found) else None

@@ -59,7 +59,7 @@ import os
 from datasets import load_dataset  # reads this card's configs: splits train, validation (prep's valid), test
 ds = load_dataset(os.path.abspath("."))  # this folder; or "user/name", the Hub repository it is uploaded to
 names = ds["train"].features["label"].names  # ds["train"][0]: {"image": PIL image, "label": id}
-train = ds["train"].with_format("numpy")  # or "torch": image uint8 (H, W, C), label int64""",
+train = ds["train"].with_format("numpy")  # image uint8 (H, W, C); with "torch" (C, H, W)""",
     "pandas": """\
 import glob, io, pandas as pd  # or DuckDB: SELECT image.path, label FROM 'data/train-*.parquet'
 from PIL import Image

@@ -19,6 +19,7 @@ from ..formats import SPLITS
 from .split import CONFLICTS, NEAR_COPIES, PAIR_COLUMNS
 
 NATURAL = workdir.natural_key
+VERIFY_PLOTS = ("training_curves.png", "confusion_matrix.png", "predictions.png")  # verify-train's, in verify/
 
 
 @dataclass
@@ -155,6 +156,15 @@ def manifest_counts(manifest: dict) -> dict[str, dict[str, int]] | None:
         for label, n in ((splits.get(split) or {}).get("classes") or {}).items():
             table[label][split] = int(n)
     return dict(table) or None
+
+
+def sources(wd: workdir.Workdir) -> list[Path]:
+    """The files :func:`gather` reads that are there (and the plots the page inlines): what the
+    page and the card are made of, with the resized images by the sha256 resized.csv records."""
+    names = [workdir.INDEX_META, workdir.LABELS, workdir.RESIZED, workdir.RESIZE_SETTINGS, workdir.REJECTED,
+             workdir.SPLITS, workdir.SPLIT_SETTINGS, CONFLICTS, NEAR_COPIES, workdir.CLASSES, workdir.MANIFEST,
+             f"{workdir.VERIFY_DIR}/metrics.json", *(f"{workdir.VERIFY_DIR}/{name}" for name in VERIFY_PLOTS)]
+    return [path for path in map(wd.path, names) if path.is_file()]
 
 
 def gather(wd: workdir.Workdir) -> Facts:

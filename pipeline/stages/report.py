@@ -33,28 +33,30 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+import stat
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import workdir
+from .. import __version__, workdir
 from ..errors import PrepError
 from ..formats import SPLITS
 from . import card
-from .facts import NATURAL, Facts, duplicate_groups, flatten, gather, manifest_counts
+from .facts import VERIFY_PLOTS as PLOT_FILES
+from .facts import NATURAL, Facts, duplicate_groups, flatten, gather, manifest_counts, sources
 from .split import CONFLICTS, NEAR_COPIES
 
 log = logging.getLogger(__name__)
 
 REPORT = "report/index.html"
+STAMP = "report"  # .stamps/report.json: what the page and the card were last made of
 CARD = "README.md"
 SPLIT_COLOURS = {"train": "#4c72b0", "valid": "#dd8452", "test": "#55a868"}
-VERIFY_PLOTS = (
-    ("training_curves.png", "Training curves"),
-    ("confusion_matrix.png", "Confusion matrix (test split)"),
-    ("predictions.png", "Test predictions (mistakes first: ✗ wrong, ✓ right)"),
-)
+VERIFY_PLOTS = tuple(zip(PLOT_FILES, (
+    "Training curves", "Confusion matrix (test split)", "Test predictions (mistakes first: ✗ wrong, ✓ right)",
+), strict=True))
 MAX_ROWS = 200  # rows of a listing (rejected files, duplicate groups) before "and N more"
 MAX_GRID_CLASSES = 100  # classes in the sample grid before "and N more"
 MAX_PAIRS = 50  # near-copy pairs shown side by side before "and N more"
@@ -76,6 +78,8 @@ WARNINGS = {
     "imbalance": ("Classes out of balance", "splits"),
     "size_outliers": ("Images of unusual size", "sizes"),
     "upscaled": ("Images enlarged", "sizes"),
+    "two_labels": ("One picture under two labels", "near"),
+    "rejected": ("Images rejected", "rejected"),
 }
 # Plots are drawn at DPI dots per inch and shown at CSS_DPI CSS pixels per inch: sharp on
 # screens of twice the density, and their text (9-11 pt on figures about 5 inches wide) still
@@ -97,10 +101,11 @@ class ReportResult:
     bytes: int
     card: Path | None
     missing: list[str] = field(default_factory=list)  # commands whose outputs were absent
+    up_to_date: bool = False  # nothing it is made of changed since it was written
 
     @property
     def summary(self) -> str:
-        text = f"Wrote {self.out} ({self.bytes / 1024:.0f} KB)"
+        text = f"{'Up to date:' if self.up_to_date else 'Wrote'} {self.out} ({self.bytes / 1024:.0f} KB)"
         if self.card:
             text += f" and the dataset card {self.card}"
         if self.missing:
@@ -243,6 +248,10 @@ class Thumbnails:
         return {**shown, "uri": data_uri(file.read_bytes())}
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def _bytes(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
@@ -259,7 +268,15 @@ def _num(metrics: dict, key: str, spec: str = ".4f") -> str:
 def warnings(facts: Facts) -> list[dict]:
     titles = dict(SECTIONS)
     shown = []
-    for w in facts.warnings():
+    found = list(facts.warnings())
+    # what split and resize found belongs up front too: labels to check, images left out
+    if facts.conflicts:
+        found.append({"kind": "two_labels", "message": f"{_plural(len(facts.conflicts), 'image')} with a copy or"
+                      " near copy under another label (conflicts.csv): one of the two labels is likely wrong"})
+    if facts.rejected:
+        found.append({"kind": "rejected", "message": f"{_plural(len(facts.rejected), 'image')} could not be used"
+                      " (rejected.csv), each with its reason"})
+    for w in found:
         kind = str(w.get("kind") or "")
         title, section = WARNINGS.get(kind, (kind.replace("_", " ").capitalize() or "Warning", None))
         shown.append({"kind": kind, "title": title, "message": str(w["message"]), "section": section,
@@ -526,24 +543,46 @@ def missing_commands(facts: Facts) -> list[str]:
 
 
 def run(cfg: ReportConfig) -> ReportResult:
+    """Write the page and the card, unless what they are made of is as when they were written
+    (the stage files, the options, this prep, the files' times the page shows) and they are as
+    written: then nothing is read but a stat of each file (see :class:`workdir.Stamp`)."""
     if cfg.samples < 0:
         raise PrepError(f"--samples must be 0 or more; received {cfg.samples}")
-    facts = gather(cfg.workdir)
-    out = cfg.out or cfg.workdir.path(REPORT)
-    if out == cfg.workdir.path(REPORT):  # not one the user named with --out
-        out = _free_name(cfg.workdir, REPORT, "report", lambda path: PAGE_MARK in _head(path, 4096))
-    page = render(facts, cfg.samples).encode("utf-8")
+    wd = cfg.workdir
+    if not wd.root.is_dir():
+        raise PrepError(f"work directory {wd.root} does not exist; run `prep index RAW` first (or pass --workdir)")
+    out = cfg.out or wd.path(REPORT)
+    if out == wd.path(REPORT):  # not one the user named with --out
+        out = _free_name(wd, REPORT, "report", lambda path: PAGE_MARK in _head(path, 4096))
+    stamp, inputs = workdir.Stamp(wd, STAMP), sources(wd)
+    times = {wd.relative(p): p.stat().st_mtime_ns for p in inputs}  # the page shows the data's time, and when
+    settings = {"out": wd.relative(out), "samples": cfg.samples, "license": cfg.license, "version": __version__,
+                "workdir": str(wd.root), "times": times}
+    done = stamp.summary() if stamp.is_current(inputs, settings) else None
+    if isinstance(done, dict) and isinstance(done.get("bytes"), int) and isinstance(done.get("missing"), list):
+        card_path = done.get("card")
+        if card_path == SECOND_NAMES[CARD]:  # said again, as on the run that wrote it
+            log.warning("%s was not written by prep: left as it is; the dataset card is %s", wd.path(CARD),
+                        wd.path(card_path))
+        return ReportResult(out, done["bytes"], wd.path(card_path) if isinstance(card_path, str) else None,
+                            [str(m) for m in done["missing"]], up_to_date=True)
+    found = gather(wd)
+    page = render(found, cfg.samples).encode("utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir.atomic_write_bytes(out, page)
     card_path = None
-    text = card.render(facts, cfg.license)
+    text = card.render(found, cfg.license)
     if text is None:
         log.info("no dataset card yet: run `prep split` first")
     else:
-        card_path = _free_name(cfg.workdir, CARD, "dataset card", _is_card)
+        card_path = _free_name(wd, CARD, "dataset card", _is_card)
         with workdir.atomic_write(card_path, "w", encoding="utf-8") as handle:
             handle.write(text.rstrip("\n") + f"\n\n{CARD_MARK}\n")
-    return ReportResult(out, len(page), card_path, missing_commands(facts))
+    result = ReportResult(out, len(page), card_path, missing_commands(found))
+    stamp.record(inputs, settings, [out] + ([card_path] if card_path else []),
+                 summary={"bytes": result.bytes, "missing": result.missing,
+                          "card": wd.relative(card_path) if card_path else None})
+    return result
 
 
 # A work directory may be a project's own folder (--workdir .): prep replaces only files it wrote.
@@ -571,8 +610,10 @@ def _free_name(wd: workdir.Workdir, name: str, what: str, written_by_prep) -> Pa
 
 
 def _head(path: Path, limit: int) -> bytes:
+    """The first ``limit`` bytes of a regular file (of anything else, a FIFO say: none)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return b""
+    with open(fd, "rb") as handle:
+        return handle.read(limit) if stat.S_ISREG(os.fstat(fd).st_mode) else b""

@@ -147,11 +147,13 @@ def assign(
         target = allocate(size, ratios)
         filled = [0, 0, 0]
         for left, sha in zip(range(len(shas), 0, -1), shas):
-            # the split furthest below its target takes the unit (ties: train, valid, test);
-            # but when no more units are left than splits still empty, one of those
+            # the split furthest below its target, for its size, takes the unit (ties: train,
+            # valid, test), so groups of copies spread over the splits as single images do, instead
+            # of all going to train (the largest absolute gap); but when no more units are left
+            # than splits still empty, one of those
             empty = [k for k in range(3) if target[k] and not filled[k]]
             choices = empty if len(empty) >= left else range(3)
-            i = max(choices, key=lambda k: (target[k] - filled[k], -k))
+            i = max(choices, key=lambda k: ((target[k] - filled[k]) / target[k] if target[k] else -1.0, -k))
             filled[i] += len(units[sha])
             for member in units[sha]:
                 result[member["path"]] = SPLITS[i]
@@ -405,21 +407,26 @@ def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, lis
             row["resized"] = row["resized_sha256"] = ""
         return rows, 0, inputs
     inputs.append(resized_path)
-    done_rows = workdir.read_csv(resized_path, ["path", "sha256", "resized", "status"])
-    confine_rows(wd, done_rows, resized_path)
-    resized = {r["path"]: r for r in done_rows}
-    hashes = ("phash8", "phash16")  # absent from a resized.csv an earlier prep wrote
+    # path -> (sha256, status, resized, resized_sha256, phash8, phash16): a tuple per row, of the
+    # columns used (the hashes are absent from a resized.csv an earlier prep wrote)
+    raw = workdir.Confined(None, "RAW")
+    names = workdir.Confined(wd.path(workdir.RESIZED_DIR), f"{workdir.RESIZED_DIR}/")
+    resized = {}
+    columns = ["path", "sha256", "status", "resized", "resized_sha256", "phash8", "phash16"]
+    for line, (path, *done) in enumerate(workdir.iter_csv(resized_path, columns, required=columns[:4]), start=2):
+        raw(path, str(resized_path), line)
+        if done[2]:
+            names(done[2], str(resized_path), line)
+        resized[path] = tuple(done)
     usable = []
     for row in rows:
         done = resized.get(row["path"])
-        if done is None or done["sha256"] != row["sha256"]:
+        if done is None or done[0] != row["sha256"]:
             raise PrepError(
                 f"{resized_path} is out of date ({row['path']} not resized); run `prep resize` again"
             )
-        if done["status"] == "ok":
-            row["resized"] = done["resized"]  # each row is changed in place: one dict per image
-            row["resized_sha256"] = done.get("resized_sha256") or ""
-            row.update((h, done.get(h) or "") for h in hashes)
+        if done[1] == "ok":  # each row is changed in place: one dict per image
+            row.update(zip(("resized", "resized_sha256", "phash8", "phash16"), done[2:]))
             usable.append(row)
     return usable, len(rows) - len(usable), inputs
 

@@ -4,18 +4,32 @@ Each stage is judged from what it recorded: index against the RAW folder (listin
 cache's sizes and versions), resize against labels.csv and the resize settings, the later
 stages through their stamps (:class:`pipeline.workdir.Stamp`) against their inputs and the
 settings in force now.
+
+Asked again with nothing changed, it reads no row and no image: index's digest of the RAW
+listing says index is current, the file hash cache (:class:`pipeline.workdir.FileHashes`)
+vouches for the CSVs by a stat each, and resize's verdict is kept in ``.cache/status.json``
+under the CSVs' hashes and a digest of the stats of ``resized/``. Listing RAW and ``resized/``
+(a stat per file) is what it still costs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import sources, workdir
 from ..errors import PrepError
 from ..spec import ResizeSpec
+
+
+# status's own verdicts, under the contents they were reached from (see _resized_content)
+STATUS_CACHE = f"{workdir.CACHE_DIR}/status.json"
 
 
 @dataclass
@@ -73,12 +87,34 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
     if not sources.exists(root):
         return StageStatus("index", "stale", [f"RAW {root} not found"])
     follow, outside = meta.get("follow_links") is True, meta.get("allow_outside_links") is True
-    listing = sources.list_files(root, follow_links=follow, outside_links=follow and outside)
+
+    def listed() -> sources.Listing:
+        return sources.list_files(root, follow_links=follow, outside_links=follow and outside)
+
+    local = sources.local_path(root)
+    if local is not None and not follow:  # RAW's state in constant memory (a link's target is not its own)
+        raw, settled = tree_state(Path(local), sources.is_hidden)  # what index skips too
+        listing = None
+    else:  # a URL's listing gives versions (ETags), and index's digest of it
+        listed_ns = time.time_ns()
+        listing = listed()
+        raw = _listing_digest(wd, meta, labels, listing, listed_ns)
+        settled = raw is not None
+    hashes = workdir.FileHashes(wd)
+    cached = wd.path(workdir.HASH_CACHE)
+    key = [raw, hashes.sha256(meta_path), hashes.sha256(labels), hashes.sha256(cached) if cached.is_file() else None]
+    hashes.save()
+    return _judge("index", True, _judged(wd, "index", key, settled,
+                                         lambda: _index_checked(wd, meta, labels, listing or listed())), "")
+
+
+def _index_checked(wd: workdir.Workdir, meta: dict, labels: Path, listing: sources.Listing) -> list[str]:
+    """What RAW holds that labels.csv does not say, from every row and the hash cache."""
     indexed = {r["path"] for r in workdir.read_csv(labels, ["path"])}
     found = set(listing.files)
     if meta.get("labels_from", "folder") == "folder":
         found = {rel for rel in found if "/" in rel}
-    cache = workdir.hash_cache(wd, root)
+    cache = workdir.hash_cache(wd, meta["raw"])
     changed = sum(
         1
         for rel in found & indexed
@@ -91,7 +127,39 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
         reasons.append(f"{_count(len(indexed - found), 'image')} gone from RAW")
     if changed:
         reasons.append(f"{_count(changed, 'image')} changed in RAW")
-    return _judge("index", True, reasons, "")
+    return reasons
+
+
+def _listing_digest(wd: workdir.Workdir, meta: dict, labels: Path, listing: sources.Listing,
+                    listed_ns: int) -> str | None:
+    """index's digest of the RAW listing (every file's size and version) and its settings; None
+    when a file changed too recently to be judged by its times (see index's SETTLED_NS)."""
+    from .index import IndexConfig, _listing_digest, compile_pattern
+
+    labels_from = meta.get("labels_from", "folder")
+    try:
+        cfg = IndexConfig(meta["raw"], wd, labels, labels_from, meta.get("pattern") or "",
+                          meta.get("follow_links") is True, meta.get("allow_outside_links") is True)
+        pattern = compile_pattern(cfg.pattern) if labels_from == "filename" else None
+        return _listing_digest(cfg, meta["raw"], listing, listed_ns, pattern)
+    except PrepError:
+        return None
+
+
+def _judged(wd: workdir.Workdir, stage: str, key: list, settled: bool, check) -> list[str]:
+    """``check()``'s reasons, kept in :data:`STATUS_CACHE` under ``key`` (the contents they were
+    judged from) when ``settled``, and given from there while the key holds."""
+    cache = _status_cache(wd)
+    known = cache.get(stage)
+    if settled and isinstance(known, dict) and known.get("key") == key and isinstance(known.get("reasons"), list):
+        return known["reasons"]
+    reasons = check()
+    if settled:
+        cache[stage] = {"key": key, "reasons": reasons}
+        with contextlib.suppress(OSError):  # a reader's cache: not where it may not write
+            wd.path(workdir.CACHE_DIR).mkdir(exist_ok=True)
+            workdir.write_json(wd.path(STATUS_CACHE), cache)
+    return reasons
 
 
 def _shown(value) -> str:
@@ -125,36 +193,102 @@ def _as_options(spec: dict) -> dict:
 
 
 def resize_status(wd: workdir.Workdir, spec: ResizeSpec, origins: dict[str, str] | None = None) -> StageStatus:
-    from .resize import JOURNAL, PENDING, check_outputs, journal_entries
+    from .resize import JOURNAL, PENDING, journal_entries
 
     table = wd.path(workdir.RESIZED)
     # images an interrupted run finished; None when no run was interrupted
     journaled = len({e["path"] for e in journal_entries(wd) if PENDING not in e}) if wd.path(JOURNAL).exists() else None
-    interrupted = f"interrupted after {_count(journaled or 0, 'image')}; run `prep resize` to finish"
+    interrupted = (f"interrupted after {_count(journaled or 0, 'image')};"
+                   " run the interrupted command again, with its options, to finish")
     if not table.exists():
         return StageStatus("resize", "missing", [interrupted if journaled is not None else "run `prep resize`"])
     reasons = [interrupted] if journaled is not None else []
-    try:
-        labels = {r["path"]: r["sha256"] for r in workdir.read_csv(wd.labels(), ["path", "sha256"])}
-    except PrepError:
-        labels = {}
-    done = {r["path"]: r for r in workdir.read_csv(table, ["path", "sha256", "status", "resized"])}
-    stale = sum(1 for p, sha in labels.items() if p not in done or done[p]["sha256"] != sha)
-    if stale:
-        reasons.append(f"{_count(stale, 'image')} in labels.csv new or changed")
-    if done.keys() - labels.keys():
-        reasons.append(f"{_count(len(done.keys() - labels.keys()), 'image')} no longer in labels.csv")
+    reasons.extend(_resized_content(wd, table))
     settings_path = wd.path(workdir.RESIZE_SETTINGS)
     recorded = workdir.read_json(settings_path) if settings_path.exists() else {}
     wanted = json_like(dataclasses.asdict(spec))
     recorded = {k: v for k, v in recorded.items() if k in wanted} if isinstance(recorded, dict) else {}
     reasons.extend(setting_changes(_as_options(recorded), _as_options(wanted), origins or {}))
+    return _judge("resize", True, reasons, "")
+
+
+def _resized_content(wd: workdir.Workdir, table: Path) -> list[str]:
+    """What is out of date in resized.csv and resized/: images of labels.csv new, changed or
+    gone, resized files missing or changed. Judged once for given contents of labels.csv and
+    resized.csv and a given state of resized/ (every file's size, times and inode, see
+    :func:`tree_state`): the verdict is kept in :data:`STATUS_CACHE` under those, so asking
+    again with nothing changed reads no row and no image."""
+    try:
+        labels = wd.labels()
+    except PrepError:
+        labels = None
+    hashes = workdir.FileHashes(wd)
+    key = [hashes.sha256(labels) if labels is not None else None, hashes.sha256(table)]
+    hashes.save()
+    tree, settled = tree_state(wd.path(workdir.RESIZED_DIR))  # before the check: a change meanwhile shows next time
+    key.append(tree)
+    return _judged(wd, "resize", key, settled, lambda: _resized_checked(wd, labels, table))
+
+
+def _resized_checked(wd: workdir.Workdir, labels: Path | None, table: Path) -> list[str]:
+    """:func:`_resized_content`'s verdict, from every row and every resized file."""
+    from .resize import check_outputs
+
+    reasons = []
+    try:
+        indexed = {r["path"]: r["sha256"] for r in workdir.read_csv(labels, ["path", "sha256"])} if labels else {}
+    except PrepError:
+        indexed = {}
+    done = {r["path"]: r for r in workdir.read_csv(table, ["path", "sha256", "status", "resized"])}
+    stale = sum(1 for p, sha in indexed.items() if p not in done or done[p]["sha256"] != sha)
+    if stale:
+        reasons.append(f"{_count(stale, 'image')} in labels.csv new or changed")
+    if done.keys() - indexed.keys():
+        reasons.append(f"{_count(len(done.keys() - indexed.keys()), 'image')} no longer in labels.csv")
     intact = check_outputs(wd, list(done.values()))[0]
     changed = [r["resized"] for r in done.values() if r["status"] == "ok" and r["resized"] not in intact]
     if changed:
         example = changed[0] if len(changed) == 1 else f"{changed[0]}, ..."
         reasons.append(f"{_count(len(changed), 'resized file')} missing or changed since `prep resize` ({example})")
-    return _judge("resize", True, reasons, "")
+    return reasons
+
+
+def tree_state(folder: Path, skip=lambda name: False) -> tuple[str, bool]:
+    """A digest of what is below ``folder`` as listed (each entry's name, type, size, mtime, ctime
+    and inode), in one pass of a stat per entry and constant memory; and whether every entry had
+    settled (see :data:`workdir.SETTLED_NS`): only then does an unchanged digest vouch for
+    unchanged bytes. Entries come in the order the file system lists them, which for an
+    unchanged folder is the same: another order only costs a full check. Names ``skip`` is true
+    of (with what they hold) are left out."""
+    started = time.time_ns()
+    digest = hashlib.sha256()
+    settled = True
+    stack = [os.fspath(folder)]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if skip(entry.name):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                digest.update(f"{entry.path}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
+                              f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
+                if st.st_mtime_ns >= started - workdir.SETTLED_NS or st.st_ctime_ns >= started - workdir.SETTLED_NS:
+                    settled = False
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return digest.hexdigest(), settled
+
+
+def _status_cache(wd: workdir.Workdir) -> dict:
+    try:
+        cache = workdir.read_json(wd.path(STATUS_CACHE))
+    except (OSError, PrepError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def json_like(value):

@@ -18,31 +18,46 @@ file, split and index:
 
 manifest.json's entries and encoded.csv's resized names are checked to stay inside the work
 directory before any of them is read.
+
+A rerun skips what has not changed since a run that passed (:class:`Checked`, kept in
+``.cache/verified.json``): a file keeping the size, mtime and inode it had when it was hashed is
+not hashed again, and a check whose inputs all kept their sha256 (2-4) is not run again: with
+nothing changed, a rerun reads no image. A changed file invalidates what depends on it only:
+an edited tfrecord shard, resealed in manifest.json, re-reads tfrecord and the resized PNGs it is
+compared to, not the other formats. The resized PNGs count as unchanged while their folders keep
+their mtimes (resize replaces a file by renaming a new one in, which changes its folder's); a
+PNG rewritten in place is caught by ``prep verify --full``, which checks everything again.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .. import executors, imaging, manifest, workdir
+from .. import executors, manifest, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
+from .index import SETTLED_NS
 from .pack import read_rows
 
 log = logging.getLogger(__name__)
+
+VERIFIED = f"{workdir.CACHE_DIR}/verified.json"  # what the last passing run checked (see Checked)
 
 
 @dataclass
 class VerifyConfig:
     workdir: workdir.Workdir
     execution: executors.Execution = field(default_factory=executors.Execution)
+    full: bool = False  # check everything again, whatever an earlier run found
 
 
 @dataclass
@@ -53,21 +68,94 @@ class VerifyResult:
     layout: Layout
     against_source: bool
     seconds: float
+    unchanged_since: str | None = None  # when nothing was checked again: the time of the run that did
+    rechecked: list[str] = field(default_factory=list)  # what was checked again (all of it on a first run)
 
     @property
     def summary(self) -> str:
         counts = ", ".join(f"{s} {self.layout.counts[s]}" for s in SPLITS)
-        reference = "the resized PNGs" if self.against_source else "each other (resized PNGs not found)"
-        return (
+        head = (
             f"Verified {', '.join(self.formats)}: {self.files} files, {self.bytes:,} bytes,"
             f" {sum(self.layout.counts.values())} images ({counts}; shape {self.layout.shape};"
             f" {len(self.layout.classes)} classes)"
-            f" in {self.seconds:.1f} s. Checksums, counts, shapes, dtypes and labels match;"
+        )
+        if self.unchanged_since:
+            return f"{head}: unchanged since the last check at {self.unchanged_since} (prep verify --full checks again)."
+        reference = "the resized PNGs" if self.against_source else "each other (resized PNGs not found)"
+        return (
+            f"{head} in {self.seconds:.1f} s. Checksums, counts, shapes, dtypes and labels match;"
             f" pixels match {reference}."
         )
 
 
-def check_files(wd: workdir.Workdir, data: dict) -> None:
+class Checked:
+    """What earlier passing runs checked (:data:`VERIFIED`), and what this one checks.
+
+    ``files``: relative path -> [size, mtime_ns, inode, sha256, settled] of each file hashed; a
+    file keeping a settled entry's size, mtime and inode is not hashed again (settled: its mtime
+    was SETTLED_NS older than the run, as a rewrite within one clock tick keeps it). ``units``:
+    check -> the key it passed with, a digest of everything it depends on. ``folders``: the
+    mtimes of the resized PNGs' folders when the PNGs were checked."""
+
+    def __init__(self, wd: workdir.Workdir, full: bool):
+        self.path = wd.path(VERIFIED)
+        self.started = time.time_ns()
+        recorded = {}
+        if not full:
+            try:
+                recorded = workdir.read_json(self.path)
+            except (OSError, PrepError):
+                pass
+        if not isinstance(recorded, dict):
+            recorded = {}
+        self.old_files = recorded.get("files") if isinstance(recorded.get("files"), dict) else {}
+        self.old_units = recorded.get("units") if isinstance(recorded.get("units"), dict) else {}
+        self.folders = recorded.get("folders") if isinstance(recorded.get("folders"), dict) else {}
+        self.at = recorded.get("checked_at")
+        self.files: dict[str, list] = {}
+
+    def sha256(self, path: Path, rel: str) -> str:
+        """The sha256 of ``path``, read again unless a settled entry of the same file says it."""
+        st = os.stat(path)
+        seen = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self.old_files.get(rel)
+        if isinstance(known, list) and len(known) == 5 and known[4] is True and known[:3] == seen:
+            digest = known[3]
+        else:
+            digest = workdir.sha256_file(path)
+        self.files[rel] = [*seen, digest, st.st_mtime_ns < self.started - SETTLED_NS]
+        return digest
+
+    def passed(self, unit: str, key: str | None) -> bool:
+        return key is not None and self.old_units.get(unit) == key
+
+    def save(self, units: dict[str, str | None], folders: dict[str, int | None], at: str | None = None) -> None:
+        """Record a passing run (``at``: when what it found unchanged was checked; now if None);
+        a work directory this process cannot write keeps its old record."""
+        at = at or dt.datetime.fromtimestamp(self.started / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        record = {"checked_at": at, "files": self.files, "units": units, "folders": folders}
+        try:
+            workdir.write_json(self.path, record)
+        except OSError as err:
+            log.debug("%s not written (%s); the next run checks everything again", self.path, err)
+
+
+def folder_times(wd: workdir.Workdir, folders) -> dict[str, int | None]:
+    """The mtime (ns) of each folder of ``resized/`` named, None for one missing or modified too
+    recently to be trusted (a change within the same clock tick would keep it)."""
+    base = wd.path(workdir.RESIZED_DIR)
+    now = time.time_ns()
+    times: dict[str, int | None] = {}
+    for rel in folders:
+        try:
+            mtime = os.stat(base / rel).st_mtime_ns
+        except OSError:
+            mtime = None
+        times[rel] = mtime if mtime is not None and mtime < now - SETTLED_NS else None
+    return times
+
+
+def check_files(wd: workdir.Workdir, data: dict, checked: Checked) -> None:
     """Every listed file present with its size and sha256; no unlisted files in the outputs."""
     listed = data["files"]
     for rel, entry in listed.items():
@@ -77,7 +165,7 @@ def check_files(wd: workdir.Workdir, data: dict) -> None:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise VerificationFailed(f"{rel}: {size} bytes; {workdir.MANIFEST} says {entry['bytes']}")
-        digest = workdir.sha256_file(path)
+        digest = checked.sha256(path, rel)
         if digest != entry["sha256"]:
             raise VerificationFailed(
                 f"{rel}: sha256 {digest[:12]}... differs from {workdir.MANIFEST} ({entry['sha256'][:12]}...)"
@@ -93,15 +181,19 @@ def check_files(wd: workdir.Workdir, data: dict) -> None:
             log.warning("%s is not in %s (out of date); it was not verified", FORMATS[name].OUTPUT, workdir.MANIFEST)
 
 
-def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
-    """The encoded.csv rows packed, checked against the manifest and for leaks between splits."""
+def check_input_files(wd: workdir.Workdir, data: dict, checked: Checked) -> None:
+    """The files the packaged ones were made from (encoded.csv, classes.json, ...) are those packed."""
     for rel, digest in data["inputs"].items():
         path = wd.root / rel
         if not path.is_file():
             raise VerificationFailed(f"{rel}: missing; the packaged files were made from it")
-        if workdir.sha256_file(path) != digest:
+        if checked.sha256(path, rel) != digest:
             raise VerificationFailed(f"{rel}: changed since `prep pack` (sha256 differs from {workdir.MANIFEST});"
                                      " run `prep pack` again")
+
+
+def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
+    """The encoded.csv rows packed, checked against the manifest and for leaks between splits."""
     encoded = wd.path(workdir.ENCODED)
     rows = read_rows(encoded, list(layout.classes), wd)
     counts = Counter(r["split"] for r in rows)
@@ -140,6 +232,8 @@ def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
 def digest_pngs(files: list[tuple[str, str]], folder: str) -> list[bytes | str]:
     """The sha256 of the pixels of each (resized PNG, the sha256 of its bytes resize recorded),
     or the reason it cannot be used: unreadable, not a regular file, or not the file resize wrote."""
+    from .. import imaging  # here, not at the top: a rerun with nothing changed decodes nothing
+
     out: list[bytes | str] = []
     for name, recorded in files:
         try:
@@ -180,11 +274,13 @@ def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
         yield from digests
 
 
-def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOptions, names: list[str]) -> bool:
-    """Walk every format and the resized PNGs in lockstep; False when there were no PNGs to compare to."""
+def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOptions, names: list[str],
+            against_source: bool) -> None:
+    """Walk the formats ``names`` and (``against_source``) the resized PNGs in lockstep."""
+    from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it)
+
     wd = cfg.workdir
     folder = wd.path(workdir.RESIZED_DIR)
-    against_source = folder.is_dir()
     streams = {name: _samples(name, wd.path(FORMATS[name].OUTPUT), layout, options) for name in names}
     index = dict.fromkeys(SPLITS, 0)
     end = object()
@@ -225,7 +321,6 @@ def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOp
         extra = next(stream, end)
         if extra is not end:
             raise VerificationFailed(f"{FORMATS[name].OUTPUT}: split {extra[0]} has more samples than encoded.csv")
-    return against_source
 
 
 def run(cfg: VerifyConfig) -> VerifyResult:
@@ -243,8 +338,42 @@ def run(cfg: VerifyConfig) -> VerifyResult:
         raise VerificationFailed(f"{workdir.MANIFEST}: malformed ({type(err).__name__}: {err})") from None
     if not names:
         raise VerificationFailed(f"{workdir.MANIFEST} lists no packaged format; run `prep pack`")
-    check_files(wd, data)
-    rows = check_inputs(wd, data, layout)
-    against_source = compare(cfg, rows, layout, options, names)
+    checked = Checked(wd, cfg.full)
+    check_files(wd, data, checked)
+    check_input_files(wd, data, checked)
+    against_source = wd.path(workdir.RESIZED_DIR).is_dir()
+    units = unit_keys(data, names, against_source, folder_times(wd, checked.folders) if against_source else {})
+    stale = [unit for unit, key in units.items() if not checked.passed(unit, key)]
+    folders = checked.folders
+    if stale:
+        rows = check_inputs(wd, data, layout)
+        formats = [n for n in names if n in stale]
+        if against_source and ("pngs" in stale or formats):
+            folders = folder_times(wd, sorted({os.path.dirname(r["resized"]) for r in rows}))
+        if formats or "pngs" in stale:
+            compare(cfg, rows, layout, options, formats, against_source)
+        units = unit_keys(data, names, against_source, folders)
+    checked.save(units, folders, None if stale else checked.at)
     sizes = [entry["bytes"] for entry in data["files"].values()]
-    return VerifyResult(names, len(sizes), sum(sizes), layout, against_source, time.perf_counter() - started)
+    return VerifyResult(names, len(sizes), sum(sizes), layout, against_source, time.perf_counter() - started,
+                        None if stale else checked.at, stale)
+
+
+def unit_keys(data: dict, names: list[str], against_source: bool, folders: dict[str, int | None]) -> dict[str, str | None]:
+    """What each check depends on, as a digest: ``rows`` (encoded.csv against the manifest and for
+    leaks), ``pngs`` (the resized PNGs are those resize wrote: encoded.csv and their folders'
+    mtimes; an unsettled or missing folder never matches) and each format (its files' sha256,
+    its options, the rows, and what its pixels were compared to: the PNGs, or the other formats)."""
+    inputs = data["inputs"]
+    rows = workdir.fingerprint({"inputs": inputs, "classes": data["classes"], "splits": data["splits"],
+                                "image": data["image"]})
+    files = {name: {rel: e["sha256"] for rel, e in data["files"].items() if e["format"] == name} for name in names}
+    units: dict[str, str | None] = {"rows": rows}
+    if against_source:
+        settled = all(t is not None for t in folders.values())
+        units["pngs"] = workdir.fingerprint({"rows": rows, "folders": folders}) if settled else None
+    reference = "pngs" if against_source else files
+    for name in names:
+        units[name] = workdir.fingerprint({"rows": rows, "files": files[name], "options": data["settings"]["pack"].get(name),
+                                           "reference": reference})
+    return units
