@@ -52,7 +52,11 @@ def work(packed: Path, tmp_path: Path) -> Path:
 # Write number AT to dataset.h5 marks the test's file and waits while the test sends its signal;
 # the h5 writer makes 48 writes for this work directory.
 SIGNAL_AT_WRITE = """
-import contextlib, os, sys, time
+import contextlib, os, signal, sys, time
+# as in a terminal: a run started in the background (nohup, a CI runner) ignores SIGHUP, and its
+# children inherit that
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 from pipeline import cli, workdir
 marker, at = sys.argv[1], int(sys.argv[2])
 
