@@ -227,6 +227,11 @@ def test_mixed_shapes_name_the_first_odd_file(work):
     rows = encoded_rows(work)
     for row in (rows[7], rows[9]):
         Image.new("RGB", (5, 5), (1, 2, 3)).save(work / "resized" / row["resized"])
+        row["resized_sha256"] = hashlib.sha256((work / "resized" / row["resized"]).read_bytes()).hexdigest()
+    with open(work / "encoded.csv", "w", encoding="utf-8", newline="") as handle:  # as if resize made them so
+        writer = csv.DictWriter(handle, list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
     assert_one_line_error(
         cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"),
         str(work / "resized" / rows[7]["resized"]), "5x5", f"but {work / 'resized' / rows[0]['resized']} is 12x8",

@@ -91,11 +91,14 @@ def parse_formats(names) -> tuple[str, ...]:
 
 
 def read_pngs(
-    names: list[str], folder: str, shape: tuple[int, int, int], want_png: bool, first: str
+    names: list[tuple[str, str]], folder: str, shape: tuple[int, int, int], want_png: bool, first: str
 ) -> tuple[np.ndarray, list[bytes | None] | None, dict[int, str]]:
-    """The pixels of a shard's resized files as one (N, H, W, C) array (one buffer to send back,
-    not N), their PNG bytes if wanted, and position -> reason for files that cannot be used
-    (``first`` names the file whose shape they all must have)."""
+    """The pixels of a shard's resized files, given as (name, the sha256 resize recorded), as one
+    (N, H, W, C) array (one buffer to send back, not N), their PNG bytes if wanted, and position
+    -> reason for files that cannot be used: changed since resize (a file edited, or a link put
+    there, is never packed), unreadable, or not of the shape of ``first``."""
+    import hashlib
+
     import numpy as np  # here, in the workers, as the decoder: a pack with nothing to do needs neither
 
     from .. import imaging
@@ -103,10 +106,14 @@ def read_pngs(
     pixels = np.zeros((len(names), *shape), np.uint8)
     pngs: list[bytes | None] | None = [] if want_png else None
     problems: dict[int, str] = {}
-    for i, name in enumerate(names):
+    for i, (name, expected) in enumerate(names):
         data = None
         try:
-            data = workdir.read_file(os.path.join(folder, name))[0]
+            data = workdir.read_file(os.path.join(folder, name), follow_links=False)[0]
+            if hashlib.sha256(data).hexdigest() != expected:
+                problems[i] = "changed since `prep resize` (its sha256 differs from the one resize recorded)"
+                data = None
+                continue
             image = imaging.decode_png(data)
             if image.shape != shape:
                 problems[i] = f"{_shape(image.shape)}, but {first} is {_shape(shape)} (all must have one shape)"
@@ -118,8 +125,9 @@ def read_pngs(
             problems[i] = f"cannot read ({err.strerror or err})"
         except ValueError as err:
             problems[i] = str(err)
-        if pngs is not None:
-            pngs.append(data)
+        finally:
+            if pngs is not None:
+                pngs.append(data)
     return pixels, pngs, problems
 
 
@@ -287,7 +295,7 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
     wd = cfg.workdir
     folder = wd.path(workdir.RESIZED_DIR)
     shards = executors.chunk(rows, cfg.execution.slots, max_size=256)
-    names = [[r["resized"] for r in shard] for shard in shards]
+    names = [[(r["resized"], r["resized_sha256"]) for r in shard] for shard in shards]
     position = dict.fromkeys(SPLITS, 0)
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(cfg.execution.open())
