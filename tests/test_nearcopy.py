@@ -136,8 +136,11 @@ def test_resized_csv_records_the_hashes(tmp_path, prep):
 # -- the pair search -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("search", ["tables", "all pairs"])
 @pytest.mark.parametrize("rule", ["strict", "default"])
-def test_the_pair_search_finds_what_comparing_every_pair_finds(rule):
+def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, monkeypatch):
+    # 1,500 hashes: the tables, as for a large dataset, or every pair compared, as for a small one
+    monkeypatch.setattr(nearcopy, "_ALL_PAIRS", 0 if search == "tables" else 10_000)
     rng = np.random.default_rng(3)
     bases8 = rng.integers(0, 2**64, 40, dtype=np.uint64)
     bases16 = rng.integers(0, 2**64, (40, 4), dtype=np.uint64)

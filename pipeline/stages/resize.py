@@ -540,7 +540,10 @@ def _run_shards(cfg: ResizeConfig, labels: Labels, names: list[str], todo: list[
             journal.seek(-1, os.SEEK_END)
             if journal.read(1) != b"\n":
                 journal.write(b"\n")  # end the line a killed run was writing, so the next record stands alone
-    from .. import imaging  # noqa: F401  (before the pool forks: its workers inherit the decoders and the DCT)
+    # before the pool forks: its workers inherit the decoders and the hash's DCT
+    from scipy import fftpack  # noqa: F401
+
+    from .. import imaging  # noqa: F401
 
     written = 0
     with cfg.execution.open() as pool, open(journal_path, "a", encoding="utf-8") as journal, \
