@@ -183,7 +183,7 @@ def _resize(ctx, labels, raw, size, mode, interpolation, channels, background, f
 @resize_options
 @executor_options
 @pass_ctx
-@delegate
+@delegate(makes_workdir="labels")  # the first command in a new work directory only with its input given
 def resize(ctx, **options):
     """Resize every image to a fixed-size 8-bit PNG under WORKDIR/resized/."""
     return _resize(ctx, **options)
@@ -236,7 +236,7 @@ def grouping_options(fn):
 @click.option("--drop-small", is_flag=True, help="Leave out classes too small for the ratios instead of failing.")
 @grouping_options
 @pass_ctx
-@delegate
+@delegate(makes_workdir="labels")  # the first command in a new work directory only with its input given
 def split(ctx, **options):
     """Assign every usable image to train / valid / test: splits.csv."""
     return _split(ctx, **options)
@@ -266,7 +266,7 @@ def _encode(ctx, splits, classes, class_order="natural"):
               help="Ids in natural order (2 before 10) or alphabetical, Python's sorted() (10 before 2), "
                    "as torchvision's ImageFolder and Keras number folders.")
 @pass_ctx
-@delegate
+@delegate(makes_workdir="splits")  # the first command in a new work directory only with its input given
 def encode(ctx, **options):
     """Map class names to ids once for all splits: classes.json and encoded.csv."""
     return _encode(ctx, **options)

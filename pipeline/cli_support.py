@@ -135,14 +135,15 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool = True):
+def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = True):
     """Give a command -q/-v/--json and --workdir (prep's own options, after the command too),
     print its result, and turn a PrepError into one line and exit 1.
 
     ``lock``: True for a command that writes into the work directory (it holds it alone while it
     runs), "read" for one that reads its outputs (it waits for a writer to finish), "peek" for
     one that shows it as it is (it goes on beside a writer), False for one that does not use it.
-    A writer that may be the first in a work directory (``makes_workdir``) makes it, then locks it.
+    A writer that may be the first in a work directory (``makes_workdir``; or only when it is given
+    the option of that name, its input from elsewhere) makes it, then locks it.
     SIGTERM and SIGHUP stop a command as Ctrl-C does: the same clean-up and message.
     """
     if fn is None:
@@ -220,7 +221,7 @@ def _stopped_by_signals():
             signal.signal(signum, handler)
 
 
-def _locked(ctx: Context, lock: bool | str, makes_workdir: bool, options: dict):
+def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: dict):
     """The lock a command holds on its work directory (verify's WORKDIR argument, else --workdir)."""
     from .workdir import Workdir
 
@@ -233,7 +234,8 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool, options: dict):
         from .workdir import STAGE_OUTPUTS
 
         command = click.get_current_context().info_name
-        return wd.lock(create=makes_workdir, claims=STAGE_OUTPUTS.get(command, ()))
+        create = makes_workdir if isinstance(makes_workdir, bool) else options.get(makes_workdir) is not None
+        return wd.lock(create=create, claims=STAGE_OUTPUTS.get(command, ()))
     return wd.lock(shared=True, wait=lock == "read")
 
 

@@ -44,3 +44,20 @@ def test_a_refused_folder_keeps_no_lock_file_of_prep_but_its_own_stays(tmp_path:
     (project / ".lock").write_text("")  # one that was there before: not prep's to remove
     assert_one_line_error(prep("index", raw, workdir=project), "labels.csv")
     assert (project / ".lock").is_file()
+
+
+def test_a_stage_that_cannot_start_leaves_no_new_work_directory(tmp_path, prep):
+    work = tmp_path / "new"
+    for command in ("resize", "split", "encode"):
+        result = prep(command, workdir=work)
+        assert_one_line_error(result, "does not exist")
+        assert not work.exists(), command
+
+
+def test_a_stage_given_its_input_from_elsewhere_may_start_a_work_directory(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 10, "dog": 10})
+    assert prep("index", raw, workdir=tmp_path / "first").exit_code == 0
+    work = tmp_path / "second"
+    result = prep("resize", "--labels", tmp_path / "first" / "labels.csv", "--raw", raw, "--size", "8", workdir=work)
+    assert result.exit_code == 0, result.output
+    assert len(list((work / "resized").rglob("*.png"))) == 20
