@@ -36,6 +36,7 @@ import json
 import logging
 import operator
 import os
+import re
 import stat
 import threading
 import time
@@ -543,12 +544,47 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def remove_stale_temps(folder: Path) -> None:
-    """Delete temporary files an interrupted run left behind in ``folder`` (not recursive)."""
-    if folder.is_dir():
-        for entry in folder.glob(".*.tmp"):
-            if entry.is_file():
-                entry.unlink(missing_ok=True)
+# .NAME.<pid>-<thread>.tmp (atomic_write's), .NAME.<other>.tmp (another writer's), .NAME.old
+_TEMP = re.compile(r"\.(?P<output>.+?)\.(?:(?:(?P<pid>\d+)-\d+|[^.]+)\.tmp|old)")
+
+
+def remove_stale_temps(folder: Path, outputs: set[str] | None = None) -> None:
+    """Delete the temporaries an interrupted run left in ``folder`` (not recursive), files and
+    folders, of :func:`atomic_write` and :func:`atomic_dir` (``.NAME.<pid>-<thread>.tmp``,
+    ``.NAME.old``; any other ``.NAME.<x>.tmp`` too), of every output or of ``outputs`` only:
+    those of a process that is gone, or of this one (which writes none yet). An ``.old`` folder,
+    or a temporary without a pid, goes unless a live process is writing that output."""
+    import shutil
+
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    found = [(entry, match) for entry in entries
+             if (match := _TEMP.fullmatch(entry.name)) and (outputs is None or match["output"] in outputs)]
+    live = {entry.name for entry, m in found if m["pid"] and int(m["pid"]) != os.getpid() and _alive(int(m["pid"]))}
+    writing = {m["output"] for entry, m in found if entry.name in live}
+    for entry, match in found:
+        if entry.name in live or (match["pid"] is None and match["output"] in writing):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 # -- paths read from files -------------------------------------------------------------------

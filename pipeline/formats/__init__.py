@@ -86,6 +86,16 @@ class Batch(NamedTuple):
     paths: list[str] | None  # None when the format does not store them
 
 
+def close_all(handles) -> None:
+    """Close every one of ``handles`` (a sharded writer's open shards), all of them even if one
+    fails; the first error is raised."""
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        for handle in handles:
+            stack.callback(handle.close)
+
+
 # The format modules use the types above, so they are imported once those exist.
 from . import hdf5, parquet, pickle_gz, tfrecord  # noqa: E402
 

@@ -148,11 +148,11 @@ class _Writer:
 
     def close_files(self) -> None:
         """Close every open shard, all of them even if one fails (the first error is raised)."""
+        from . import close_all
+
         handles = [handle for _, handle in self.open.values()]
         self.open.clear()
-        with contextlib.ExitStack() as stack:
-            for handle in handles:
-                stack.callback(handle.close)
+        close_all(handles)
 
     def finish(self) -> None:
         """Write what is buffered and check the counts."""

@@ -213,11 +213,11 @@ class _Writer:
 
     def close_files(self) -> None:
         """Close every open shard, all of them even if one fails (the first error is raised)."""
+        from . import close_all
+
         handles = [handle for _, handle in self.open.values()]
         self.open.clear()
-        with contextlib.ExitStack() as stack:
-            for handle in handles:
-                stack.callback(handle.close)
+        close_all(handles)
 
     def finish(self) -> None:
         """Check the counts, create the file of an empty split, write features.json."""

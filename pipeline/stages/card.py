@@ -27,7 +27,7 @@ import yaml
 from ..errors import PrepError
 from ..formats import FORMATS, SPLITS
 from ..spec import ResizeSpec
-from .facts import Facts, flatten
+from .facts import Facts, flatten, template
 
 # Hugging Face's size_categories buckets
 SIZE_CATEGORIES = (
@@ -241,17 +241,6 @@ def fence(text: str, lang: str = "") -> str:
     return f"{ticks}{lang}\n{text}\n{ticks}"
 
 
-def template():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=False,  # Markdown: escaped by md()
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-    )
-    env.filters.update(md=md, code=code, fence=fence)
-    return env.get_template("card.md.j2")
-
-
 NEAR_RULES = {
     "default": "identical files and near copies (perceptual hashes of the upright images within 4 of 64 bits,"
                " or within 8 when their 256-bit hashes are within 40)",
@@ -292,7 +281,7 @@ def render(facts: Facts, license: str = "unknown") -> str | None:
                      ("PyTorch, any format but tfrecord", LOADING["torch"].replace("{file}", ".")),
                      ("tf.data, any format", LOADING["tf.data"].replace("{file}", first))]
     near = (settings.get("split") or {}).get("near_copies", "default")
-    return template().render(
+    return template("card.md.j2", md=md, code=code, fence=fence).render(
         front_matter=front_matter(facts.name, classes, table, license, parquet_sizes(facts)),
         name=facts.name,
         source=facts.source,

@@ -220,3 +220,23 @@ def _value(value) -> str:
     if isinstance(value, list):
         return ", ".join(map(_value, value))
     return str(value)
+
+
+def short(name: str, limit: int = 22) -> str:
+    """A class name cut to ``limit`` characters for a plot's labels (tables show it whole)."""
+    name = " ".join(str(name).split())
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def template(name: str, **filters):
+    """A template of ``pipeline/templates``, with ``filters``: HTML ones (``.html.j2``) autoescape
+    everything not marked safe; the Markdown card escapes through its own filters."""
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters.update(filters)
+    return env.get_template(name)

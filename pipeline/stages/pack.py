@@ -9,7 +9,7 @@ imports none of numpy, the decoders, h5py and tensorflow.
 
 A write that fails (a full disk, a file size limit) is an error naming the output, and leaves
 the previous outputs as they were; what a pack killed while writing left behind (temporary
-files and folders of a process that is gone) is removed by the next (:func:`remove_stale_temps`).
+files and folders of a process that is gone) is removed by the next (:func:`workdir.remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -243,7 +241,7 @@ def run(cfg: PackConfig) -> PackResult:
     if not cfg.encoded.exists():
         raise StageInputMissing(f"{cfg.encoded} does not exist; run `prep encode` first")
     inputs = inputs_of(wd, cfg.encoded)
-    remove_stale_temps(wd)
+    workdir.remove_stale_temps(wd.root, {module.OUTPUT for module in FORMATS.values()} | {workdir.MANIFEST})
     previous = _previous_manifest(wd)
 
     listed = {name: formats.settings(name, cfg.options) for name in requested}
@@ -353,40 +351,6 @@ def _naming(path: Path):
 
 # a temporary file or folder of an output (workdir.atomic_write, atomic_dir), or the previous
 # version of a folder being swapped (atomic_dir)
-_TEMP = re.compile(r"\.(?P<output>.+)\.(?:(?P<pid>\d+)-\d+\.tmp|old)")
-
-
-def remove_stale_temps(wd: workdir.Workdir) -> None:
-    """Delete the temporaries of pack's outputs (``.dataset.h5.<pid>-<thread>.tmp``,
-    ``.tfrecord.<pid>-<thread>.tmp/``, ``.tfrecord.old/``, ...) that a pack killed while writing
-    left in the work directory: those of a process that is gone, or of this one (which writes
-    none yet). A folder's ``.old`` goes unless a live process is writing that output."""
-    outputs = {module.OUTPUT for module in FORMATS.values()} | {workdir.MANIFEST}
-    try:
-        entries = list(os.scandir(wd.root))
-    except FileNotFoundError:
-        return
-    found = [(entry, match) for entry in entries if (match := _TEMP.fullmatch(entry.name)) and match["output"] in outputs]
-    live = {entry.name for entry, m in found if m["pid"] and int(m["pid"]) != os.getpid() and _alive(int(m["pid"]))}
-    writing = {m["output"] for entry, m in found if entry.name in live}
-    for entry, match in found:
-        if entry.name in live or (match["pid"] is None and match["output"] in writing):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user's included)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     except (OverflowError, ValueError):
         return False
     return True

@@ -45,7 +45,7 @@ from ..errors import PrepError
 from ..formats import SPLITS
 from . import card
 from .facts import VERIFY_PLOTS as PLOT_FILES
-from .facts import NATURAL, Facts, duplicate_groups, flatten, gather, manifest_counts, sources
+from .facts import NATURAL, Facts, duplicate_groups, flatten, gather, manifest_counts, short, sources, template
 from .split import CONFLICTS, NEAR_COPIES
 
 log = logging.getLogger(__name__)
@@ -151,12 +151,6 @@ def file_plot(path: Path, alt: str) -> Plot:
         dpi = float((image.info.get("dpi") or (CSS_DPI,))[0]) or CSS_DPI
         width = round(image.width * CSS_DPI / dpi)
     return Plot(data_uri(data), alt, width, round(0.75 * width) if width > 900 else 0)
-
-
-def short(name: str, limit: int = 22) -> str:
-    """A class name cut to ``limit`` characters for a plot's labels (tables show it whole)."""
-    name = " ".join(str(name).split())
-    return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
 def split_chart(table: dict[str, dict[str, int]]) -> Plot:
@@ -493,18 +487,6 @@ def verify(facts: Facts) -> dict | None:
 
 
 # -- the page ------------------------------------------------------------------------------------
-
-
-def template(name: str):
-    """A template of ``pipeline/templates``; HTML ones autoescape everything not marked safe."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("pipeline", "templates"),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-    )
-    return env.get_template(name)
 
 
 def render(facts: Facts, samples_per_class: int = 8) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import manifest, workdir
 from ..errors import PrepError, VerificationFailed
+from .facts import short
 
 log = logging.getLogger(__name__)
 
@@ -391,12 +392,6 @@ def _grid_indices(y_true, probabilities, size: int = GRID) -> list[int]:
     return chosen
 
 
-def _short(name: str, limit: int) -> str:
-    """A class name cut to ``limit`` characters for a plot (the report's tables show it whole)."""
-    name = " ".join(str(name).split())
-    return name if len(name) <= limit else name[: limit - 1] + "…"
-
-
 def _savefig(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=PLOT_DPI, metadata={"Software": None})
@@ -445,11 +440,11 @@ def _plots(out: Path, metrics: dict, test_ds, probabilities, classes: list[str])
             ax = axes.flat[slots[i]]
             image = image[:, :, 0] if image.shape[-1] == 1 else image
             ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
-            p, name = int(predicted[i]), _short(classes[predicted[i]], 14)
+            p, name = int(predicted[i]), short(classes[predicted[i]], 14)
             if p == label:  # the mark says it; the colour only repeats it
                 ax.set_title(f"✓ {name}\nconfidence {confidence[i]:.2f}", fontsize=10, color="#1a7f37")
             else:
-                ax.set_title(f"✗ pred: {name}\ntrue: {_short(classes[label], 14)}\nconfidence {confidence[i]:.2f}",
+                ax.set_title(f"✗ pred: {name}\ntrue: {short(classes[label], 14)}\nconfidence {confidence[i]:.2f}",
                              fontsize=10, color="#cf222e")
         if i >= last:
             break
@@ -468,7 +463,7 @@ def _confusion_matrix(out: Path, matrix, classes: list[str], accuracy: float) ->
 
     n = len(classes)
     font = 10 if n <= 10 else 9 if n <= 20 else 8 if n <= 40 else 6.5 if n <= 70 else 5.5
-    names = [_short(c, 24 if n <= 20 else 16) for c in classes]
+    names = [short(c, 24 if n <= 20 else 16) for c in classes]
     size = min(16.0, max(5.0, 2.0 + 0.14 * n + font * 0.6 * max(map(len, names)) / 72))  # cells + labels
     fig = Figure(figsize=(size, size), layout="constrained")
     ax = fig.subplots()
