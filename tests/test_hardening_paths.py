@@ -308,3 +308,27 @@ def test_pack_never_packs_an_edited_resized_file_and_resize_then_redoes_it(prep,
     assert "Resized 1 image " in ok(prep("resize", "--executor", "serial")).output  # the advice does not loop
     ok(prep("pack", "--format", "pkl.gz", "--executor", "serial"))
     ok(prep("verify", "--executor", "serial"))
+
+
+def test_a_received_work_directory_with_a_png_of_the_same_size_and_mtime_is_read_again(prep, packed, tmp_path,
+                                                                                        monkeypatch):
+    """A work directory unpacked from an archive keeps its files' sizes and mtimes: resize's
+    record of checked files must not vouch for them, or pack's "run prep resize" would loop."""
+    from pipeline.stages import index, resize
+
+    for module in (resize, index, workdir):  # every file counts as settled: cached once checked
+        monkeypatch.setattr(module, "SETTLED_NS", -60 * 10**9, raising=False)
+    assert "Up to date" in ok(prep("resize", "--executor", "serial")).output
+    received = tmp_path / "received"
+    shutil.copytree(packed, received)  # copy2: sizes and mtimes kept, new inodes
+    png = received / "resized" / "cat" / "img3.png"
+    stat = png.stat()
+    data = bytearray(png.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes (a damaged IDAT checksum or pixel)
+    png.write_bytes(bytes(data))
+    os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (received / "dataset.pkl.gz").unlink()
+    assert_one_line_error(prep("pack", "--format", "pkl.gz", "--executor", "serial", workdir=received),
+                          "cat/img3.png", "run `prep resize` again")
+    assert "Resized 1 image " in ok(prep("resize", "--executor", "serial", workdir=received)).output
+    ok(prep("pack", "--format", "pkl.gz", "--executor", "serial", workdir=received))

@@ -272,7 +272,10 @@ class _OutputFiles:
     def _entry(self, name: str) -> tuple | None:
         try:
             if self.rows is None:
-                self.rows = workdir.iter_csv(self.wd.path(OUTPUT_CACHE), CACHE_COLUMNS)
+                path = output_cache(self.wd)
+                if path is None:
+                    raise FileNotFoundError(OUTPUT_CACHE)
+                self.rows = workdir.iter_csv(path, CACHE_COLUMNS)
                 self.head = next(self.rows, None)
             while self.head is not None:
                 row = self.head
@@ -350,8 +353,26 @@ class _FileEntries:
         """Write :data:`OUTPUT_CACHE` for the records with status ok, in their order, streamed."""
         rows = ((records[i][RESIZED], self.size[i], self.mtime[i], records[i][RESIZED_SHA256], int(self.settled[i]))
                 for i, known in enumerate(self.known) if known and records[i][STATUS] == "ok")
-        wd.path(workdir.CACHE_DIR).mkdir(exist_ok=True)
-        workdir.write_csv_rows(wd.path(OUTPUT_CACHE), CACHE_COLUMNS, rows)
+        path = output_cache(wd)
+        if path is None:
+            return
+        path.parent.mkdir(exist_ok=True)
+        for old in path.parent.glob("resized-files*.csv"):  # of an earlier resized/ folder
+            if old != path:
+                old.unlink(missing_ok=True)
+        workdir.write_csv_rows(path, CACHE_COLUMNS, rows)
+
+
+def output_cache(wd: workdir.Workdir) -> Path | None:
+    """Where :data:`OUTPUT_CACHE` is kept: named after the device and inode of ``resized/``, so a
+    work directory copied, unpacked or received from someone else (whose files keep their sizes
+    and mtimes, as tar restores them) has none, and its files are read once before any is
+    trusted again by its size and mtime. None while there is no ``resized/``."""
+    try:
+        st = os.stat(wd.path(workdir.RESIZED_DIR))
+    except OSError:
+        return None
+    return wd.path(workdir.CACHE_DIR) / f"resized-files-{st.st_dev}-{st.st_ino}.csv"
 
 
 def run(cfg: ResizeConfig) -> ResizeResult:
