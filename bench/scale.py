@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import contextlib
 import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -124,6 +126,7 @@ def commands(raw: Path) -> list[tuple[str, list[str]]]:
         ("pack pkl.gz", ["pack", "--format", "pkl.gz"]),
         ("pack h5", ["pack", "--format", "h5"]),
         ("pack tfrecord", ["pack", "--format", "tfrecord"]),
+        ("pack parquet", ["pack", "--format", "parquet"]),
         ("verify", ["verify"]),
         ("report", ["report"]),
         ("status", ["status"]),
@@ -144,7 +147,7 @@ def disk(path: Path) -> tuple[int, int]:
 
 def disk_usage(workdir: Path, raw: Path) -> dict[str, dict]:
     parts = {"corpus (RAW)": raw, "resized/": workdir / "resized", "dataset.pkl.gz": workdir / "dataset.pkl.gz",
-             "dataset.h5": workdir / "dataset.h5", "tfrecord/": workdir / "tfrecord"}
+             "dataset.h5": workdir / "dataset.h5", "tfrecord/": workdir / "tfrecord", "data/ (Parquet)": workdir / "data"}
     out = {name: dict(zip(("bytes", "files"), disk(path))) for name, path in parts.items() if path.exists()}
     total, files = disk(workdir)
     listed = [v for k, v in out.items() if k != "corpus (RAW)"]
@@ -174,6 +177,86 @@ def measure_size(prep: list[str], raw: Path, n: int) -> dict:
     out["workdir_entries_bytes"] = {entry.name: disk(entry)[0] for entry in sorted(workdir.iterdir())}
     bench.set_aside(workdir)  # deleted after the last timing
     return out
+
+
+@contextlib.contextmanager
+def dask_cluster(workers: int):
+    """A Dask scheduler and ``workers`` single-threaded worker processes on loopback, started apart
+    from the command measured, so that the command's process tree is the client alone."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    logs = bench.WORK / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    try:
+        with open(logs / "scale-dask-cluster.log", "wb") as log:
+            procs.append(subprocess.Popen([bench.PYTHON, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                           "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+                                          stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen([bench.PYTHON, "-m", "distributed.cli.dask_worker", address, "--nworkers",
+                                           str(workers), "--nthreads", "1", "--no-dashboard"],
+                                          stdout=log, stderr=subprocess.STDOUT))
+            from distributed import Client
+
+            with Client(address, timeout=60) as client:
+                client.wait_for_workers(workers, timeout=120)
+            yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def dask_client(prep: list[str], raws: list[tuple[Path, int]]) -> dict | None:
+    """What the client of a Dask `prep resize` costs per image: the command runs against a
+    cluster started apart (2 workers on this machine), so that its own process tree, measured, is
+    the client's: CPU and peak RSS at each size, and the growth per image between them."""
+    if not bench.dask_available():
+        return None
+    out = {"sizes": []}
+    with dask_cluster(2) as address:
+        for raw, n in raws:
+            workdir = bench.WORK / f"scale-dask-{n}"
+            bench.set_aside(workdir)
+            log = bench.WORK / "logs" / f"scale-dask-{n}.log"
+            bench.require_ok(bench.measure([*prep, "--workdir", str(workdir), "index", str(raw)], log, bench.env_quiet()))
+            print(f"  {n:,} images: prep resize --executor dask, the client alone ...", end="", flush=True)
+            run = bench.require_ok(bench.measure([*prep, "--workdir", str(workdir), "resize", "--executor", "dask",
+                                                  "--scheduler", address], log, bench.env_quiet()))
+            print(f" {run.seconds:.1f} s, {run.cpu_seconds:.1f} CPU s, {run.peak_rss_mb:.0f} MB", flush=True)
+            out["sizes"].append({"images": n, "seconds": run.seconds, "cpu_seconds": run.cpu_seconds,
+                                 "peak_rss_mb": run.peak_rss_mb})
+            bench.set_aside(workdir)
+    if len(out["sizes"]) >= 2:
+        a, b = out["sizes"][0], out["sizes"][-1]
+        span = b["images"] - a["images"]
+        out["client_cpu_us_per_image"] = (b["cpu_seconds"] - a["cpu_seconds"]) * 1e6 / span
+        out["client_kb_per_image"] = (b["peak_rss_mb"] - a["peak_rss_mb"]) * 1024 / span
+    return out
+
+
+def cluster_estimate(growth: dict, est: dict, client: dict | None, cores: int) -> dict | None:
+    """10M images on a cluster of ``cores`` worker cores writing to a bucket: resize's per-image
+    CPU (measured here, the client's share taken out) spread over the cores, or the client's own
+    per-image CPU, whichever is slower; the other commands run on one machine as estimated."""
+    if not client or "client_cpu_us_per_image" not in client:
+        return None
+    images = est["images"]
+    client_us = max(client["client_cpu_us_per_image"], 0.0)
+    worker_us = max(growth["cold"]["resize"]["cpu_us_per_image"] - client_us, 0.0)
+    resize_s = images * max(worker_us / cores, client_us) * 1e-6
+    rest_s = sum(c["seconds"] for name, c in est["commands"]["cold"].items() if name not in ("resize",))
+    return {"cores": cores, "worker_cpu_us_per_image": worker_us, "client_cpu_us_per_image": client_us,
+            "resize_hours": resize_s / 3600, "client_bound": client_us > worker_us / cores,
+            "client_gb": (client["sizes"][-1]["peak_rss_mb"] * MB
+                          + max(client["client_kb_per_image"], 0) * 1024 * (images - client["sizes"][-1]["images"])) / GB,
+            "other_commands_hours": rest_s / 3600}
 
 
 def marginal(small: dict, large: dict) -> dict:
@@ -349,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="corpus sizes (images, 10 classes) [100000]; two or more give the cost per image")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
     parser.add_argument("--memory-gb", type=float, default=24.0, help="the memory of the machine to estimate for [24]")
+    parser.add_argument("--cluster-cores", type=int, default=100, help="worker cores of the cluster to estimate for [100]")
     args = parser.parse_args(argv)
     # -P: not the current directory first in sys.path, which `-m` puts there, so that prep is the
     # one the interpreter installs or PYTHONPATH gives, wherever the benchmark is started
@@ -363,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (git commit {identity['commit']})" if "commit" in identity else ""))
     per_class = [n // corpus.CLASSES for n in args.scale_images]
     sizes = []
+    client = None
     try:
         # the largest first: the smaller ones link to its files
         made = {per_class[-1]: build(per_class[-1], args.seed, per_class[-1])[1]}
@@ -377,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", made in {seconds:.1f} s)" if seconds else ", reused)"), flush=True)
             bench.read_corpus_once(raw)
             sizes.append({**measure_size(prep, raw, n), "corpus_seconds": seconds})
+        if len(sizes) >= 2:
+            client = dask_client(prep, [(build(pc, args.seed, per_class[-1])[0], s["images"])
+                                        for pc, s in zip((per_class[0], per_class[-1]), (sizes[0], sizes[-1]))])
     finally:
         bench.empty_trash()
     print()
@@ -390,7 +478,15 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(sizes[-1], growth, TARGET_IMAGES, args.memory_gb)
         print(growth_table(sizes, growth, est))
         print(estimate_text(est))
-        result.update(marginal=growth, estimate=est)
+        cluster = cluster_estimate(growth, est, client, args.cluster_cores)
+        if cluster:
+            print(f"  on a cluster of {cluster['cores']} worker cores writing to a bucket: resize"
+                  f" {cluster['resize_hours']:.2f} h ({cluster['worker_cpu_us_per_image']:.0f} CPU us per image on a worker,"
+                  f" {cluster['client_cpu_us_per_image']:.1f} in the client: "
+                  f"{'the client' if cluster['client_bound'] else 'the workers'} set the pace; the client's peak"
+                  f" {cluster['client_gb']:.1f} GB), then {cluster['other_commands_hours']:.1f} h for the other commands"
+                  " on one machine")
+        result.update(marginal=growth, estimate=est, dask_client=client, cluster=cluster)
     else:
         print("(one size: give two or more with --scale-images, e.g. 50000,100000, for the cost per image)")
     print()

@@ -82,8 +82,9 @@ def build_spec(size, mode, interpolation, channels, background, fill, max_pixels
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), envvar="PREP_WORKDIR",
-              default="processed", show_default=True, help="Folder for every stage's files (or PREP_WORKDIR).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=str), envvar="PREP_WORKDIR",
+              default="processed", show_default=True,
+              help="Folder (or fsspec URL, s3://bucket/work) for every stage's files (or PREP_WORKDIR).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
 @click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")
 @click.version_option(package_name="prep", prog_name="prep")

@@ -99,15 +99,22 @@ def _failed(ctx: "Context", message: str) -> click.ClickException:
 class Context:
     """What every command shares: the work directory and how much to say, and in what form."""
 
-    def __init__(self, workdir: Path, quiet: bool, verbose: int, as_json: bool = False):
-        from .workdir import Workdir
-
-        self.workdir = Workdir(workdir)
+    def __init__(self, workdir: str | Path, quiet: bool, verbose: int, as_json: bool = False):
+        self.use_workdir(workdir)
         self.quiet = quiet
         self.verbose = verbose
         self.json = as_json
         self.warned_workers = False
         self.configure_logging()
+
+    def use_workdir(self, given: str | Path) -> None:
+        """The work directory: a folder, a ``file://`` URL, or another fsspec URL (``s3://...``),
+        which commands work on in a local mirror kept in step with it (see pipeline/remote.py)."""
+        from .remote import is_remote, local, mirror_of
+        from .workdir import Workdir
+
+        self.remote = os.fspath(given).rstrip("/") if is_remote(given) else None
+        self.workdir = Workdir(mirror_of(self.remote) if self.remote else local(given))
 
     @property
     def progress(self) -> bool:
@@ -152,14 +159,12 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
     @functools.wraps(fn)
     def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, late_workdir=None, **kwargs):
         if late_workdir is not None:  # given after the command: as if before it
-            from .workdir import Workdir
-
-            ctx.workdir = Workdir(late_workdir)
+            ctx.use_workdir(late_workdir)
         if quiet or verbose or as_json:
             ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
             ctx.configure_logging()
         try:
-            with _stopped_by_signals(), _locked(ctx, lock, makes_workdir, kwargs):
+            with _stopped_by_signals(), _locked(ctx, lock, makes_workdir, kwargs), _synced(ctx, lock, kwargs):
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise _failed(ctx, str(err)) from None
@@ -186,7 +191,7 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
     wrapper = click.option("--json", "as_json", is_flag=True,
                            help="Print a machine-readable summary on stdout (messages go to stderr).")(wrapper)
     wrapper = click.option("-v", "--verbose", count=True, help="More detail (-vv for debug).")(wrapper)
-    wrapper = click.option("--workdir", "late_workdir", type=click.Path(file_okay=False, path_type=Path),
+    wrapper = click.option("--workdir", "late_workdir", type=click.Path(file_okay=False, path_type=str),
                            help="As `prep --workdir`, which it overrides.")(wrapper)
     return click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")(wrapper)
 
@@ -228,6 +233,8 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
     if not lock:
         return contextlib.nullcontext()
     wd = Workdir(options["workdir"]) if options.get("workdir") else ctx.workdir
+    if ctx.remote and wd is ctx.workdir:
+        wd.root.mkdir(parents=True, exist_ok=True)  # the mirror, made to be locked before it is fetched
     if lock is True:
         if _refused(wd.root, options.get("raw")):
             return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
@@ -237,6 +244,16 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
         create = makes_workdir if isinstance(makes_workdir, bool) else options.get(makes_workdir) is not None
         return wd.lock(create=create, claims=STAGE_OUTPUTS.get(command, ()))
     return wd.lock(shared=True, wait=lock == "read")
+
+
+def _synced(ctx: Context, lock: bool | str, options: dict):
+    """A work directory given as a URL: its mirror fetched from it before the command, and
+    what the command wrote uploaded after it (not by status, which only shows it)."""
+    if not (lock and ctx.remote) or options.get("workdir"):
+        return contextlib.nullcontext()
+    from .remote import synced
+
+    return synced(ctx.remote, writes=lock != "peek")
 
 
 def _refused(root: Path, raw: str | None) -> bool:
@@ -433,6 +450,6 @@ def configure(ctx: click.Context, workdir: Path, quiet: bool, verbose: int) -> N
             raise click.ClickException(
                 f"{settings.source}: workdir must be a folder name in quotes; received {settings.group['workdir']!r}"
             )
-        workdir = Path(settings.group["workdir"])
+        workdir = settings.group["workdir"]
     ctx.default_map = _default_map(ctx.command, settings)
     ctx.obj = Context(workdir, quiet, verbose)

@@ -1,0 +1,121 @@
+"""A work directory given as a URL (``--workdir s3://bucket/work``), on an S3-compatible server
+on 127.0.0.1 (moto): every stage runs against it, the bucket ends up holding what a local work
+directory holds, and a second machine (a fresh mirror) resumes from the bucket alone."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, make_tree, tree_digests
+from pipeline import remote
+from test_sources import s3  # noqa: F401  (a fixture)
+
+STAGES = [("resize", "--size", "12"), ("split",), ("encode",), ("pack", "--format", "pkl.gz"),
+          ("pack", "--format", "h5")]
+
+
+def bucket_files(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        for item in page.get("Contents", []):
+            out[item["Key"][len(prefix) + 1:]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+    return out
+
+
+def synced_names(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and not remote.SKIP.search(p.relative_to(root).as_posix())}
+
+
+@pytest.fixture
+def bucket(s3, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    name = f"work-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def test_every_stage_on_a_bucket_matches_a_local_work_directory(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 8, "dog": 7})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), *STAGES, ("verify",)]:
+        assert prep(*args, workdir=tmp_path / "local").exit_code == 0
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
+    stored = bucket_files(s3, bucket, "work")
+    mirror = remote.mirror_of(url)
+    assert set(stored) == synced_names(mirror)  # every file, no lock or temporary
+    assert ".lock" not in stored
+    local = tree_digests(tmp_path / "local")
+    for name in ("labels.csv", "splits.csv", "encoded.csv", "classes.json", "resized.csv"):
+        assert stored[name] == (tmp_path / "local" / name).read_bytes(), name
+    pngs = [name for name in stored if name.startswith("resized/")]
+    assert len(pngs) == 15
+    assert all(remote.hashlib.sha256(stored[n]).hexdigest() == local[n] for n in pngs)
+    import gzip
+    import pickle
+
+    with gzip.open(tmp_path / "local" / "dataset.pkl.gz") as handle:
+        want = pickle.load(handle)
+    (tmp_path / "from-bucket.pkl.gz").write_bytes(stored["dataset.pkl.gz"])
+    with gzip.open(tmp_path / "from-bucket.pkl.gz") as handle:
+        got = pickle.load(handle)
+    for (x1, y1), (x2, y2) in zip(want, got):
+        assert (x1 == x2).all() and (y1 == y2).all()
+
+
+def test_a_fresh_mirror_resumes_from_the_bucket_alone(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 6, "dog": 6})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12")]:
+        assert prep(*args, workdir=url).exit_code == 0
+    shutil.rmtree(remote.mirror_of(url).parent)  # another machine: nothing but the bucket
+    for args in [("split",), ("encode",), ("pack", "--format", "pkl.gz")]:
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
+    stored = bucket_files(s3, bucket, "work")
+    assert "dataset.pkl.gz" in stored and "splits.csv" in stored
+    before = stored["resized.csv"]
+    result = prep("resize", "--size", "12", workdir=url)  # up to date from the fetched files
+    assert result.exit_code == 0 and bucket_files(s3, bucket, "work")["resized.csv"] == before
+
+
+def test_a_file_removed_by_a_command_is_deleted_from_the_bucket_and_a_changed_one_fetched(
+        tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 5, "dog": 5})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    mirror = remote.Mirror(url, remote.mirror_of(url))
+    s3.put_object(Bucket=bucket, Key="work/notes/extra.txt", Body=b"from elsewhere")
+    assert mirror.pull() == 1
+    assert (mirror.root / "notes" / "extra.txt").read_bytes() == b"from elsewhere"
+    assert mirror.pull() == 0  # nothing changed since
+    (mirror.root / "notes" / "extra.txt").unlink()
+    assert mirror.push() == 0
+    assert "notes/extra.txt" not in bucket_files(s3, bucket, "work")
+
+
+def test_a_key_leaving_the_work_directory_is_refused(tmp_path, prep, s3, bucket):  # noqa: F811
+    s3.put_object(Bucket=bucket, Key="work/a/../../escape.txt", Body=b"x")
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    if "work/a/../../escape.txt" not in keys:
+        pytest.skip("the server normalised the key")
+    result = prep("status", workdir=f"s3://{bucket}/work")
+    assert_one_line_error(result, "..")
+    assert not (tmp_path / "cache" / "escape.txt").exists()
+
+
+def test_an_unknown_protocol_is_one_line(prep):
+    result = prep("status", workdir="nosuchfs://bucket/work")
+    assert_one_line_error(result, "nosuchfs://bucket/work")
+
+
+def test_a_file_url_is_the_folder_itself(tmp_path, prep):
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    result = prep("index", raw, workdir=f"file://{tmp_path / 'w'}")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "w" / "labels.csv").is_file()
