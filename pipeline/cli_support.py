@@ -91,6 +91,7 @@ def _own_suggestion(err: click.NoSuchOption) -> click.NoSuchOption:
 
 def _failed(ctx: "Context", message: str) -> click.ClickException:
     """The one-line error (on stderr); with --json, stdout gets it too, as {"error": ...}."""
+    message = ctx.shown(message)
     if ctx.json:
         click.echo(json.dumps({"error": message}, ensure_ascii=False))
     return click.ClickException(message)
@@ -115,6 +116,10 @@ class Context:
 
         self.remote = os.fspath(given).rstrip("/") if is_remote(given) else None
         self.workdir = Workdir(mirror_of(self.remote) if self.remote else local(given))
+
+    def shown(self, text: str) -> str:
+        """A message with the work directory named as the user gave it (a URL, not its mirror)."""
+        return text.replace(str(self.workdir.root), self.remote) if self.remote else text
 
     @property
     def progress(self) -> bool:
@@ -323,7 +328,7 @@ def echo(ctx: Context, text: str) -> None:
     """A human message: stdout, or stderr when stdout carries --json; nothing with --quiet."""
     if not ctx.quiet:
         try:
-            click.echo(text, err=ctx.json)
+            click.echo(ctx.shown(text), err=ctx.json)
         except BrokenPipeError:
             raise OutputClosed from None
 

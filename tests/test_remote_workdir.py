@@ -119,3 +119,12 @@ def test_a_file_url_is_the_folder_itself(tmp_path, prep):
     result = prep("index", raw, workdir=f"file://{tmp_path / 'w'}")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "w" / "labels.csv").is_file()
+
+
+def test_messages_name_the_url_not_the_local_copy(tmp_path, prep, bucket):
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    result = prep("pack", workdir=url)  # encode has not run
+    assert_one_line_error(result, url)
+    assert str(remote.mirror_of(url)) not in result.output
