@@ -463,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             bench.read_corpus_once(raw)
             sizes.append({**measure_size(prep, raw, n), "corpus_seconds": seconds})
         if len(sizes) >= 2:
+            # the two smallest sizes: the client's cost per image, without a cluster run of the largest
             client = dask_client(prep, [(build(pc, args.seed, per_class[-1])[0], s["images"])
-                                        for pc, s in zip((per_class[0], per_class[-1]), (sizes[0], sizes[-1]))])
+                                        for pc, s in zip(per_class[:2], sizes[:2])])
     finally:
         bench.empty_trash()
     print()
