@@ -111,10 +111,10 @@ class Context:
     def use_workdir(self, given: str | Path) -> None:
         """The work directory: a folder, a ``file://`` URL, or another fsspec URL (``s3://...``),
         which commands work on in a local mirror kept in step with it (see pipeline/remote.py)."""
-        from .remote import is_remote, local, mirror_of
+        from .remote import clean, is_remote, local, mirror_of
         from .workdir import Workdir
 
-        self.remote = os.fspath(given).rstrip("/") if is_remote(given) else None
+        self.remote = clean(os.fspath(given)) if is_remote(given) else None
         self.workdir = Workdir(mirror_of(self.remote) if self.remote else local(given))
 
     def shown(self, text: str) -> str:
@@ -142,6 +142,13 @@ class Context:
         else:
             level = logging.DEBUG if self.verbose > 1 else logging.INFO if self.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self._shown_record)
+
+    def _shown_record(self, record: logging.LogRecord) -> bool:
+        if self.remote:
+            record.msg, record.args = self.shown(record.getMessage()), None
+        return True
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -169,7 +176,7 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
             ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
             ctx.configure_logging()
         try:
-            with _stopped_by_signals(), _locked(ctx, lock, makes_workdir, kwargs), _synced(ctx, lock, kwargs):
+            with _stopped_by_signals(), _locked(ctx, lock, makes_workdir, kwargs):
                 result = fn(ctx, *args, **kwargs)
         except PrepError as err:
             raise _failed(ctx, str(err)) from None
@@ -232,33 +239,44 @@ def _stopped_by_signals():
 
 
 def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: dict):
-    """The lock a command holds on its work directory (verify's WORKDIR argument, else --workdir)."""
+    """The lock a command holds on its work directory (verify's WORKDIR argument, else --workdir).
+    A work directory given as a URL is fetched into its local copy once the lock is held, and
+    what the command wrote is uploaded after it (not by status, which only shows it)."""
     from .workdir import Workdir
 
     if not lock:
         return contextlib.nullcontext()
     wd = Workdir(options["workdir"]) if options.get("workdir") else ctx.workdir
+    if lock is True and _refused(wd.root, options.get("raw")):
+        return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
+    mirror = None
     if ctx.remote and wd is ctx.workdir:
-        wd.root.mkdir(parents=True, exist_ok=True)  # the mirror, made to be locked before it is fetched
+        from .remote import Mirror, overlap
+
+        overlap(ctx.remote, options.get("raw"))
+
+        mirror = Mirror(ctx.remote, wd.root)
+        wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
+    held = mirror.pull if mirror else None
     if lock is True:
-        if _refused(wd.root, options.get("raw")):
-            return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
         from .workdir import STAGE_OUTPUTS
 
         command = click.get_current_context().info_name
         create = makes_workdir if isinstance(makes_workdir, bool) else options.get(makes_workdir) is not None
-        return wd.lock(create=create, claims=STAGE_OUTPUTS.get(command, ()))
-    return wd.lock(shared=True, wait=lock == "read")
-
-
-def _synced(ctx: Context, lock: bool | str, options: dict):
-    """A work directory given as a URL: its mirror fetched from it before the command, and
-    what the command wrote uploaded after it (not by status, which only shows it)."""
-    if not (lock and ctx.remote) or options.get("workdir"):
-        return contextlib.nullcontext()
+        held_lock = wd.lock(create=create, claims=STAGE_OUTPUTS.get(command, ()), held=held)
+    else:
+        held_lock = wd.lock(shared=True, wait=lock == "read", held=held)
+    if mirror is None:
+        return held_lock
     from .remote import synced
 
-    return synced(ctx.remote, writes=lock != "peek")
+    return _both(held_lock, synced(mirror, writes=lock != "peek"))  # uploaded before the lock is let go
+
+
+@contextlib.contextmanager
+def _both(outer, inner):
+    with outer, inner:
+        yield
 
 
 def _refused(root: Path, raw: str | None) -> bool:

@@ -3,55 +3,75 @@
 prep's stages work on a local folder (locks, atomic renames, inodes), so a work directory given
 as a URL is kept in a local copy, the mirror, one per URL under the user's cache folder
 (``$PREP_CACHE``, else ``$XDG_CACHE_HOME/prep``, else ``~/.cache/prep``), and kept in step with
-the URL around each command:
+the URL around each command, while the command holds the mirror's lock:
 
-- before it, every object that changed there since this mirror last saw it is fetched (its ETag,
-  else its modification time and size, tells), and a file this mirror had that is gone there is
-  removed: the command starts from what the bucket holds, whichever machine wrote it;
+- before it, what an earlier command here wrote but could not upload is uploaded; then every
+  object that changed at the URL since this mirror last saw it is fetched (its ETag, else its
+  modification time, tells), and a file this mirror had that is gone there is removed: the command
+  starts from what the bucket holds, whichever machine wrote it;
 - after it, also when it failed or was interrupted (so that a rerun anywhere resumes), every file
   the command created or changed is uploaded (one PUT each: an object appears whole or not at all),
   then every file it removed is deleted there. Stage stamps (``.stamps/``) and ``manifest.json``
   go last: a reader of the bucket sees a stage's stamp only after its outputs.
 
 A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
-stages check their inputs' contents again before trusting them (see workdir.Stamp), and every key
-fetched is confined to the mirror (a key leaving it, as ``a/../../x``, is refused in one line).
-One machine writes to a work directory URL at a time: the bucket has no lock (the mirror has
-prep's usual one).
+stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
+fetched, and every name in the mirror's record, is confined to the mirror: a key leaving it
+(``a/../../x``), or one that a filesystem would rename (``a//b``, ``a/./b``), is refused in one
+line. One machine writes to a work directory URL at a time: the bucket has no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import workdir
 from .errors import PrepError
 
+log = logging.getLogger(__name__)
+
 STATE = "state.json"  # beside the mirror: what it holds, as fetched or uploaded
+INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
-SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+)$")  # never synced: the lock, temporaries
+# never synced: the lock, and temporary files and folders (and anything inside them)
+SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+|\.[^/]*\.old)(/|$)")
+SAVE_EVERY = 10.0  # seconds between saves of the record while files go up or come down
+BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently)
 
 
 def is_remote(text: str | os.PathLike) -> bool:
-    """Whether a --workdir value is a URL to mirror (``file://`` is a local folder)."""
+    """Whether a --workdir value is a URL to mirror: one whose filesystem is not this machine's."""
+    from .sources import is_url, local_path
+
     text = os.fspath(text)
-    return "://" in text and not text.lower().startswith("file://")
+    if not is_url(text):
+        return False
+    try:
+        return local_path(text) is None
+    except PrepError:  # an unknown protocol, a missing package: the command says so, in one line
+        return True
 
 
 def local(text: str | os.PathLike) -> Path:
-    """A --workdir value as a local folder: ``file://`` URLs as their path."""
-    text = os.fspath(text)
-    if text.lower().startswith("file://"):
-        from .sources import local_path
+    """A --workdir value that is not remote, as a local folder (``file://`` URLs as their path)."""
+    from .sources import is_url, local_path
 
-        return Path(local_path(text))
-    return Path(text)
+    text = os.fspath(text)
+    return Path(local_path(text)) if is_url(text) else Path(text)
+
+
+def clean(url: str) -> str:
+    """``url`` without trailing slashes (but its ``scheme://``)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rstrip('/')}"
 
 
 def cache_root() -> Path:
@@ -63,55 +83,99 @@ def cache_root() -> Path:
 
 def mirror_of(url: str) -> Path:
     """The local copy of the work directory at ``url`` (its folder name tells which one)."""
-    url = url.rstrip("/")
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1])[-60:].strip("-.") or "root"
+    url = clean(url)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[-1])[-60:].strip("-.") or "root"
     return cache_root() / "workdirs" / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:12]}" / "work"
 
 
-@dataclass
+def overlap(url: str, raw: str | None) -> None:
+    """Refuse a RAW URL inside the work directory ``url``, or the other way round."""
+    from .sources import is_url
+
+    if raw is None or not is_url(os.fspath(raw)):
+        return
+    a, b = clean(url), clean(os.fspath(raw))
+    if a == b or a.startswith(b + "/"):
+        raise PrepError(f"the work directory {a} is inside RAW {b}; prep never writes into RAW")
+    if b.startswith(a + "/"):
+        raise PrepError(f"RAW {b} is inside the work directory {a}; give RAW and the work directory apart")
+
+
 class Mirror:
-    """The work directory at ``url`` and its local copy ``root``."""
+    """The work directory at ``url`` and its local copy ``root``; ``pull`` and ``push`` are
+    called with the copy's lock held."""
 
-    url: str
-    root: Path
-
-    def __post_init__(self) -> None:
+    def __init__(self, url: str, root: Path):
         from .sources import _filesystem
 
-        self.url = self.url.rstrip("/")
+        self.url = clean(url)
+        self.root = root
         self.fs, self.base = _filesystem(self.url)
-        self.state_path = self.root.parent / STATE
+        if not self.base.strip("/"):
+            raise PrepError(f"work directory {self.url}: expected a bucket or folder in the URL")
+        self.state_path = root.parent / STATE
         self.names = workdir.Confined(None, self.url)
         self.state: dict[str, list] = self._read_state()
+        self.pulled = False
+        self._saved = time.monotonic()
+
+    # -- the record: rel -> [size, mtime_ns, inode, version at the URL (None: not known yet)] --
 
     def _read_state(self) -> dict[str, list]:
         try:
             state = workdir.read_json(self.state_path)
-        except (OSError, PrepError):
+        except (OSError, PrepError, UnicodeDecodeError):
             return {}
-        ok = isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict)
-        return {k: v for k, v in state["files"].items() if isinstance(v, list) and len(v) == 4} if ok else {}
+        if not (isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict)):
+            return {}
+        return {rel: entry for rel, entry in state["files"].items()
+                if self._name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4}
 
-    def _save_state(self) -> None:
-        workdir.write_json(self.state_path, {"url": self.url, "files": self.state}, indent=None)
+    def _save_state(self, *, now: bool = True) -> None:
+        if now or time.monotonic() - self._saved > SAVE_EVERY:
+            workdir.write_json(self.state_path, {"url": self.url, "files": self.state}, indent=None)
+            self._saved = time.monotonic()
 
-    def _remote(self) -> dict[str, tuple[int, Any]]:
+    def _name_problem(self, rel: Any) -> str | None:
+        """Why ``rel`` cannot be a file of the mirror, or None."""
+        try:
+            self.names(rel, "the work directory's objects")
+        except PrepError as err:
+            return str(err)
+        if any(part in ("", ".") for part in rel.split("/")):
+            return f"{self.url}/{rel}: a name with an empty or '.' part; expected plain names"
+        return None
+
+    # -- what is where --------------------------------------------------------------------------
+
+    def _remote(self) -> dict[str, tuple[int, str]]:
         """Every object under the URL: relative name -> (size, version)."""
+        top = self.base.lstrip("/").split("/", 1)[0]
         try:
             self.fs.invalidate_cache(self.base)
+            if top and self.fs.protocol not in ("file", "local") and not self.fs.exists(top):
+                raise PrepError(f"work directory {self.url}: {top} does not exist; create it first")
             found = self.fs.find(self.base, detail=True) if self.fs.exists(self.base) else {}
         except (OSError, ValueError) as err:
             raise PrepError(f"cannot list the work directory {self.url}: {err}") from None
         out = {}
         for key, info in found.items():
-            if info.get("type") == "directory":
-                continue
-            rel = key[len(self.base):].lstrip("/")
-            if not rel or SKIP.search(rel):
-                continue
-            self.names(rel, "the work directory's objects")  # refuses a key leaving the mirror
+            rel = key[len(self.base.rstrip("/")):].lstrip("/")
+            raw_key = str(info.get("Key") or info.get("name") or key)
+            if info.get("type") == "directory" or raw_key.endswith("/") or not rel or SKIP.search(rel):
+                continue  # a folder, a folder marker (what "create folder" makes), a temporary
+            problem = self._name_problem(rel)
+            if problem:
+                raise PrepError(problem)
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
             out[rel] = (int(info.get("size") or 0), str(version))
+        folders = {rel.rsplit("/", 1)[0] for rel in out if "/" in rel}
+        folders = {"/".join(f.split("/")[:i]) for f in folders for i in range(1, f.count("/") + 2)}
+        for rel in sorted(folders & out.keys()):
+            if out[rel][0] == 0:
+                del out[rel]  # an empty object named as a folder: a marker
+            else:
+                raise PrepError(f"work directory {self.url}: {rel} is both a file and a folder")
         return out
 
     def _local_files(self) -> Iterator[str]:
@@ -129,41 +193,70 @@ class Mirror:
             return None
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
+    # -- the two directions ---------------------------------------------------------------------
+
     def pull(self) -> int:
-        """Fetch what changed at the URL; remove what is gone there. Returns the files fetched."""
+        """Upload what is left from before, then fetch what changed at the URL and remove what is
+        gone there. Returns the files fetched."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self._clear_incoming()
+        if self.state:
+            self.push()  # a change an earlier command could not upload is not overwritten
+        else:  # no record of what it holds (a new mirror, or its record lost): start it afresh
+            for entry in self.root.iterdir():
+                if entry.name != ".lock":
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         remote = self._remote()
-        fetch = [rel for rel, (_, version) in remote.items()
-                 if (entry := self.state.get(rel)) is None or entry[3] != version or self._stat(rel) != entry[:3]]
+        fetch = []
+        for rel, (size, version) in remote.items():
+            entry, now = self.state.get(rel), self._stat(rel)
+            if entry is not None and now == entry[:3] and (entry[3] == version or entry[3] is None and size == now[0]):
+                entry[3] = version  # unchanged here and there (after an upload, its version is learnt now)
+            else:
+                fetch.append(rel)
         for rel in [rel for rel in self.state if rel not in remote]:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(self.root / rel)
             del self.state[rel]
-        for start in range(0, len(fetch), 256):
-            batch = fetch[start:start + 256]
-            temps = []
-            for rel in batch:
-                target = self.root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temps.append(str(target.with_name(f".{target.name}.{os.getpid()}.tmp")))
-            try:
-                self.fs.get([f"{self.base}/{rel}" for rel in batch], temps)
+        incoming = self.root.parent / INCOMING / str(os.getpid())
+        asyncio_log = logging.getLogger("asyncio")
+        level = asyncio_log.level
+        asyncio_log.setLevel(logging.CRITICAL)  # a transfer cut short by Ctrl-C: no page of warnings
+        try:
+            for start in range(0, len(fetch), BATCH):
+                batch = fetch[start:start + BATCH]
+                temps = [str(incoming / f"{i}") for i in range(len(batch))]
+                incoming.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.fs.get([f"{self.base}/{rel}" for rel in batch], temps)
+                except (OSError, ValueError) as err:
+                    raise PrepError(f"cannot fetch from the work directory {self.url}: {err}") from None
                 for rel, tmp in zip(batch, temps):
-                    os.replace(tmp, self.root / rel)
+                    target = self.root / rel
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, target)
                     self.state[rel] = [*self._stat(rel), remote[rel][1]]
-            except (OSError, ValueError) as err:
-                raise PrepError(f"cannot fetch from the work directory {self.url}: {err}") from None
-            finally:
-                for tmp in temps:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp)
+                self._save_state(now=False)
+        finally:
+            asyncio_log.setLevel(level)
+            shutil.rmtree(incoming, ignore_errors=True)
             self._save_state()
-        self._save_state()
+        self.pulled = True
         return len(fetch)
 
+    def _clear_incoming(self) -> None:
+        """Remove downloads that processes no longer running left behind."""
+        folder = self.root.parent / INCOMING
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if not (entry.name.isdigit() and workdir._alive(int(entry.name))):
+                    shutil.rmtree(entry, ignore_errors=True)
+
     def push(self) -> int:
-        """Upload what the command created or changed, then delete what it removed. Returns the
-        files uploaded."""
+        """Upload what was created or changed here, then delete at the URL what was removed here.
+        Returns the files uploaded."""
         present = set()
         changed = []
         for rel in self._local_files():
@@ -172,43 +265,49 @@ class Mirror:
             if entry is None or self._stat(rel) != entry[:3]:
                 changed.append(rel)
         changed.sort(key=lambda rel: rel.startswith(LAST))  # stamps and the manifest last
-        for start in range(0, len(changed), 256):
-            batch = changed[start:start + 256]
-            stats = [self._stat(rel) for rel in batch]  # as uploaded (a file changed meanwhile is sent again)
-            try:
-                self.fs.put([str(self.root / rel) for rel in batch], [f"{self.base}/{rel}" for rel in batch])
-            except (OSError, ValueError) as err:
-                raise PrepError(f"cannot upload to the work directory {self.url}: {err}") from None
-            for rel, st in zip(batch, stats):
-                self.state[rel] = [*st, None]  # its version, from the listing below
+        try:
+            for start in range(0, len(changed), BATCH):
+                batch = changed[start:start + BATCH]
+                stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
+                try:
+                    self.fs.put([str(self.root / rel) for rel in batch], [f"{self.base}/{rel}" for rel in batch])
+                except (OSError, ValueError) as err:
+                    raise PrepError(f"cannot upload to the work directory {self.url}: {err}") from None
+                for rel, st in zip(batch, stats):
+                    if st is not None:
+                        self.state[rel] = [*st, None]  # its version: learnt at the next pull
+                self._save_state(now=False)
+            gone = [rel for rel in self.state if rel not in present]
+            if gone:
+                try:
+                    self.fs.rm([f"{self.base}/{rel}" for rel in gone])
+                except FileNotFoundError:
+                    pass
+                except (OSError, ValueError) as err:
+                    raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
+                for rel in gone:
+                    del self.state[rel]
+        finally:
             self._save_state()
-        gone = [rel for rel in self.state if rel not in present]
-        if gone:
-            try:
-                self.fs.rm([f"{self.base}/{rel}" for rel in gone])
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError) as err:
-                raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
-            for rel in gone:
-                del self.state[rel]
-        if changed:
-            remote = self._remote()
-            for rel in changed:
-                if rel in remote and rel in self.state:
-                    self.state[rel][3] = remote[rel][1]
-        self._save_state()
         return len(changed)
 
 
 @contextlib.contextmanager
-def synced(url: str, *, writes: bool) -> Iterator[None]:
-    """Around a command that holds the lock of ``mirror_of(url)``: fetch what changed at
-    ``url`` before it; after it (if it ``writes``), whatever way it ends, upload what it did."""
-    mirror = Mirror(url, mirror_of(url))
-    mirror.pull()
+def synced(mirror: Mirror, *, writes: bool) -> Iterator[None]:
+    """After a command that fetched ``mirror`` (under its lock), upload what it did (if it
+    ``writes``), whatever way it ended: an upload that fails after the command failed is a
+    warning, so that the command's own error is the one shown."""
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
-        if writes:
-            mirror.push()
+        if writes and mirror.pulled:
+            try:
+                mirror.push()
+            except (PrepError, KeyboardInterrupt) as err:
+                if not failed:
+                    raise
+                log.warning("%s; run the command again to upload what it did", err or "upload interrupted")

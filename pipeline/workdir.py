@@ -42,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from .errors import PrepError, StageInputMissing
 
@@ -119,7 +119,7 @@ class Workdir:
 
     @contextlib.contextmanager
     def lock(self, *, shared: bool = False, wait: bool = True, create: bool = True,
-             claims: tuple[str, ...] = STAGE_OUTPUTS["run"]) -> Iterator[None]:
+             claims: tuple[str, ...] = STAGE_OUTPUTS["run"], held: Callable[[], None] | None = None) -> Iterator[None]:
         """Hold the work directory for one command, in ``.lock``.
 
         A writer (``shared=False``) holds it alone: it fails at once if another writer holds it,
@@ -129,6 +129,7 @@ class Workdir:
         saying so, or with ``wait=False`` go on beside it with a warning. A reader goes on
         without the lock where the folder does not exist or gives no permission to make or open
         the lock file (a colleague's folder, a read-only mount): it writes nothing.
+        ``held`` is called once the lock is held (before a writer's claim), and only then.
         """
         import fcntl
 
@@ -141,13 +142,17 @@ class Workdir:
             return
         try:
             if shared:
-                held = self._lock_shared(fd, wait)
+                locked = self._lock_shared(fd, wait)
+                if locked and held:
+                    held()
             else:
                 self._lock_exclusive(fd)
                 os.ftruncate(fd, 0)  # only now: the lock is held, and the file is a regular one
                 os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-                held = True
+                locked = True
                 try:
+                    if held:
+                        held()
                     self._claim(claims)
                 except PrepError:  # not prep's folder: leave no file of prep's in it
                     if not had_lock_file:
@@ -157,7 +162,7 @@ class Workdir:
             try:
                 yield
             finally:
-                if held:
+                if locked:
                     if not shared:
                         os.ftruncate(fd, 0)
                     fcntl.lockf(fd, fcntl.LOCK_UN)

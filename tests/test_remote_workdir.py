@@ -128,3 +128,93 @@ def test_messages_name_the_url_not_the_local_copy(tmp_path, prep, bucket):
     result = prep("pack", workdir=url)  # encode has not run
     assert_one_line_error(result, url)
     assert str(remote.mirror_of(url)) not in result.output
+
+
+def test_status_beside_a_writer_fetches_nothing_over_its_work(tmp_path, prep, s3, bucket):  # noqa: F811
+    import subprocess
+    import sys
+    import textwrap
+
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    mirror = remote.mirror_of(url)
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pipeline.workdir import Workdir
+        with Workdir(Path({str(mirror)!r})).lock():
+            labels = Path({str(mirror)!r}) / "labels.csv"
+            labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))  # one image fewer
+            print("held", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    before = (mirror / "labels.csv").read_text()
+    try:
+        assert writer.stdout.readline().strip() == "held"
+        result = prep("status", workdir=url)
+        assert result.exit_code == 0, result.output
+        assert (mirror / "labels.csv").read_text() == "".join(before.splitlines(keepends=True)[:-1])
+    finally:
+        writer.communicate("")
+
+
+def test_a_bucket_holding_files_prep_did_not_write_is_not_taken_over(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    s3.put_object(Bucket=bucket, Key="proj/labels.csv", Body=b"mine")
+    result = prep("index", raw, workdir=f"s3://{bucket}/proj")
+    assert_one_line_error(result, "labels.csv", "prep did not write")
+    assert bucket_files(s3, bucket, "proj") == {"labels.csv": b"mine"}
+
+
+def test_raw_and_the_work_directory_may_not_overlap_as_urls(tmp_path, prep, s3, bucket):  # noqa: F811
+    assert_one_line_error(prep("index", f"s3://{bucket}/work", workdir=f"s3://{bucket}/work"), "inside RAW")
+    assert_one_line_error(prep("index", f"s3://{bucket}/work/raw", workdir=f"s3://{bucket}/work"),
+                          "inside the work directory")
+
+
+def test_a_tampered_record_removes_nothing_outside_the_copy(tmp_path, prep, s3, bucket):  # noqa: F811
+    import json
+
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    state_path = remote.mirror_of(url).parent / remote.STATE
+    state = json.loads(state_path.read_text())
+    state["files"][str(precious)] = [1, 2, 3, "x"]
+    state["files"]["../../precious.txt"] = [1, 2, 3, "x"]
+    state_path.write_text(json.dumps(state))
+    assert prep("status", workdir=url).exit_code == 0
+    assert precious.read_text() == "keep"
+
+
+def test_folder_markers_are_skipped_and_renaming_keys_refused(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    s3.put_object(Bucket=bucket, Key="work/resized/", Body=b"")  # what a console's "create folder" makes
+    assert prep("index", raw, workdir=url).exit_code == 0
+    result = prep("resize", "--size", "8", workdir=url)
+    assert result.exit_code == 0, result.output
+    assert (remote.mirror_of(url) / "resized").is_dir()
+    s3.put_object(Bucket=bucket, Key="work/notes//readme", Body=b"x")
+    assert_one_line_error(prep("status", workdir=url), "notes//readme")
+    s3.delete_object(Bucket=bucket, Key="work/notes//readme")
+    s3.put_object(Bucket=bucket, Key="work/a", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="work/a/b", Body=b"y")
+    assert_one_line_error(prep("status", workdir=url), "both a file and a folder")
+
+
+def test_what_a_command_could_not_upload_goes_up_before_the_next_fetch(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    mirror = remote.mirror_of(url)
+    (mirror / "notes.txt").write_text("written, never uploaded")  # as after a failed upload
+    (mirror / ".split.123-4.tmp").mkdir()
+    (mirror / ".split.123-4.tmp" / "part").write_text("a temporary's content")
+    assert prep("status", workdir=url).exit_code == 0
+    stored = bucket_files(s3, bucket, "work")
+    assert stored["notes.txt"] == b"written, never uploaded"
+    assert not any(".tmp" in name for name in stored)
