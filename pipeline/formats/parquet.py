@@ -211,7 +211,7 @@ def _open(path: Path):
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # pyarrow would wait on a FIFO for a writer
             raise OSError(errno.EINVAL, workdir.NOT_REGULAR)
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=False)
     except (OSError, ValueError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError
         raise PrepError(f"{path}: not a readable Parquet file ({_one_line(err)})") from None
 
@@ -238,7 +238,9 @@ def row_group(parquet_file, index: int, where) -> tuple[list[bytes], list[str], 
 
     pa, _ = _pa()
     try:
-        table = parquet_file.read_row_group(index, columns=["image", "label"])
+        # one thread, and no read-ahead (:func:`_open`): a row group is small, and threads and read-ahead
+        # make the memory pool grow with the file
+        table = parquet_file.read_row_group(index, columns=["image", "label"], use_threads=False)
     except (OSError, ValueError, pa.ArrowException) as err:  # a damaged page: "ZSTD decompression failed"
         raise PrepError(f"{where}: row group {index} is not readable ({_one_line(err)})") from None
     expected = schema(())

@@ -1,8 +1,10 @@
 """`prep pack`: the split, label-encoded, resized images into pkl.gz, h5, tfrecord and parquet, and manifest.json.
 
-Workers decode shards of resized PNGs (:func:`read_pngs`); this process hands each sample, in
-encoded.csv order, to the writer of every format being packed, so pixels are decoded once
-and memory stays bounded (except for pkl.gz, which is one pickle). Each output appears
+Workers decode shards of resized PNGs (:func:`read_pngs`); this process reads encoded.csv a
+line at a time, twice (:func:`survey` counts and checks it, :func:`_pack` packs it), and hands
+each sample, in encoded.csv order, to the writer of every format being packed, so pixels are
+decoded once and memory does not grow with the dataset (but for pkl.gz's labels, 8 bytes an
+image, which the pickle holds after the pixels). Each output appears
 atomically when complete; manifest.json is written last. A format whose output still matches
 its inputs and options (a :class:`workdir.Stamp` per format) is not rewritten, and that check
 imports none of numpy, the decoders, h5py and tensorflow.
@@ -15,18 +17,19 @@ files and folders of a process that is gone) is removed by the next (:func:`work
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from .. import __version__, executors, formats, manifest, workdir
 from ..errors import PrepError, StageInputMissing
 from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
 from .encode import ENCODED_COLUMNS, read_classes
-from .split import confine_rows
 
 log = logging.getLogger(__name__)
 
@@ -132,32 +135,75 @@ def read_pngs(
 # -- inputs ---------------------------------------------------------------------------------
 
 
-def read_rows(encoded: Path, classes: list[str], wd: workdir.Workdir) -> list[dict]:
-    """encoded.csv rows, with ``label_id`` an int checked against classes.json, and each resized
-    name inside ``wd``'s ``resized/``, with the sha256 resize recorded of it."""
-    rows = workdir.read_csv(encoded, ENCODED_COLUMNS)
-    if not rows:
-        raise PrepError(f"{encoded} has no rows; run `prep encode` first")
-    confine_rows(wd, rows, encoded)
-    for line, row in enumerate(rows, start=2):
+class Row(NamedTuple):
+    """One encoded.csv row, checked (:func:`iter_rows`)."""
+
+    path: str  # relative to RAW
+    label: str
+    sha256: str  # of the source image
+    resized: str  # relative to resized/
+    resized_sha256: str  # of the resized PNG, as resize recorded it
+    split: str
+    group: str  # images split keeps together ("" for none)
+    label_id: int
+
+
+def iter_rows(encoded: Path, classes: list[str], wd: workdir.Workdir, *, whole_file: bool = False) -> Iterator[Row]:
+    """encoded.csv's rows, read a line at a time (memory does not grow with the file), each
+    checked: its path below RAW and its resized name inside ``wd``'s ``resized/``, its label and
+    ``label_id`` those of classes.json, its split one of SPLITS, its resized file and that file's
+    sha256 recorded. A bad row is a PrepError naming its line; with ``whole_file`` it is raised
+    once the whole file has been read (a malformed line anywhere first, then the first path
+    leaving its folder, then the first other fault), and bad rows are not yielded."""
+    raw = workdir.Confined(None, "RAW")
+    names = workdir.Confined(wd.path(workdir.RESIZED_DIR), f"{workdir.RESIZED_DIR}/")
+    where = str(encoded)
+    ids = {str(number): number for number in range(len(classes))}  # the usual label_id text
+    first: dict[int, PrepError] = {}  # kind (0: a path, 1: another fault) -> its first error
+    line = 1
+    for line, (path, label, sha256, resized, resized_sha256, split, group, label_id) in enumerate(
+            workdir.iter_csv(encoded, ENCODED_COLUMNS), start=2):
         try:
-            label_id = int(row["label_id"])
-        except ValueError:
-            label_id = -1
-        if not 0 <= label_id < len(classes) or classes[label_id] != row["label"]:
-            raise PrepError(
-                f"{encoded} line {line}: label {row['label']!r} with id {row['label_id']!r}"
-                f" does not match classes.json; run `prep encode` again"
-            )
-        if row["split"] not in SPLITS:
-            raise PrepError(f"{encoded} line {line}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
-        if not row["resized"] or not row["resized_sha256"]:
-            what = "resized file" if not row["resized"] else "sha256 of its resized file"
-            raise PrepError(
-                f"{encoded} line {line}: {row['path']} has no {what}; run `prep resize` then `prep split`"
-            )
-        row["label_id"] = label_id
-    return rows
+            raw(path, where, line)
+            if resized:
+                names(resized, where, line)
+        except PrepError as err:
+            if not whole_file:
+                raise
+            first.setdefault(0, err)
+            continue
+        number = ids.get(label_id)
+        if number is not None and classes[number] == label and split in SPLITS and resized and resized_sha256:
+            yield Row(path, label, sha256, resized, resized_sha256, split, group, number)
+            continue
+        problem = _problem(path, label, label_id, split, resized, resized_sha256, classes)
+        if problem is None:  # an id written otherwise ("03"), as int() reads it
+            yield Row(path, label, sha256, resized, resized_sha256, split, group, int(label_id))
+            continue
+        if not whole_file:
+            raise PrepError(f"{encoded} line {line}: {problem}")
+        first.setdefault(1, PrepError(f"{encoded} line {line}: {problem}"))
+    if line == 1:
+        raise PrepError(f"{encoded} has no rows; run `prep encode` first")
+    if first:
+        raise first[min(first)]
+
+
+def _problem(path: str, label: str, label_id: str, split: str, resized: str, resized_sha256: str,
+             classes: list[str]) -> str | None:
+    """What is wrong with an encoded.csv row (its paths aside), or None."""
+    try:
+        number = int(label_id)
+    except ValueError:
+        number = -1
+    if not 0 <= number < len(classes) or classes[number] != label:
+        return f"label {label!r} with id {label_id!r} does not match classes.json; run `prep encode` again"
+    if split not in SPLITS:
+        return f"split {split!r} is not one of {', '.join(SPLITS)}"
+    if not resized or not resized_sha256:
+        what = "resized file" if not resized else "sha256 of its resized file"
+        return f"{path} has no {what}; run `prep resize` then `prep split`"
+    return None
 
 
 def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
@@ -169,26 +215,35 @@ def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
     return [encoded, classes] + [p for p in optional if p.exists()]
 
 
-def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes: bool = False) -> Layout:
-    """Image shape from the first resized PNG; sample counts per split, and with ``sizes`` the
-    PNG bytes per split too (what tfrecord and parquet plan their shards by)."""
+def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool = False
+           ) -> tuple[Layout, dict[str, dict[str, int]], Row]:
+    """One read of encoded.csv (:func:`iter_rows`, whole file): the layout (image shape from the
+    first resized PNG; sample counts per split, and with ``sizes`` the PNG bytes per split too,
+    what tfrecord and parquet plan their shards by), the images per class of each split, and
+    the first row."""
     from PIL import Image
 
     folder = wd.path(workdir.RESIZED_DIR)
-    counts = Counter(r["split"] for r in rows)
-    png_bytes = Counter()
+    counts, per_class, png_bytes = Counter(), Counter(), Counter()
     base = str(folder)
-    for row in rows if sizes else ():
-        try:  # os.path, not pathlib: once per image
-            png_bytes[row["split"]] += os.stat(os.path.join(base, row["resized"])).st_size
-        except FileNotFoundError:
-            raise _missing(folder, row) from None
-    first = folder / rows[0]["resized"]
+    head = missing = None
+    for row in iter_rows(encoded, classes, wd, whole_file=True):
+        counts[row.split] += 1
+        per_class[(row.split, row.label)] += 1
+        head = head or row
+        if sizes:
+            try:  # os.path, not pathlib: once per image
+                png_bytes[row.split] += os.stat(os.path.join(base, row.resized)).st_size
+            except FileNotFoundError:
+                missing = missing or row  # raised once the rows are known to be sound
+    if missing is not None:
+        raise _missing(folder, missing)
+    first = folder / head.resized
     try:
         with Image.open(first) as img:
             width, height, mode = img.width, img.height, img.mode
     except FileNotFoundError:
-        raise _missing(folder, rows[0]) from None
+        raise _missing(folder, head) from None
     except OSError as err:
         raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
     if mode not in ("L", "RGB"):
@@ -200,17 +255,25 @@ def make_layout(wd: workdir.Workdir, rows: list[dict], classes: list[str], sizes
             f"{first} is {width}x{height} with {channels} channels but {manifest.RESIZE_SETTINGS} says"
             f" {spec.get('width')}x{spec.get('height')} with {spec.get('channels')}; run `prep resize` again"
         )
-    return Layout(height, width, channels, tuple(classes), {s: counts[s] for s in SPLITS},
-                  {s: png_bytes[s] for s in SPLITS}, __version__)
+    layout = Layout(height, width, channels, tuple(classes), {s: counts[s] for s in SPLITS},
+                    {s: png_bytes[s] for s in SPLITS}, __version__)
+    per_split = {s: {c: per_class[(s, c)] for c in classes if per_class[(s, c)]} for s in SPLITS}
+    return layout, per_split, head
 
 
-def _missing(folder: Path, row: dict) -> PrepError:
-    return PrepError(f"resized image {folder / row['resized']} is missing (for {row['path']}); run `prep resize` again")
+def _missing(folder: Path, row: Row) -> PrepError:
+    return PrepError(f"resized image {folder / row.resized} is missing (for {row.path}); run `prep resize` again")
 
 
-def per_class_counts(rows: list[dict], classes: list[str]) -> dict[str, dict[str, int]]:
-    counts = Counter((r["split"], r["label"]) for r in rows)
-    return {s: {c: counts[(s, c)] for c in classes if counts[(s, c)]} for s in SPLITS}
+def in_shards(rows: Iterator[Row], count: int, slots: int, held: deque) -> Iterator[list[tuple[str, str]]]:
+    """The (resized name, its sha256) of ``rows`` in the shards :func:`executors.chunk` cuts
+    ``count`` items into, for :func:`executors.map_shards`; each shard's rows are appended to
+    ``held`` as it is handed out (the caller takes them back in order with its results), so only
+    the shards in flight are held."""
+    for size in map(len, executors.chunk(range(count), slots, max_size=256)):
+        shard = list(itertools.islice(rows, size))
+        held.append(shard)
+        yield [(r.resized, r.resized_sha256) for r in shard]
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -261,11 +324,10 @@ def run(cfg: PackConfig) -> PackResult:
     manifest_stamp = _stamp(wd, "manifest")
     if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
-        rows = read_rows(cfg.encoded, classes, wd)
-        layout = make_layout(wd, rows, classes, sizes=_needs_png(todo))
+        layout, per_class, first = survey(wd, cfg.encoded, classes, sizes=_needs_png(todo))
         if todo:
-            _pack(cfg, rows, layout, todo)
-        previous = manifest.build(wd, layout, per_class_counts(rows, classes), inputs, listed)
+            _pack(cfg, classes, layout, first, todo)
+        previous = manifest.build(wd, layout, per_class, inputs, listed)
         with _naming(wd.path(workdir.MANIFEST)):
             manifest.write(wd, previous)
         with _naming(wd.path(workdir.STAMPS_DIR)):
@@ -287,13 +349,15 @@ def _needs_png(names) -> bool:
     return any(getattr(FORMATS[name], "NEEDS_PNG", False) for name in names)
 
 
-def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) -> None:
+def _pack(cfg: PackConfig, classes: list[str], layout: Layout, first: Row, todo: list[str]) -> None:
+    """Pack encoded.csv's rows, read again a line at a time, into the formats ``todo``."""
     from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it, and numpy)
 
     wd = cfg.workdir
     folder = wd.path(workdir.RESIZED_DIR)
-    shards = executors.chunk(rows, cfg.execution.slots, max_size=256)
-    names = [[(r["resized"], r["resized_sha256"]) for r in shard] for shard in shards]
+    count = sum(layout.counts.values())
+    rows = iter_rows(cfg.encoded, classes, wd)
+    held: deque[list[Row]] = deque()
     position = dict.fromkeys(SPLITS, 0)
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(cfg.execution.open())
@@ -301,20 +365,25 @@ def _pack(cfg: PackConfig, rows: list[dict], layout: Layout, todo: list[str]) ->
             stack.enter_context(_Named(wd.path(FORMATS[name].OUTPUT), FORMATS[name].writer, layout, cfg.options))
             for name in todo
         ]
-        bar = stack.enter_context(cfg.execution.bar(len(rows), "pack"))
-        results = executors.map_shards(pool, read_pngs, names, str(folder.resolve()), layout.shape, _needs_png(todo),
-                                       str(folder / rows[0]["resized"]))
-        for shard, (pixels, pngs, problems) in zip(shards, results, strict=True):
+        bar = stack.enter_context(cfg.execution.bar(count, "pack"))
+        shards = in_shards(rows, count, cfg.execution.slots, held)
+        results = executors.map_shards(pool, read_pngs, shards, str(folder.resolve()), layout.shape, _needs_png(todo),
+                                       str(folder / first.resized))
+        for pixels, pngs, problems in results:
+            shard = held.popleft()
             if problems:
-                first = min(problems)
-                raise PrepError(f"resized image {folder / shard[first]['resized']}: {problems[first]}; run `prep resize` again")
+                bad = min(problems)
+                raise PrepError(f"resized image {folder / shard[bad].resized}: {problems[bad]};"
+                                " run `prep resize` again")
             for i, row in enumerate(shard):
-                sample = Sample(row["split"], position[row["split"]], row["label_id"], row["path"],
+                sample = Sample(row.split, position[row.split], row.label_id, row.path,
                                 pngs[i] if pngs is not None else None, pixels[i])
-                position[row["split"]] += 1
+                position[row.split] += 1
                 for w in writers:
                     w.write(sample)
             bar.update(len(shard))
+        if sum(position.values()) != count or next(rows, None) is not None:
+            raise PrepError(f"{cfg.encoded} changed while it was packed; run `prep pack` again")
 
 
 class _Named:
@@ -348,12 +417,6 @@ def _naming(path: Path):
             raise
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
-
-# a temporary file or folder of an output (workdir.atomic_write, atomic_dir), or the previous
-# version of a folder being swapped (atomic_dir)
-    except (OverflowError, ValueError):
-        return False
-    return True
 
 
 def _shape(shape) -> str:

@@ -17,7 +17,8 @@ file, split and index:
    edited after resize are caught even when they were packed.
 
 manifest.json's entries and encoded.csv's resized names are checked to stay inside the work
-directory before any of them is read.
+directory before any of them is read. encoded.csv is read a line at a time, once for 2 and once
+per split for 4, so memory does not grow with the dataset (but for a hash or two per image in 2).
 
 A rerun skips what has not changed since a run that passed (:class:`Checked`, kept in
 ``.cache/verified.json``): a file keeping the size, mtime and inode it had when it was hashed is
@@ -37,7 +38,8 @@ import hashlib
 import logging
 import os
 import time
-from collections import Counter
+from array import array
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -46,7 +48,7 @@ from .. import executors, manifest, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .index import SETTLED_NS
-from .pack import read_rows
+from .pack import Row, in_shards, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +194,23 @@ def check_input_files(wd: workdir.Workdir, data: dict, checked: Checked) -> None
                                      " run `prep pack` again")
 
 
-def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
-    """The encoded.csv rows packed, checked against the manifest and for leaks between splits."""
+def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> set[str]:
+    """The encoded.csv rows packed, checked against the manifest and for leaks between splits;
+    the folders of their resized files. encoded.csv is read a line at a time, and per image a
+    number or two are kept: a 64-bit hash of its content (and of its group), tagged with its
+    split; the file is read again for the rows of the few hashes tagged with two splits."""
     encoded = wd.path(workdir.ENCODED)
-    rows = read_rows(encoded, list(layout.classes), wd)
-    counts = Counter(r["split"] for r in rows)
-    per_class = Counter((r["split"], r["label"]) for r in rows)
+    classes = list(layout.classes)
+    counts, per_class, folders = Counter(), Counter(), set()
+    code = {split: i for i, split in enumerate(SPLITS)}  # a split in the last 2 bits of a hash
+    contents, groups = array("q"), array("q")
+    for row in iter_rows(encoded, classes, wd, whole_file=True):
+        counts[row.split] += 1
+        per_class[(row.split, row.label)] += 1
+        folders.add(os.path.dirname(row.resized))
+        contents.append(hash(row.sha256) & ~3 | code[row.split])
+        if row.group:
+            groups.append(hash(row.group) & ~3 | code[row.split])
     for split in SPLITS:
         if counts[split] != layout.counts[split]:
             raise VerificationFailed(
@@ -210,23 +223,51 @@ def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> list[dict]:
                     f"{workdir.MANIFEST}: split {split} counts {n} of class {label!r}; {encoded.name} has"
                     f" {per_class[(split, label)]}"
                 )
-    first: dict[str, dict] = {}
-    for row in rows:
-        seen = first.setdefault(row["sha256"], row)
-        if seen["split"] != row["split"]:
-            raise VerificationFailed(
-                f"{encoded.name}: content {row['sha256'][:12]}... is in two splits: {seen['path']} ({seen['split']})"
-                f" and {row['path']} ({row['split']})"
-            )
-    by_group: dict[str, dict] = {}
-    for row in rows:
-        seen = by_group.setdefault(row.get("group") or "", row)  # split's units of several images
-        if row.get("group") and seen["split"] != row["split"]:
-            raise VerificationFailed(
-                f"{encoded.name}: group {row['group']} (copies, near copies or a user group) is in two splits:"
-                f" {seen['path']} ({seen['split']}) and {row['path']} ({row['split']})"
-            )
-    return [r for split in SPLITS for r in rows if r["split"] == split]
+    suspects = _in_two_splits(contents)
+    del contents
+    if suspects:  # the same content in two splits, or (rarely) two contents of one hash
+        first: dict[str, Row] = {}
+        for row in iter_rows(encoded, classes, wd):
+            if hash(row.sha256) >> 2 not in suspects:
+                continue
+            seen = first.setdefault(row.sha256, row)
+            if seen.split != row.split:
+                raise VerificationFailed(
+                    f"{encoded.name}: content {row.sha256[:12]}... is in two splits: {seen.path} ({seen.split})"
+                    f" and {row.path} ({row.split})"
+                )
+    suspects = _in_two_splits(groups)
+    if suspects:
+        by_group: dict[str, Row] = {}
+        for row in iter_rows(encoded, classes, wd):
+            if not row.group or hash(row.group) >> 2 not in suspects:
+                continue
+            seen = by_group.setdefault(row.group, row)  # split's units of several images
+            if seen.split != row.split:
+                raise VerificationFailed(
+                    f"{encoded.name}: group {row.group} (copies, near copies or a user group) is in two splits:"
+                    f" {seen.path} ({seen.split}) and {row.path} ({row.split})"
+                )
+    return folders
+
+
+def _in_two_splits(tagged: array) -> set[int]:
+    """The hashes (``hash >> 2``) found tagged with two splits or more in ``tagged``, 64-bit
+    hashes with a split in their last 2 bits (sorted here, in place)."""
+    import numpy as np
+
+    tags = np.frombuffer(tagged, np.int64)
+    tags.sort()
+    hashes = tags >> 2
+    mixed = (hashes[1:] == hashes[:-1]) & (tags[1:] != tags[:-1])
+    return set(hashes[1:][mixed].tolist())
+
+
+def in_split_order(encoded: Path, classes: list[str], wd: workdir.Workdir) -> Iterator[Row]:
+    """encoded.csv's rows split by split, each split's in the file's order (as the formats hold
+    them): the file read once per split."""
+    for split in SPLITS:
+        yield from (row for row in iter_rows(encoded, classes, wd) if row.split == split)
 
 
 def digest_pngs(files: list[tuple[str, str]], folder: str) -> list[bytes | str]:
@@ -267,16 +308,18 @@ def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Ite
             yield split, hashlib.sha256(image.tobytes()).digest(), int(label), rel
 
 
-def _source(cfg: VerifyConfig, rows: list[dict], pool) -> Iterator[bytes | str]:
+def _with_source(cfg: VerifyConfig, rows: Iterator[Row], count: int, pool) -> Iterator[tuple[Row, bytes | str]]:
+    """Each of ``rows`` with the digest of its resized PNG's pixels (:func:`digest_pngs`, in the pool)."""
     folder = cfg.workdir.path(workdir.RESIZED_DIR)
-    shards = executors.chunk([(r["resized"], r["resized_sha256"]) for r in rows], cfg.execution.slots, max_size=256)
-    for digests in executors.map_shards(pool, digest_pngs, shards, str(folder.resolve())):
-        yield from digests
+    held: deque[list[Row]] = deque()
+    for digests in executors.map_shards(pool, digest_pngs, in_shards(rows, count, cfg.execution.slots, held),
+                                        str(folder.resolve())):
+        yield from zip(held.popleft(), digests, strict=True)
 
 
-def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOptions, names: list[str],
-            against_source: bool) -> None:
-    """Walk the formats ``names`` and (``against_source``) the resized PNGs in lockstep."""
+def compare(cfg: VerifyConfig, layout: Layout, options: PackOptions, names: list[str], against_source: bool) -> None:
+    """Walk the formats ``names`` and (``against_source``) the resized PNGs in lockstep with
+    encoded.csv's rows, split by split."""
     from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it)
 
     wd = cfg.workdir
@@ -284,14 +327,16 @@ def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOp
     streams = {name: _samples(name, wd.path(FORMATS[name].OUTPUT), layout, options) for name in names}
     index = dict.fromkeys(SPLITS, 0)
     end = object()
-    with cfg.execution.open() as pool, cfg.execution.bar(len(rows), "verify") as bar:
-        source = _source(cfg, rows, pool) if against_source else [None] * len(rows)
-        for row, expected in zip(rows, source, strict=True):
-            split = row["split"]
+    count = sum(layout.counts.values())
+    rows = in_split_order(wd.path(workdir.ENCODED), list(layout.classes), wd)
+    with cfg.execution.open() as pool, cfg.execution.bar(count, "verify") as bar:
+        pairs = _with_source(cfg, rows, count, pool) if against_source else ((row, None) for row in rows)
+        for row, expected in pairs:
+            split = row.split
             i = index[split]
-            where = f"split {split}, index {i} ({row['path']})"
+            where = f"split {split}, index {i} ({row.path})"
             if isinstance(expected, str):
-                raise VerificationFailed(f"{folder / row['resized']}: {expected}")
+                raise VerificationFailed(f"{folder / row.resized}: {expected}")
             reference = None
             for name, stream in streams.items():
                 out = FORMATS[name].OUTPUT
@@ -303,14 +348,14 @@ def compare(cfg: VerifyConfig, rows: list[dict], layout: Layout, options: PackOp
                     raise VerificationFailed(f"{out}: {where}: found a sample of split {got_split}")
                 if not 0 <= label < len(layout.classes):
                     raise VerificationFailed(f"{out}: {where}: label {label} out of range 0..{len(layout.classes) - 1}")
-                if label != int(row["label_id"]):
-                    raise VerificationFailed(f"{out}: {where}: label {label}; encoded.csv says {row['label_id']}")
-                if rel is not None and rel != row["path"]:
+                if label != row.label_id:
+                    raise VerificationFailed(f"{out}: {where}: label {label}; encoded.csv says {row.label_id}")
+                if rel is not None and rel != row.path:
                     raise VerificationFailed(
-                        f"{out}: split {split}, index {i}: path {rel!r}; encoded.csv says {row['path']!r}"
+                        f"{out}: split {split}, index {i}: path {rel!r}; encoded.csv says {row.path!r}"
                     )
                 if against_source and digest != expected:
-                    raise VerificationFailed(f"{out}: {where}: pixels differ from {folder / row['resized']}")
+                    raise VerificationFailed(f"{out}: {where}: pixels differ from {folder / row.resized}")
                 if reference is None:
                     reference = (out, digest)
                 elif digest != reference[1]:
@@ -346,12 +391,12 @@ def run(cfg: VerifyConfig) -> VerifyResult:
     stale = [unit for unit, key in units.items() if not checked.passed(unit, key)]
     folders = checked.folders
     if stale:
-        rows = check_inputs(wd, data, layout)
+        resized = check_inputs(wd, data, layout)
         formats = [n for n in names if n in stale]
         if against_source and ("pngs" in stale or formats):
-            folders = folder_times(wd, sorted({os.path.dirname(r["resized"]) for r in rows}))
+            folders = folder_times(wd, sorted(resized))
         if formats or "pngs" in stale:
-            compare(cfg, rows, layout, options, formats, against_source)
+            compare(cfg, layout, options, formats, against_source)
         units = unit_keys(data, names, against_source, folders)
     checked.save(units, folders, None if stale else checked.at)
     sizes = [entry["bytes"] for entry in data["files"].values()]
