@@ -19,7 +19,8 @@ class Work:
 
     def __init__(self, monkeypatch):
         self.csv, self.hashed, self.images = [], [], []
-        read_csv, sha256_file, read_file = workdir.read_csv, workdir.sha256_file, workdir.read_file
+        read_csv, iter_csv = workdir.read_csv, workdir.iter_csv
+        sha256_file, read_file = workdir.sha256_file, workdir.read_file
         image_open, read_bytes = Image.open, Path.read_bytes
 
         def counted(log, call, is_image=lambda path: False):
@@ -30,6 +31,7 @@ class Work:
 
         png = lambda path: str(path).endswith(".png")  # noqa: E731
         monkeypatch.setattr(workdir, "read_csv", counted(self.csv, read_csv))
+        monkeypatch.setattr(workdir, "iter_csv", counted(self.csv, iter_csv))
         monkeypatch.setattr(workdir, "sha256_file", counted(self.hashed, sha256_file))
         monkeypatch.setattr(workdir, "read_file", counted([], read_file, png))
         monkeypatch.setattr(Image, "open", counted(self.images, image_open))

@@ -35,18 +35,16 @@ import io
 import logging
 import os
 import stat
-import statistics
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__, workdir
 from ..errors import PrepError
-from ..formats import SPLITS
-from . import card
+from ..workdir import SPLIT_NAMES as SPLITS
+from .facts import CONFLICTS, MAX_PAIRS, MAX_ROWS, NATURAL, NEAR_COPIES, Facts, Head, flatten, gather
 from .facts import VERIFY_PLOTS as PLOT_FILES
-from .facts import NATURAL, Facts, duplicate_groups, flatten, gather, manifest_counts, short, sources, template
-from .split import CONFLICTS, NEAR_COPIES
+from .facts import manifest_counts, short, sources, template
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +55,7 @@ SPLIT_COLOURS = {"train": "#4c72b0", "valid": "#dd8452", "test": "#55a868"}
 VERIFY_PLOTS = tuple(zip(PLOT_FILES, (
     "Training curves", "Confusion matrix (test split)", "Test predictions (mistakes first: ✗ wrong, ✓ right)",
 ), strict=True))
-MAX_ROWS = 200  # rows of a listing (rejected files, duplicate groups) before "and N more"
 MAX_GRID_CLASSES = 100  # classes in the sample grid before "and N more"
-MAX_PAIRS = 50  # near-copy pairs shown side by side before "and N more"
-MAX_GROUPS, MAX_GROUP_THUMBS = 5, 12  # the largest groups shown, and images of each
 SECTIONS = (
     ("summary", "Summary"),
     ("splits", "Classes and splits"),
@@ -180,30 +175,28 @@ def split_chart(table: dict[str, dict[str, int]]) -> Plot:
     return figure_plot(fig, "bar chart of images per class and split")
 
 
-def size_charts(sizes: list[tuple[int, int]]) -> list[Plot]:
-    """Source sizes (width x height, marker area ~ count), and the histogram of aspect ratios."""
+def size_charts(ws, hs, counts, ratios) -> list[Plot]:
+    """Source sizes (width x height of each distinct size, marker area ~ its ``counts``), and the
+    histogram of the aspect ``ratios`` (arrays)."""
     import numpy as np
 
-    counted = Counter(sizes)
-    ws, hs = zip(*counted, strict=True)
-    counts = np.array(list(counted.values()), dtype=float)
+    counts = counts.astype(float)
     fig = figure(5.0, 3.8)
     ax = fig.subplots()
     ax.scatter(ws, hs, s=15 + 285 * counts / counts.max(), alpha=0.55, color="#4c72b0", edgecolors="none")
-    if max(ws) > 20 * min(ws) or max(hs) > 20 * min(hs):
+    if ws.max() > 20 * ws.min() or hs.max() > 20 * hs.min():
         ax.set_xscale("log")
         ax.set_yscale("log")
     ax.margins(0.1)
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
-    ax.set_title(f"Source sizes ({len(counted)} distinct; area ~ images)", fontsize=11)
+    ax.set_title(f"Source sizes ({len(ws)} distinct; area ~ images)", fontsize=11)
     ax.spines[["top", "right"]].set_visible(False)
     scatter = figure_plot(fig, "scatter plot of source image sizes")
 
     fig = figure(5.0, 3.8)
     ax = fig.subplots()
-    ratios = np.array([w / h for w, h in sizes if h])
-    ax.hist(ratios, bins=min(40, max(5, len(set(ratios.round(3))))), color="#4c72b0")
+    ax.hist(ratios, bins=min(40, max(5, len(np.unique(ratios.round(3))))), color="#4c72b0")
     ax.set_xlabel("aspect ratio (width / height)")
     ax.set_ylabel("images")
     ax.set_title("Aspect ratios", fontsize=11)
@@ -264,11 +257,11 @@ def warnings(facts: Facts) -> list[dict]:
     shown = []
     found = list(facts.warnings())
     # what split and resize found belongs up front too: labels to check, images left out
-    if facts.conflicts:
-        found.append({"kind": "two_labels", "message": f"{_plural(len(facts.conflicts), 'image')} with a copy or"
+    if facts.conflicts and facts.conflicts.total:
+        found.append({"kind": "two_labels", "message": f"{_plural(facts.conflicts.total, 'image')} with a copy or"
                       " near copy under another label (conflicts.csv): one of the two labels is likely wrong"})
-    if facts.rejected:
-        found.append({"kind": "rejected", "message": f"{_plural(len(facts.rejected), 'image')} could not be used"
+    if facts.rejected and facts.rejected.total:
+        found.append({"kind": "rejected", "message": f"{_plural(facts.rejected.total, 'image')} could not be used"
                       " (rejected.csv), each with its reason"})
     for w in found:
         kind = str(w.get("kind") or "")
@@ -282,11 +275,11 @@ def summary(facts: Facts) -> dict:
     table = facts.table()
     cards = []
     if facts.labels is not None:
-        cards.append(("images indexed", len(facts.labels)))
+        cards.append(("images indexed", facts.labels.count))
     if facts.index:
         cards.append(("files skipped", sum((facts.index.get("skipped") or {}).values())))
     if facts.rejected is not None:
-        cards.append(("rejected", len(facts.rejected)))
+        cards.append(("rejected", facts.rejected.total))
     if table:
         cards.append(("classes", len(table)))
         cards += [(s, sum(t[s] for t in table.values())) for s in SPLITS]
@@ -329,11 +322,12 @@ def splits(facts: Facts) -> dict | None:
 
 
 def samples(facts: Facts, per_class: int, thumbnail: Thumbnails) -> dict | None:
+    """The first ``per_class`` images of each class (of those :func:`gather` kept)."""
     rows, where = facts.splits, workdir.SPLITS
     if rows is None:
-        rows, where = [r for r in facts.resized or () if r.get("status") == "ok"], workdir.RESIZED
-        if not rows:
+        if not (facts.resized and facts.resized.usable):
             return None
+        rows, where = facts.resized.samples, workdir.RESIZED
     by_class: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         if len(by_class[row["label"]]) < per_class:
@@ -350,29 +344,34 @@ def samples(facts: Facts, per_class: int, thumbnail: Thumbnails) -> dict | None:
 
 
 def sizes(facts: Facts) -> dict | None:
-    ok = [r for r in facts.resized or () if r.get("status") == "ok" and r.get("width") and r.get("height")]
-    if not ok:
-        return None
-    sizes = [(int(r["width"]), int(r["height"])) for r in ok]
-    widths, heights = [w for w, _ in sizes], [h for _, h in sizes]
-    ratios = [w / h for w, h in sizes]
-    counted = Counter(sizes)
+    import numpy as np
 
-    def tally(column: str) -> list[list]:
-        return [list(kv) for kv in sorted(Counter(r.get(column) or "?" for r in ok).items(),
-                                          key=lambda kv: (-kv[1], kv[0]))]
+    widths, heights = (facts.resized.widths, facts.resized.heights) if facts.resized else ((), ())
+    if not len(widths):
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):  # a height of 0 makes no ratio for the histogram
+        ratios = widths / heights
+    # the distinct sizes in the order they first come, with their counts
+    distinct, first, counts = np.unique(np.stack([widths, heights], axis=1), axis=0, return_index=True,
+                                        return_counts=True)
+    order = np.argsort(first)
+    ws, hs, counts = distinct[order, 0], distinct[order, 1], counts[order]
+    common = sorted(zip(ws.tolist(), hs.tolist(), counts.tolist()), key=lambda s: (-s[2], s[0], s[1]))[:10]
+
+    def tally(counted) -> list[list]:
+        return [list(kv) for kv in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))]
 
     return {
-        "count": len(ok),
+        "count": len(widths),
         "stats": [
-            ["width (px)", min(widths), f"{statistics.median(widths):g}", max(widths)],
-            ["height (px)", min(heights), f"{statistics.median(heights):g}", max(heights)],
-            ["aspect ratio (w / h)", *(f"{v:.2f}" for v in (min(ratios), statistics.median(ratios), max(ratios)))],
+            ["width (px)", int(widths.min()), f"{np.median(widths):g}", int(widths.max())],
+            ["height (px)", int(heights.min()), f"{np.median(heights):g}", int(heights.max())],
+            ["aspect ratio (w / h)", *(f"{v:.2f}" for v in (ratios.min(), np.median(ratios), ratios.max()))],
         ],
-        "common": [[f"{w} x {h}", n] for (w, h), n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[:10]],
-        "formats": tally("format"),
-        "modes": tally("mode"),
-        "charts": size_charts(sizes) if len(counted) > 1 else [],
+        "common": [[f"{w} x {h}", n] for w, h, n in common],
+        "formats": tally(facts.resized.formats),
+        "modes": tally(facts.resized.modes),
+        "charts": size_charts(ws, hs, counts, ratios[heights != 0]) if len(ws) > 1 else [],
     }
 
 
@@ -380,9 +379,8 @@ def rejected(facts: Facts) -> dict:
     shown = {"rejected": None, "skipped": None, "dropped": [[c, n] for c, n in facts.dropped_classes().items()],
              "empty": (facts.index or {}).get("empty_classes") or []}
     if facts.rejected is not None:
-        reasons = Counter(r["reason"].split(":")[0] for r in facts.rejected)
-        shown.update(rejected=facts.rejected[:MAX_ROWS], rejected_total=len(facts.rejected),
-                     reasons=[list(kv) for kv in reasons.most_common()])
+        shown.update(rejected=facts.rejected.rows[:MAX_ROWS], rejected_total=facts.rejected.total,
+                     reasons=[list(kv) for kv in facts.reject_reasons.most_common()])
     if facts.index is not None:
         examples = facts.index.get("skipped_examples") or {}
         shown["skipped"] = [(reason, n, examples.get(reason, [])[:5])
@@ -391,11 +389,11 @@ def rejected(facts: Facts) -> dict:
 
 
 def duplicates(facts: Facts) -> dict | None:
-    if facts.labels is None:
+    labels = facts.labels
+    if labels is None:
         return None
-    groups = duplicate_groups(facts.labels)
-    return {"groups": groups, "conflicts": [g for g in groups if len({r["label"] for r in g}) > 1],
-            "extra": sum(len(g) - 1 for g in groups)}
+    return {"groups": labels.groups, "conflicts": labels.conflicts, "extra": labels.extra,
+            "group_count": labels.group_count, "conflict_count": labels.conflict_count}
 
 
 NEAR_RULES = {
@@ -415,11 +413,9 @@ def near(facts: Facts, thumbnail: Thumbnails) -> dict | None:
     rule = split.get("near_copies")
     if rule is None:
         return {"rule": None}
-    where = {r["path"]: (r, workdir.RESIZED) for r in facts.resized or () if r.get("status") == "ok"}
-    where.update((r["path"], (r, workdir.SPLITS)) for r in facts.splits)
 
-    def thumb(path: str, label: str, named: bool = True) -> dict:
-        row, source = where.get(path, ({}, workdir.SPLITS))
+    def thumb(path: str, label: str, named: bool = True, row: dict | None = None) -> dict:
+        row, source = (row, workdir.SPLITS) if row is not None else facts.shown.get(path, ({}, workdir.SPLITS))
         caption = (f"{label}, {row['split']}" if row.get("split") else f"{label}, left out") if named else (
             path.rsplit("/", 1)[-1])
         return thumbnail(row.get("resized", ""), source, alt=path, title=f"{path} ({label})", caption=caption,
@@ -432,25 +428,19 @@ def near(facts: Facts, thumbnail: Thumbnails) -> dict | None:
     def count(n: int, what: str) -> str:
         return f"{n} {what}{'s' * (n != 1)}"
 
-    conflicts, near_copies = facts.conflicts or [], facts.near_copies or []
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in facts.splits:
-        if row.get("group"):
-            groups[row["group"]].append(row)
-    per_split = {s: [g for g in groups.values() if g[0]["split"] == s] for s in SPLITS}
-    largest = sorted(groups.values(), key=lambda g: (-len(g), NATURAL(g[0]["path"])))[:MAX_GROUPS]
+    conflicts, near_copies = facts.conflicts or Head([], 0), facts.near_copies or Head([], 0)
     outcome = ON_CONFLICT.get(split.get("on_conflict"), "")
     return {
         "rule": NEAR_RULES.get(rule, str(rule)),
         "pairs": [
-            ("two-labels", f"One picture under two labels ({count(len(conflicts), 'pair')}; {outcome})",
-             pairs(conflicts), len(conflicts), CONFLICTS),
-            ("near-pairs", f"Near copies ({count(len(near_copies), 'pair')}: each image with its closest near copy)",
-             pairs(near_copies), len(near_copies), NEAR_COPIES),
+            ("two-labels", f"One picture under two labels ({count(conflicts.total, 'pair')}; {outcome})",
+             pairs(conflicts.rows), conflicts.total, CONFLICTS),
+            ("near-pairs", f"Near copies ({count(near_copies.total, 'pair')}: each image with its closest near copy)",
+             pairs(near_copies.rows), near_copies.total, NEAR_COPIES),
         ],
-        "per_split": [[s, len(per_split[s]), sum(map(len, per_split[s]))] for s in SPLITS],
-        "largest": [(len(g), g[0]["split"], [thumb(r["path"], r["label"], named=False) for r in g[:MAX_GROUP_THUMBS]])
-                    for g in largest],
+        "per_split": [[s, *facts.groups.per_split[s]] for s in SPLITS],
+        "largest": [(n, split, [thumb(r["path"], r["label"], named=False, row=r) for r in rows])
+                    for n, split, rows in facts.groups.largest],
     }
 
 
@@ -548,7 +538,9 @@ def run(cfg: ReportConfig) -> ReportResult:
                         wd.path(card_path))
         return ReportResult(out, done["bytes"], wd.path(card_path) if isinstance(card_path, str) else None,
                             [str(m) for m in done["missing"]], up_to_date=True)
-    found = gather(wd)
+    from . import card
+
+    found = gather(wd, cfg.samples)
     page = render(found, cfg.samples).encode("utf-8")
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir.atomic_write_bytes(out, page)

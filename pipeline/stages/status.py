@@ -5,11 +5,15 @@ cache's sizes and versions), resize against labels.csv and the resize settings, 
 stages through their stamps (:class:`pipeline.workdir.Stamp`) against their inputs and the
 settings in force now.
 
-Asked again with nothing changed, it reads no row and no image: index's digest of the RAW
-listing says index is current, the file hash cache (:class:`pipeline.workdir.FileHashes`)
-vouches for the CSVs by a stat each, and resize's verdict is kept in ``.cache/status.json``
-under the CSVs' hashes and a digest of the stats of ``resized/``. Listing RAW and ``resized/``
-(a stat per file) is what it still costs.
+Asked again with nothing changed, it reads no row and no image: the verdicts on RAW (index) and
+on ``resized/`` (resize) are kept in ``.cache/status.json`` under the hashes of the files they
+were reached from and a digest of the stats of every file below RAW and ``resized/`` (a file
+edited in place changes its times), the file hash cache (:class:`pipeline.workdir.FileHashes`)
+vouches for the CSVs by a stat each, and the later stages' stamps likewise. A stat per file of
+RAW and of ``resized/`` is what it still costs: most of its time at scale.
+
+Reaching a verdict reads the CSVs a row at a time and keeps, per image, 64-bit hashes in arrays
+(see :func:`_hashed`), not rows: memory grows by some tens of bytes per image.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import hashlib
 import json
 import os
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from .. import sources, workdir
 from ..errors import PrepError
@@ -88,46 +94,159 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
         return StageStatus("index", "stale", [f"RAW {root} not found"])
     follow, outside = meta.get("follow_links") is True, meta.get("allow_outside_links") is True
 
-    def listed() -> sources.Listing:
-        return sources.list_files(root, follow_links=follow, outside_links=follow and outside)
-
     local = sources.local_path(root)
     if local is not None and not follow:  # RAW's state in constant memory (a link's target is not its own)
         raw, settled = tree_state(Path(local), sources.is_hidden)  # what index skips too
-        listing = None
+
+        def found() -> Iterator[tuple[str, int, int]]:
+            return _local_images(local)
     else:  # a URL's listing gives versions (ETags), and index's digest of it
         listed_ns = time.time_ns()
-        listing = listed()
+        listing = sources.list_files(root, follow_links=follow, outside_links=follow and outside)
         raw = _listing_digest(wd, meta, labels, listing, listed_ns)
         settled = raw is not None
+
+        def found() -> Iterator[tuple[str, int, int]]:
+            return ((rel, *listing.versions[rel]) for rel in listing.files)
     hashes = workdir.FileHashes(wd)
     cached = wd.path(workdir.HASH_CACHE)
     key = [raw, hashes.sha256(meta_path), hashes.sha256(labels), hashes.sha256(cached) if cached.is_file() else None]
     hashes.save()
-    return _judge("index", True, _judged(wd, "index", key, settled,
-                                         lambda: _index_checked(wd, meta, labels, listing or listed())), "")
+    return _judge("index", True, _judged(wd, "index", key, settled, lambda: _index_checked(wd, meta, labels, found())),
+                  "")
 
 
-def _index_checked(wd: workdir.Workdir, meta: dict, labels: Path, listing: sources.Listing) -> list[str]:
-    """What RAW holds that labels.csv does not say, from every row and the hash cache."""
-    indexed = {r["path"] for r in workdir.read_csv(labels, ["path"])}
-    found = set(listing.files)
-    if meta.get("labels_from", "folder") == "folder":
-        found = {rel for rel in found if "/" in rel}
-    cache = workdir.hash_cache(wd, meta["raw"])
-    changed = sum(
-        1
-        for rel in found & indexed
-        if rel in cache and list(listing.versions.get(rel, ()))[:2] != cache[rel][:2]
-    )
+def _local_images(root: str) -> Iterator[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of each image `prep index` lists below the local folder ``root``
+    when it follows no link (the rules of :func:`sources.list_files`), a folder at a time."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        folder = os.path.join(root, rel_dir) if rel_dir else root
+        try:
+            entries = os.scandir(folder)
+        except OSError as err:
+            raise PrepError(f"cannot list {folder}: {err.strerror or err}") from None
+        with entries:
+            for entry in entries:
+                if sources.is_hidden(entry.name) or entry.is_symlink():
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                elif entry.is_file(follow_symlinks=False) and sources.is_image_name(entry.name):
+                    st = entry.stat(follow_symlinks=False)
+                    yield rel, st.st_size, st.st_mtime_ns
+
+
+def _index_checked(wd: workdir.Workdir, meta: dict, labels: Path, found: Iterable[tuple]) -> list[str]:
+    """What RAW holds (``found``: each image's path, size and version) that labels.csv does not
+    say, and the images whose size or version is not the one index hashed (see :func:`_hashed`)."""
+    import numpy as np
+
+    folder_labels = meta.get("labels_from", "folder") == "folder"
+    listed, versions = _hashed((rel, (size, version)) for rel, size, version in found
+                               if "/" in rel or not folder_labels)
+    indexed = _hashed((path, None) for path, in workdir.iter_csv(labels, ["path"]))[0]
+    known = _lookup(indexed, listed)[1]
+    cached, cached_versions = _cached_versions(wd, meta["raw"])
+    at, hit = _lookup(listed, cached)
+    hit[hit] = known[at[hit]]  # cache entries of images listed and indexed: those of another version changed
+    changed = int(np.count_nonzero(versions[at[hit]] != cached_versions[hit]))
+    new, gone = len(listed) - int(known.sum()), len(indexed) - int(_lookup(listed, indexed)[1].sum())
     reasons = []
-    if found - indexed:
-        reasons.append(f"{_count(len(found - indexed), 'new image')} in RAW")
-    if indexed - found:
-        reasons.append(f"{_count(len(indexed - found), 'image')} gone from RAW")
+    if new:
+        reasons.append(f"{_count(new, 'new image')} in RAW")
+    if gone:
+        reasons.append(f"{_count(gone, 'image')} gone from RAW")
     if changed:
         reasons.append(f"{_count(changed, 'image')} changed in RAW")
     return reasons
+
+
+def _hashed(pairs: Iterable[tuple]):
+    """What a dict of ``pairs`` holds, as two arrays of 64-bit hashes (16 bytes a pair, not a
+    Python object): of the keys, sorted, each once, and of the value of each one's last pair.
+    (Two keys of a million sharing a hash is a chance in 10^7; within one process, as hashes
+    of text are seeded per process.)"""
+    import numpy as np
+
+    keys, values = array("q"), array("q")
+    for key, value in pairs:
+        keys.append(hash(key))
+        values.append(hash(value))
+    keys, values = np.frombuffer(keys, np.int64), np.frombuffer(values, np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    last = np.append(keys[1:] != keys[:-1], True)[: len(keys)]
+    return keys[last], values[last]
+
+
+def _lookup(keys, queries):
+    """Where each of ``queries`` is in the sorted ``keys`` (valid where found), and whether found."""
+    import numpy as np
+
+    at = np.searchsorted(keys, queries).clip(max=max(len(keys) - 1, 0))
+    return at, keys[at] == queries if len(keys) else np.zeros(len(queries), bool)
+
+
+_CACHE_HEAD = b'{"files":{'  # index's hash cache as it writes it (compact JSON, keys sorted)
+
+
+def _version_key(entry) -> int:
+    """hash((size, version)) of a hash cache entry as :func:`workdir.hash_cache` gives it."""
+    try:
+        return hash(tuple(entry[:2]))
+    except TypeError:  # not a list of two values: no version it could match
+        return 0
+
+
+def _cached_versions(wd: workdir.Workdir, root: str):
+    """64-bit hashes of the path and of the (size, version) of each entry of index's hash cache
+    of ``root`` (:func:`workdir.hash_cache`), as two arrays; read a block at a time, each block's
+    whole entries parsed as one JSON object (an entry ends with ``],"`` where the next begins:
+    a cut elsewhere, inside a path, does not parse). A cache laid out otherwise is read whole."""
+    import numpy as np
+
+    paths, versions = array("q"), array("q")
+
+    def add(entries: dict) -> None:
+        paths.extend(map(hash, entries))
+        versions.extend(map(_version_key, entries.values()))
+
+    try:
+        with workdir.open_regular(wd.path(workdir.HASH_CACHE)) as handle:
+            if handle.read(len(_CACHE_HEAD)) != _CACHE_HEAD:
+                raise ValueError("not index's layout")
+            rest = b""
+            while block := handle.read(1 << 20):
+                rest += block
+                cut, tries = rest.rfind(b'],"'), 8
+                while cut > 0:
+                    try:
+                        entries = json.loads(b"{%s}" % rest[: cut + 1])
+                        break
+                    except ValueError:
+                        tries -= 1
+                        if not tries:  # damaged, or not index's: read whole
+                            raise
+                        cut = rest.rfind(b'],"', 0, cut)
+                if cut > 0:
+                    add(entries)
+                    rest = rest[cut + 2 :]
+            whole = json.loads(_CACHE_HEAD + rest)  # the last entries, and the root
+            if not isinstance(whole, dict) or not isinstance(whole.get("files"), dict):
+                raise ValueError("not index's layout")
+            add(whole["files"])
+            if whole.get("root") != root:
+                paths, versions = array("q"), array("q")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        cache = workdir.hash_cache(wd, root)
+        paths, versions = array("q"), array("q")
+        add(cache)
+    return np.frombuffer(paths, np.int64), np.frombuffer(versions, np.int64)
 
 
 def _listing_digest(wd: workdir.Workdir, meta: dict, labels: Path, listing: sources.Listing,
@@ -231,56 +350,83 @@ def _resized_content(wd: workdir.Workdir, table: Path) -> list[str]:
 
 
 def _resized_checked(wd: workdir.Workdir, labels: Path | None, table: Path) -> list[str]:
-    """:func:`_resized_content`'s verdict, from every row and every resized file."""
-    from .resize import check_outputs
+    """:func:`_resized_content`'s verdict, from every row (see :func:`_hashed`) and every resized
+    file, read a row at a time."""
+    from .resize import _OutputFiles
 
-    reasons = []
     try:
-        indexed = {r["path"]: r["sha256"] for r in workdir.read_csv(labels, ["path", "sha256"])} if labels else {}
+        indexed = _hashed(workdir.iter_csv(labels, ["path", "sha256"]) if labels else ())
     except PrepError:
-        indexed = {}
-    done = {r["path"]: r for r in workdir.read_csv(table, ["path", "sha256", "status", "resized"])}
-    stale = sum(1 for p, sha in indexed.items() if p not in done or done[p]["sha256"] != sha)
+        indexed = _hashed(())
+    columns = ["path", "sha256", "status", "resized", "resized_sha256"]
+    done = _hashed(row[:2] for row in workdir.iter_csv(table, columns, columns[:4]))
+    at, there = _lookup(done[0], indexed[0])
+    reasons = []
+    stale = len(indexed[0]) - int((done[1][at[there]] == indexed[1][there]).sum())
     if stale:
         reasons.append(f"{_count(stale, 'image')} in labels.csv new or changed")
-    if done.keys() - indexed.keys():
-        reasons.append(f"{_count(len(done.keys() - indexed.keys()), 'image')} no longer in labels.csv")
-    intact = check_outputs(wd, list(done.values()))[0]
-    changed = [r["resized"] for r in done.values() if r["status"] == "ok" and r["resized"] not in intact]
+    gone = len(done[0]) - int(_lookup(indexed[0], done[0])[1].sum())
+    if gone:
+        reasons.append(f"{_count(gone, 'image')} no longer in labels.csv")
+    files = _OutputFiles(wd)
+    changed, example = 0, None
+    for _, _, state, name, expected in workdir.iter_csv(table, columns, columns[:4]):
+        if state == "ok" and not (expected and files.check(name, expected)):
+            changed += 1
+            example = name if example is None else example
     if changed:
-        example = changed[0] if len(changed) == 1 else f"{changed[0]}, ..."
-        reasons.append(f"{_count(len(changed), 'resized file')} missing or changed since `prep resize` ({example})")
+        reasons.append(f"{_count(changed, 'resized file')} missing or changed since `prep resize`"
+                       f" ({example if changed == 1 else f'{example}, ...'})")
     return reasons
 
 
-def tree_state(folder: Path, skip=lambda name: False) -> tuple[str, bool]:
+def tree_state(folder: Path, skip=None) -> tuple[str, bool]:
     """A digest of what is below ``folder`` as listed (each entry's name, type, size, mtime, ctime
     and inode), in one pass of a stat per entry and constant memory; and whether every entry had
     settled (see :data:`workdir.SETTLED_NS`): only then does an unchanged digest vouch for
     unchanged bytes. Entries come in the order the file system lists them, which for an
     unchanged folder is the same: another order only costs a full check. Names ``skip`` is true
-    of (with what they hold) are left out."""
+    of (with what they hold) are left out. The stat is most of what an entry costs: the loop
+    does little else, and the digest takes a few thousand entries' stats at a time."""
     started = time.time_ns()
     digest = hashlib.sha256()
-    settled = True
+    newest = 0
+    names: list[str] = []
+    stats = array("q")
+
+    def fold() -> None:  # the entries so far into the digest
+        nonlocal newest
+        digest.update(f"{len(names)}\0{chr(0).join(names)}\0".encode("utf-8", "surrogateescape"))
+        digest.update(stats)
+        if stats:
+            newest = max(newest, max(stats[2::5]), max(stats[3::5]))
+        names.clear()
+        del stats[:]
+
     stack = [os.fspath(folder)]
     while stack:
+        top = stack.pop()
         try:
-            entries = os.scandir(stack.pop())
+            fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        with entries:
-            for entry in entries:
-                if skip(entry.name):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                digest.update(f"{entry.path}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
-                              f"{st.st_ino}\n".encode("utf-8", "surrogateescape"))
-                if st.st_mtime_ns >= started - workdir.SETTLED_NS or st.st_ctime_ns >= started - workdir.SETTLED_NS:
-                    settled = False
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-    return digest.hexdigest(), settled
+        digest.update(f"{top}\0".encode("utf-8", "surrogateescape"))
+        try:
+            with os.scandir(fd) as entries:  # through the folder's descriptor: a stat looks up a name, not a path
+                for entry in entries:
+                    if skip is not None and skip(entry.name):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    stats.extend((st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+                    names.append(entry.name)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(f"{top}/{entry.name}")
+                    if len(names) == 4096:
+                        fold()
+        finally:
+            os.close(fd)
+        fold()
+    return digest.hexdigest(), newest < started - workdir.SETTLED_NS
 
 
 def _status_cache(wd: workdir.Workdir) -> dict:

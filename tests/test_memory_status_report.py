@@ -1,0 +1,241 @@
+"""`prep status` and `prep report` in memory that does not grow with the rows: a first look
+reads each CSV a row at a time, a bounded number of times, and keeps per image only numbers in
+arrays; asked again with nothing changed, they read no row, open no image and hash no file, and
+each change is still seen."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import workdir
+from pipeline.stages import facts as facts_module
+from pipeline.stages import index, resize, split, status
+from tests.conftest import make_tree
+
+
+class Reads:
+    """What is read: CSVs (by name, whole or a row at a time), files hashed, images opened."""
+
+    def __init__(self, monkeypatch):
+        self.csv, self.hashed, self.images = [], [], []
+        png = lambda path: str(path).endswith(".png")  # noqa: E731
+
+        def counted(log, call, is_image=lambda path: False):
+            def wrapper(path, *args, **kwargs):
+                (self.images if is_image(path) else log).append(Path(path).name)
+                return call(path, *args, **kwargs)
+            return wrapper
+
+        monkeypatch.setattr(workdir, "read_csv", counted(self.csv, workdir.read_csv))
+        monkeypatch.setattr(workdir, "iter_csv", counted(self.csv, workdir.iter_csv))
+        monkeypatch.setattr(workdir, "sha256_file", counted(self.hashed, workdir.sha256_file))
+        monkeypatch.setattr(workdir, "read_file", counted([], workdir.read_file, png))
+        monkeypatch.setattr(Image, "open", counted(self.images, Image.open))
+        monkeypatch.setattr(Path, "read_bytes", counted([], Path.read_bytes, png))
+
+    def none(self) -> bool:
+        return not (self.csv or self.hashed or self.images)
+
+    def clear(self) -> None:
+        self.csv.clear(), self.hashed.clear(), self.images.clear()
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Every file counts as settled at once, so that a test need not wait for the caches."""
+    for module in (workdir, index, resize):
+        monkeypatch.setattr(module, "SETTLED_NS", -60 * 10**9, raising=False)
+
+
+@pytest.fixture
+def packed(prep, tmp_path: Path) -> Path:
+    raw = make_tree(tmp_path / "raw", {"cat": 12, "dog": 12, "bird": 9})
+    shutil.copy(raw / "cat" / "img0.png", raw / "cat" / "copy0.png")  # identical files: a group
+    shutil.copy(raw / "cat" / "img1.png", raw / "dog" / "copy1.png")  # under two labels
+    for args in (["index", raw], ["resize", "--executor", "serial"], ["split"], ["encode"],
+                 ["pack", "--format", "pkl.gz", "--executor", "serial"]):
+        result = prep(*args)
+        assert result.exit_code == 0, result.output
+    return tmp_path / "work"
+
+
+def reasons(result) -> dict[str, tuple[str, list[str]]]:
+    return {s["stage"]: (s["state"], s["reasons"]) for s in json.loads(result.stdout)["stages"]}
+
+
+def test_warm_status_reads_nothing_and_sees_each_change(prep, packed: Path, settled, monkeypatch):
+    raw = packed.parent / "raw"
+    first = prep("status", "--json")
+    assert [state for state, _ in reasons(first).values()][:5] == ["up to date"] * 5
+    reads = Reads(monkeypatch)
+    assert prep("status", "--json").stdout == first.stdout
+    assert reads.none(), (reads.csv, reads.hashed, reads.images)
+
+    def seen(stage: str) -> list[str]:
+        reads.clear()
+        result = reasons(prep("status", "--json"))
+        assert reads.csv  # looked again
+        return result[stage][1]
+
+    png = packed / "resized" / "dog" / "img3.png"
+    with Image.open(png) as img:
+        size = img.size
+    Image.new("RGB", size, (1, 2, 3)).save(png)  # in place: its folder is unchanged
+    assert seen("resize") == ["1 resized file missing or changed since `prep resize` (dog/img3.png)"]
+    (packed / "resized" / "bird" / "img2.png").unlink()
+    assert seen("resize") == ["2 resized files missing or changed since `prep resize` (bird/img2.png, ...)"]
+
+    shutil.copy(raw / "dog" / "img0.png", raw / "dog" / "new.png")
+    assert seen("index") == ["1 new image in RAW"]
+    target = raw / "cat" / "img5.png"
+    st = target.stat()
+    target.write_bytes(target.read_bytes() + b"\0")  # edited in place, its mtime put back
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert seen("index") == ["1 new image in RAW", "1 image changed in RAW"]
+    (raw / "bird" / "img1.png").unlink()
+    assert seen("index") == ["1 new image in RAW", "1 image gone from RAW", "1 image changed in RAW"]
+
+    before = prep("status", "--json").stdout
+    (raw / ".DS_Store").write_bytes(b"x")  # what index skips changes no verdict
+    (raw / "dog" / "notes.txt").write_text("x")
+    (raw / "loose.png").write_bytes((raw / "dog" / "img0.png").read_bytes())  # not in a class folder
+    assert prep("status", "--json").stdout == before
+
+    labels = packed / "labels.csv"
+    labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
+    assert "1 image no longer in labels.csv" in seen("resize")
+
+
+def test_status_reads_each_csv_a_row_at_a_time(prep, packed: Path, settled, monkeypatch):
+    (packed / status.STATUS_CACHE).unlink(missing_ok=True)
+    reads = Reads(monkeypatch)
+    assert prep("status").exit_code == 0
+    counts = Counter(name if not name.startswith("resized-files") else "record" for name in reads.csv)
+    # labels.csv for index's check, then resize's; resized.csv for its rows, then its files, beside
+    # resize's record of them
+    assert counts == {"labels.csv": 2, "resized.csv": 2, "record": 1}, counts
+
+
+def test_the_hash_cache_read_a_block_at_a_time_is_the_whole_one(tmp_path: Path, monkeypatch):
+    wd = workdir.Workdir(tmp_path)
+    (tmp_path / workdir.CACHE_DIR).mkdir()
+    odd = ['a"quote/x.png', "back\\slash/x.png", "é/ünï.png", "new\nline/x.png", "tab\t/x.png", "ends],",
+           ':starts/x.png', 'in],"side/x.png']
+    files = {name: [10 + i, 1_700_000_000_000_000_000 + i, "ab" * 32, True] for i, name in enumerate(odd)}
+    files.update({f"c/{i:06d}.png": [i, i * 7, "cd" * 32, i % 2 == 0] for i in range(20_000)})  # over a block
+    files.update({f"c/{i:06d}],": [i, i, "cd" * 32, True] for i in range(0, 20_000, 500)})  # ends as an entry
+    files["etag/x.png"] = [5, '"9b2cf535f27731c974343645a3985328"', "ef" * 32, True]  # an object store's
+    files["none/x.png"] = [6, None, "ef" * 32, False]
+
+    def pairs(root: str) -> set[tuple[int, int]]:
+        keys, versions = status._cached_versions(wd, root)
+        return set(zip(keys.tolist(), versions.tolist(), strict=True))
+
+    def whole(root: str) -> set[tuple[int, int]]:
+        return {(hash(rel), hash(tuple(entry[:2]))) for rel, entry in workdir.hash_cache(wd, root).items()}
+
+    cache = tmp_path / workdir.HASH_CACHE
+    workdir.write_json(cache, {"root": "/raw", "files": files}, indent=None)  # as index writes it
+    read_whole = []
+    monkeypatch.setattr(workdir, "hash_cache", lambda *args: read_whole.append(args) or {})
+    assert len(pairs("/raw")) == len(files) and not read_whole
+    assert pairs("/elsewhere") == set()
+    monkeypatch.undo()
+    assert pairs("/raw") == whole("/raw")
+
+    workdir.write_json(cache, {"root": "/raw", "files": files})  # indented: read whole
+    assert pairs("/raw") == whole("/raw")
+    cache.write_text('{"files": {"a/b.png": [1, 2')  # damaged: as good as none
+    assert pairs("/raw") == set() == whole("/raw")
+    cache.unlink()
+    assert pairs("/raw") == set()
+
+
+def test_tree_state_sees_a_file_edited_in_place(tmp_path: Path):
+    folder = tmp_path / "tree"
+    for i in range(5000):  # more than the entries folded into the digest at a time
+        (folder / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (folder / f"d{i % 2}" / f"f{i}").write_bytes(b"x")
+    first = status.tree_state(folder)
+    assert status.tree_state(folder) == first
+    target = folder / "d1" / "f7"
+    st = target.stat()
+    target.write_bytes(b"y")  # the same size, the mtime put back: the ctime tells
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert status.tree_state(folder)[0] != first[0]
+    assert status.tree_state(folder, lambda name: name == "d1")[0] != status.tree_state(folder)[0]
+
+
+def test_report_warm_reads_nothing_and_cold_reads_each_csv_a_bounded_number_of_times(prep, packed: Path, settled,
+                                                                                      monkeypatch):
+    reads = Reads(monkeypatch)
+    assert prep("report").stdout.startswith("Wrote")
+    counts = Counter(reads.csv)
+    assert not [name for name in counts if not name.endswith(".csv")]
+    assert counts["labels.csv"] <= 2 and counts["resized.csv"] == 1 and counts["splits.csv"] <= 2, counts
+    reads.clear()
+    assert prep("report").stdout.startswith("Up to date:")
+    assert reads.none(), (reads.csv, reads.hashed, reads.images)
+
+
+def rows(path: Path) -> list[dict]:
+    return workdir.read_csv(path)
+
+
+def test_gather_keeps_what_the_page_shows_and_counts_the_rest(packed: Path, monkeypatch):
+    """The facts against the same questions asked of every row (as the page once did)."""
+    monkeypatch.setattr(facts_module, "MAX_ROWS", 1)
+    found = facts_module.gather(workdir.Workdir(packed), samples=3)
+
+    labels = rows(packed / "labels.csv")
+    groups = defaultdict(list)
+    for row in labels:
+        groups[row["sha256"]].append({k: row[k] for k in ("path", "label", "sha256")})
+    groups = [g for g in groups.values() if len(g) > 1]
+    conflicts = [g for g in groups if len({r["label"] for r in g}) > 1]
+    assert found.labels.count == len(labels)
+    assert (found.labels.group_count, found.labels.conflict_count, found.labels.extra) == (
+        len(groups), len(conflicts), sum(len(g) - 1 for g in groups)) == (2, 1, 2)
+    assert found.labels.groups == groups[:1] and found.labels.conflicts == conflicts[:1]
+
+    splits = rows(packed / "splits.csv")
+    first = defaultdict(list)
+    for row in splits:
+        first[row["label"]].append({k: row[k] for k in ("path", "label", "resized", "split")})
+    assert found.splits == [row for label in first for row in first[label][:3]]
+    assert found.split_counts == Counter((row["label"], row["split"]) for row in splits)
+    assert found.resized.usable == len(rows(packed / "resized.csv")) and found.resized.samples == []
+
+    grouped = defaultdict(list)
+    for row in splits:
+        if row["group"]:
+            grouped[row["group"]].append(row)
+    assert found.groups.per_split == {s: [sum(1 for g in grouped.values() if g[0]["split"] == s),
+                                          sum(len(g) for g in grouped.values() if g[0]["split"] == s)]
+                                      for s in workdir.SPLIT_NAMES}
+    largest = sorted(grouped.values(), key=lambda g: (-len(g), workdir.natural_key(g[0]["path"])))[:5]
+    assert [(n, s, [r["path"] for r in kept]) for n, s, kept in found.groups.largest] == [
+        (len(g), g[0]["split"], [r["path"] for r in g[:12]]) for g in largest]
+
+
+def test_split_files_are_named_as_split_names_them():
+    assert (facts_module.CONFLICTS, facts_module.NEAR_COPIES) == (split.CONFLICTS, split.NEAR_COPIES)
+
+
+def test_a_size_that_is_not_a_number_is_a_one_line_error(prep, packed: Path):
+    table = packed / "resized.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    fields = lines[3].rstrip("\n").split(",")
+    fields[header.index("width")] = "wide"
+    table.write_text("".join(lines[:3] + [",".join(fields) + "\n"] + lines[4:]))
+    result = prep("report")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{table} line 4: width 'wide'" in result.output
