@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
     parser.add_argument("--memory-gb", type=float, default=24.0, help="the memory of the machine to estimate for [24]")
     parser.add_argument("--cluster-cores", type=int, default=100, help="worker cores of the cluster to estimate for [100]")
+    parser.add_argument("--no-dask", action="store_true", help="skip the Dask client's measurement")
     args = parser.parse_args(argv)
     # -P: not the current directory first in sys.path, which `-m` puts there, so that prep is the
     # one the interpreter installs or PYTHONPATH gives, wherever the benchmark is started
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (f", made in {seconds:.1f} s)" if seconds else ", reused)"), flush=True)
             bench.read_corpus_once(raw)
             sizes.append({**measure_size(prep, raw, n), "corpus_seconds": seconds})
-        if len(sizes) >= 2:
+        if len(sizes) >= 2 and not args.no_dask:
             # the two smallest sizes: the client's cost per image, without a cluster run of the largest
             client = dask_client(prep, [(build(pc, args.seed, per_class[-1])[0], s["images"])
                                         for pc, s in zip(per_class[:2], sizes[:2])])
