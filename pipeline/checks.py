@@ -10,10 +10,12 @@ own kinds there.
 
 from __future__ import annotations
 
+import heapq
 import logging
-import statistics
+from array import array
 from collections import Counter, defaultdict
-from typing import Iterable
+from itertools import pairwise
+from typing import Iterable, Sequence
 
 from . import workdir
 from .errors import PrepError
@@ -106,47 +108,102 @@ def class_warnings(counts: dict[str, int]) -> list[dict]:
 def size_warnings(rows: Iterable[dict], width: int, height: int) -> list[dict]:
     """Source sizes far from the rest (longest side over :data:`OUTLIER` times the median's, or
     under its inverse), and more than :data:`UPSCALED_SHARE` of the images under half of the
-    target ``width`` x ``height`` on both sides. ``rows``: resized.csv's, with status ok."""
-    sizes = {}
-    for row in rows:
-        try:
-            sizes[row["path"]] = (int(row["width"]), int(row["height"]))
-        except (KeyError, TypeError, ValueError):  # a record without its size: not judged
-            continue
-    if not sizes:
+    target ``width`` x ``height`` on both sides. ``rows``: resized.csv's, with status ok.
+
+    Memory: the sizes in arrays, a reference to each path (a string the caller holds), and
+    counts; not a dict entry and a tuple per image (nor numpy: an up-to-date resize loads none)."""
+    paths, widths, heights = _sizes(rows)
+    if not paths:
         return []
     found = []
-    median = statistics.median(max(s) for s in sizes.values())
-    large = [p for p, s in sizes.items() if max(s) > OUTLIER * median]
-    small = [p for p, s in sizes.items() if max(s) < median / OUTLIER]
-    if large or small:
+    longest = array("q", map(max, widths, heights)) if isinstance(widths, array) else list(map(max, widths, heights))
+    median = _median(longest)
+    large, n_large = _first(v > OUTLIER * median for v in longest)
+    small, n_small = _first(v < median / OUTLIER for v in longest)
+    del longest
+    if n_large or n_small:
         parts = []
-        for what, paths in (("larger", large), ("smaller", small)):
-            if paths:
-                w, h = sizes[paths[0]]
-                parts.append(f"{len(paths)} {what} (e.g. {paths[0]}, {w}x{h})")
+        for what, at, count in (("larger", large, n_large), ("smaller", small, n_small)):
+            if count:
+                parts.append(f"{count} {what} (e.g. {paths[at[0]]}, {widths[at[0]]}x{heights[at[0]]})")
         found.append({
             "kind": "size_outliers",
-            "message": f"{len(large) + len(small)} image{'s are' if len(large) + len(small) != 1 else ' is'} far"
+            "message": f"{n_large + n_small} image{'s are' if n_large + n_small != 1 else ' is'} far"
                        f" from the others' size (longest side: median {median:g} px; {' and '.join(parts)});"
                        " another kind of image, or one in the wrong folder?",
             "median_longest": median,
-            "larger": large[:20],
-            "smaller": small[:20],
-            "count": len(large) + len(small),
+            "larger": [paths[i] for i in large],
+            "smaller": [paths[i] for i in small],
+            "count": n_large + n_small,
         })
-    tiny = [p for p, (w, h) in sizes.items() if 2 * w < width and 2 * h < height]
-    if len(tiny) > UPSCALED_SHARE * len(sizes):
-        w, h = sizes[tiny[0]]
+    tiny, n_tiny = _first(2 * w < width and 2 * h < height for w, h in zip(widths, heights))
+    if n_tiny > UPSCALED_SHARE * len(paths):
+        w, h = widths[tiny[0]], heights[tiny[0]]
         found.append({
             "kind": "upscaled",
-            "message": f"{len(tiny)} of {len(sizes)} images are under half of --size {width}x{height} on both"
-                       f" sides (e.g. {tiny[0]}, {w}x{h}): enlarging adds no detail; a smaller --size may do",
-            "count": len(tiny),
-            "images": len(sizes),
+            "message": f"{n_tiny} of {len(paths)} images are under half of --size {width}x{height} on both"
+                       f" sides (e.g. {paths[tiny[0]]}, {w}x{h}): enlarging adds no detail; a smaller --size may do",
+            "count": n_tiny,
+            "images": len(paths),
             "size": [width, height],
         })
     return found
+
+
+def _sizes(rows: Iterable[dict]) -> tuple[list[str], Sequence[int], Sequence[int]]:
+    """The paths, widths and heights of the rows with a size (the sizes in arrays, lists once
+    one is beyond 64 bits); a path listed twice counts once, in its first place, with its last
+    size, as a dict of path -> size keeps it."""
+    paths: list[str] = []
+    widths: Sequence[int] = array("q")
+    heights: Sequence[int] = array("q")
+    for row in rows:
+        try:
+            size = int(row["width"]), int(row["height"])
+            path = row["path"]
+        except (KeyError, TypeError, ValueError):  # a record without its size: not judged
+            continue
+        if isinstance(widths, array) and max(map(abs, size)) >= 1 << 63:
+            widths, heights = list(widths), list(heights)
+        widths.append(size[0])
+        heights.append(size[1])
+        paths.append(path)
+    if _repeats(paths):
+        kept = dict(zip(paths, zip(widths, heights)))
+        paths, widths, heights = list(kept), [w for w, _ in kept.values()], [h for _, h in kept.values()]
+    return paths, widths, heights
+
+
+def _repeats(paths: list[str], piece: int = 1 << 12) -> bool:
+    """Whether two paths share a hash (the same path twice, mostly), in a few bytes per path:
+    their hashes sorted a piece at a time, then merged."""
+    pieces = [array("q", sorted(map(hash, paths[start : start + piece]))) for start in range(0, len(paths), piece)]
+    return any(a == b for a, b in pairwise(heapq.merge(*pieces)))
+
+
+def _median(values: Sequence[int]) -> int | float:
+    """statistics.median of numbers, by counting them (sizes repeat: few distinct ones)."""
+    counts = Counter(values)
+    middle = len(values) // 2
+    wanted = [middle] if len(values) % 2 else [middle - 1, middle]  # ranks, in sorted order
+    found, seen = [], 0
+    for value in sorted(counts):
+        seen += counts[value]
+        while wanted and wanted[0] < seen:
+            found.append(value)
+            wanted.pop(0)
+    return found[0] if len(values) % 2 else (found[0] + found[1]) / 2
+
+
+def _first(flags: Iterable[bool], keep: int = 20) -> tuple[list[int], int]:
+    """The positions of the first ``keep`` true flags, and how many are true."""
+    first, count = [], 0
+    for i, flag in enumerate(flags):
+        if flag:
+            count += 1
+            if len(first) < keep:
+                first.append(i)
+    return first, count
 
 
 def report(warnings: list[dict]) -> None:

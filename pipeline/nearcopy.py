@@ -20,6 +20,7 @@ table indexed by block value (multi-index hashing).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -33,7 +34,7 @@ RULES = ("off", "strict", "default")
 _BLOCKS = ((0, 21), (21, 21), (42, 22))  # (first bit, bits) of the 64-bit hash, low bits first
 _ALL_PAIRS = 4096  # hashes up to which comparing every pair is the quicker search
 _ROWS = 256  # rows of that comparison at once: 256 x N distances in memory
-_CHUNK = 1 << 22  # candidate pairs checked at once: bounds memory when hashes cluster
+_CHUNK = 1 << 14  # hashes probed, candidate pairs checked, edges joined at once: bounds each step's memory
 
 
 def perceptual_hashes(img) -> tuple[str, str]:
@@ -65,11 +66,11 @@ def parse_hashes(phash8: list[str], phash16: list[str]) -> tuple[np.ndarray, np.
 
 
 def popcount(x: np.ndarray) -> np.ndarray:
-    """Set bits of each uint64."""
+    """Set bits of each uint64, as uint8."""
     if hasattr(np, "bitwise_count"):  # numpy 2
-        return np.bitwise_count(x).astype(np.int64)
+        return np.bitwise_count(x)
     x = np.ascontiguousarray(x, dtype=np.uint64)
-    return _BYTE_BITS[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.int64)
+    return _BYTE_BITS[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.uint8)
 
 
 _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
@@ -103,47 +104,56 @@ def near_pairs(h8: np.ndarray, h16: np.ndarray, rule: str = "default") -> Pairs:
     radius = STRICT if rule == "strict" else LOOSE
     accepted(np.zeros(0), np.zeros(0), rule)  # the rule's name is checked
     n = len(h8)
-    found: list[tuple[np.ndarray, ...]] = []
+    found = [array("i"), array("i"), array("B"), array("H")]  # a, b, d8, d16
     if n < 2:
         empty = np.zeros(0, np.int64)
         return Pairs(empty, empty, empty, empty)
-    h8 = np.ascontiguousarray(h8, dtype=np.uint64)
+    h8 = np.asarray(h8, dtype=np.uint64)  # a column of the caller's array will do: no copy
     if n <= _ALL_PAIRS:
         return _all_pairs(h8, h16, rule, radius)
-    keys = [((h8 >> np.uint64(first)) & np.uint64((1 << bits) - 1)).astype(np.int32) for first, bits in _BLOCKS]
     per_block = radius // len(_BLOCKS)
+    masks = [np.uint64((1 << bits) - 1) for _, bits in _BLOCKS]
     for k, (first, bits) in enumerate(_BLOCKS):
-        key = keys[k]
+        key = ((h8 >> np.uint64(first)) & masks[k]).astype(np.int32)
         order = np.argsort(key, kind="stable").astype(np.int32)
-        counts = np.bincount(key, minlength=1 << bits).astype(np.int32)
-        starts = np.cumsum(counts, dtype=np.int64) - counts
+        # the hashes of block value v are order[starts[v] : starts[v] + counts[v]]: two int32 tables
+        counts = np.zeros(1 << bits, np.int32)
+        ordered = key[order]
+        runs = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        counts[ordered[runs]] = np.diff(np.r_[runs, n])
+        del ordered, runs
+        starts = np.cumsum(counts, dtype=np.int32)
+        starts -= counts
         for flips in range(per_block + 1):
             for bitset in combinations(range(bits), flips):
-                probe = key ^ np.int32(sum(1 << b for b in bitset))
-                count = counts[probe]
-                who = np.flatnonzero(count)
-                if not len(who):
-                    continue
-                for part in _chunks(who, count[who]):
-                    a, b = _expand(part, starts[probe[part]], count[part], order)
-                    keep = a < b
-                    a, b = a[keep], b[keep]
-                    # a pair close in an earlier block was found there
-                    for j in range(k):
-                        earlier = popcount((keys[j][a] ^ keys[j][b]).astype(np.uint64)) <= per_block
-                        a, b = a[~earlier], b[~earlier]
-                    d8 = popcount(h8[a] ^ h8[b])
-                    close = d8 <= radius
-                    a, b, d8 = a[close], b[close], d8[close]
-                    d16 = popcount(h16[a] ^ h16[b]).sum(axis=1)
-                    ok = accepted(d8, d16, rule)
-                    if ok.any():  # compact: a cluster of near copies has pairs by the million
-                        found.append((a[ok].astype(np.int32), b[ok].astype(np.int32), d8[ok].astype(np.uint8),
-                                      d16[ok].astype(np.uint16)))
-    if not found:
+                flip = np.int32(sum(1 << b for b in bitset))
+                for begin in range(0, n, _CHUNK):  # a part of the hashes at once: bounds memory
+                    probe = key[begin : begin + _CHUNK] ^ flip
+                    count = counts[probe]
+                    who = np.flatnonzero(count)
+                    for part in _chunks(who, count[who]) if len(who) else ():
+                        a, b = _expand(part + begin, starts[probe[part]], count[part], order)
+                        keep = a < b
+                        a, b = a[keep], b[keep]
+                        apart = h8[a] ^ h8[b]
+                        # a pair close in an earlier block was found there
+                        for j in range(k):
+                            later = popcount((apart >> np.uint64(_BLOCKS[j][0])) & masks[j]) > per_block
+                            a, b, apart = a[later], b[later], apart[later]
+                        d8 = popcount(apart)
+                        close = d8 <= radius
+                        a, b, d8 = a[close], b[close], d8[close]
+                        d16 = popcount(h16[a] ^ h16[b]).sum(axis=1)
+                        ok = accepted(d8, d16, rule)
+                        if ok.any():  # compact: a cluster of near copies has pairs by the million
+                            for column, values in zip(found, (a[ok], b[ok], d8[ok], d16[ok].astype(np.uint16))):
+                                column.frombytes(values.tobytes())  # a few growing buffers, not many pieces
+        del order, counts, starts  # before the next block's
+    if not found[0]:
         empty = np.zeros(0, np.int64)
         return Pairs(empty, empty, empty, empty)
-    return Pairs(*(np.concatenate(parts) for parts in zip(*found)))
+    return Pairs(*(np.frombuffer(column, dtype) for column, dtype in
+                   zip(found, (np.int32, np.int32, np.uint8, np.uint16))))
 
 
 def _all_pairs(h8: np.ndarray, h16: np.ndarray, rule: str, radius: int) -> Pairs:
@@ -178,28 +188,37 @@ def _chunks(who: np.ndarray, count: np.ndarray):
 
 
 def _expand(who: np.ndarray, lo: np.ndarray, count: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each of ``who`` paired with every entry of its table range ``lo .. lo + count``."""
+    """Each of ``who`` paired with every entry of its table range ``lo .. lo + count`` (int32:
+    a chunk holds fewer than 2**31 candidates, a table fewer entries)."""
     total = int(count.sum())
     a = np.repeat(who.astype(np.int32), count)
-    offsets = np.arange(total) - np.repeat(np.cumsum(count) - count, count)
-    return a, order[np.repeat(lo, count) + offsets]
+    at = np.repeat(lo - (np.cumsum(count, dtype=np.int32) - count), count)
+    at += np.arange(total, dtype=np.int32)
+    return a, order[at]
 
 
-def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The connected component of each of ``n`` nodes joined by edges ``a[k] - b[k]``: labels
-    numbered by their smallest node, in node order (so the same edges give the same labels).
+def components(n: int, a, b) -> np.ndarray:
+    """The connected component of each of ``n`` nodes joined by edges ``a[k] - b[k]`` (arrays,
+    or lists of arrays taken side by side): labels numbered by their smallest node, in node
+    order (so the same edges give the same labels, whatever their order).
 
     Minimum-label propagation with pointer jumping, in numpy: each round gives both ends of every
     edge the smaller of their labels, then lets every node take its label's label, until nothing
     changes (a few rounds on real groups). scipy's connected_components costs 0.4 s to import,
-    more than the whole search on a dataset of thousands."""
-    labels = np.arange(n, dtype=np.int64)
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    while len(a):
-        low = np.minimum(labels[a], labels[b])
+    more than the whole search on a dataset of thousands. Labels are int32 below 2**31 nodes,
+    and edges are taken :data:`_CHUNK` at a time: memory is a few bytes per node."""
+    dtype = np.int32 if n < 2**31 else np.int64
+    labels = np.arange(n, dtype=dtype)
+    edges = list(zip(a, b)) if isinstance(a, list) else [(a, b)]
+    edges = [(np.asarray(x, dtype), np.asarray(y, dtype)) for x, y in edges if len(x)]
+    while edges:
         before = labels.copy()
-        np.minimum.at(labels, a, low)
-        np.minimum.at(labels, b, low)
+        for x, y in edges:
+            for start in range(0, len(x), _CHUNK):
+                x_part, y_part = x[start : start + _CHUNK], y[start : start + _CHUNK]
+                low = np.minimum(labels[x_part], labels[y_part])
+                np.minimum.at(labels, x_part, low)
+                np.minimum.at(labels, y_part, low)
         while True:  # pointer jumping: a label's own label, until each points at a root
             jumped = labels[labels]
             if np.array_equal(jumped, labels):

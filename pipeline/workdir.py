@@ -830,6 +830,25 @@ def settled_hash(entry: Any) -> tuple[int, Any, str] | None:
     return None
 
 
+# -- memory ----------------------------------------------------------------------------------
+
+
+def map_large_blocks(threshold: int = 128 * 1024) -> None:
+    """Have the C library's allocator give each block of ``threshold`` bytes or more a memory
+    map of its own, returned to the system when freed. glibc's malloc raises that threshold to
+    the size of each large block freed (up to 32 MiB); blocks below it then come from its heap,
+    where freed memory stays in the process's resident set, so a stage that frees and allocates
+    arrays of an entry per image in turn holds much more than it uses. A fixed threshold stops
+    that. Elsewhere (another C library, another system) nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+
+
 # -- hashing and up-to-date stamps -----------------------------------------------------------
 
 

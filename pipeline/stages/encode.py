@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .. import workdir
 from ..errors import PrepError
-from .split import SPLIT_COLUMNS, confine_rows
+from .split import SPLIT_COLUMNS, path_checks
 
 ENCODED_COLUMNS = SPLIT_COLUMNS + ["label_id"]
 CLASS_ORDERS = {"natural": workdir.natural_key, "alphabetical": None}  # name -> sort key (None: sorted())
@@ -57,6 +58,34 @@ def read_classes(path: Path) -> list[str]:
     return classes
 
 
+def read_labels(wd: workdir.Workdir, splits: Path) -> dict[str, None]:
+    """The labels of splits.csv (in the order they first appear), its rows read a line at a time
+    and their paths checked; a fault in the CSV itself is reported before a path out of place,
+    wherever it is."""
+    labels: dict[str, None] = {}
+    check, problem = path_checks(wd, splits), None
+    for line, (path, label, _, resized, *_) in enumerate(workdir.iter_csv(splits, SPLIT_COLUMNS), start=2):
+        labels[label] = None
+        if problem is None:
+            try:
+                check(line, path, resized)
+            except PrepError as err:
+                problem = err
+    if not labels:
+        raise PrepError(f"{splits} has no rows; run `prep split` first")
+    if problem is not None:
+        raise problem
+    return labels
+
+
+def encoded_rows(splits: Path, ids: dict[str, int]) -> Iterator[tuple]:
+    """The rows of encoded.csv: those of splits.csv, read again, with their label's id."""
+    for row in workdir.iter_csv(splits, SPLIT_COLUMNS):
+        if row[1] not in ids:
+            raise PrepError(f"{splits} changed while encode read it; run `prep encode` again")
+        yield *row, ids[row[1]]
+
+
 def run(cfg: EncodeConfig) -> EncodeResult:
     if cfg.class_order not in CLASS_ORDERS:
         raise PrepError(f"--class-order must be one of {', '.join(CLASS_ORDERS)}; received {cfg.class_order!r}")
@@ -66,12 +95,7 @@ def run(cfg: EncodeConfig) -> EncodeResult:
     if stamp.is_current(inputs, settings) and cfg.out.exists() and cfg.classes_out.exists():
         return EncodeResult(read_classes(cfg.classes_out), cfg.out, up_to_date=True)
 
-    rows = workdir.read_csv(cfg.splits, SPLIT_COLUMNS)
-    if not rows:
-        raise PrepError(f"{cfg.splits} has no rows; run `prep split` first")
-    confine_rows(cfg.workdir, rows, cfg.splits)
-    labels = [r["label"] for r in rows]
-    present = sorted(set(labels), key=CLASS_ORDERS[cfg.class_order])
+    present = sorted(read_labels(cfg.workdir, cfg.splits), key=CLASS_ORDERS[cfg.class_order])
     if cfg.pinned:
         classes = read_classes(cfg.pinned)
         unknown = [c for c in present if c not in set(classes)]
@@ -87,6 +111,6 @@ def run(cfg: EncodeConfig) -> EncodeResult:
 
     order = "pinned" if cfg.pinned else cfg.class_order
     workdir.write_json(cfg.classes_out, {"classes": classes, "order": order})
-    workdir.write_csv(cfg.out, ENCODED_COLUMNS, ({**r, "label_id": ids[r["label"]]} for r in rows))
+    workdir.write_csv_rows(cfg.out, ENCODED_COLUMNS, encoded_rows(cfg.splits, ids))
     stamp.record(inputs, settings, [cfg.out, cfg.classes_out])
     return EncodeResult(classes, cfg.out)

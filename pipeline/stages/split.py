@@ -10,6 +10,10 @@
 * Within a class, larger units are placed first, then units in a seeded hash order of their
   content, so the result does not depend on the order of the input rows.
 * Images that `prep resize` rejected are left out (when resized.csv is present).
+
+Memory does not hold the rows: what is known of each image is a few numbers in numpy arrays
+(:class:`Images`, :class:`Units`), and labels.csv and resized.csv are read again to write
+splits.csv and the paths of the pairs listed (see :class:`Usable`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import hashlib
 import logging
 import math
 import re
+from array import array
 from collections import defaultdict
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import zip_longest
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import workdir
 from ..errors import PrepError
@@ -39,6 +46,10 @@ NEAR_COPY_RULES = ("off", "strict", "default")  # as pipeline.nearcopy.RULES, wi
 ON_CONFLICT = ("keep", "drop", "error")
 LARGE_GROUP = 0.10  # of its class: a group this large is warned about
 NATURAL = workdir.natural_key
+RESIZED_READ = ["path", "sha256", "status", "resized", "resized_sha256", "phash8", "phash16"]  # of resized.csv
+_SHA256 = re.compile(r"[0-9a-f]{64}")  # as `prep index` writes them: 32 bytes each in memory
+_HEX = re.compile(r"[0-9a-fA-F]*")
+_CHUNK = 1 << 16  # array entries turned into Python numbers at once
 
 
 @dataclass
@@ -115,12 +126,29 @@ def _unit_key(seed: int, sha: str) -> str:
     return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
 
 
+def fill(sizes: Sequence[int], ratios: tuple[float, float, float]) -> list[int]:
+    """The split (0 train, 1 valid, 2 test) of each unit of one class, given their sizes in the
+    order they are placed: the split furthest below its target, for its size, takes the unit
+    (ties: train, valid, test), so groups of copies spread over the splits as single images do,
+    instead of all going to train (the largest absolute gap); but when no more units are left
+    than splits still empty, one of those."""
+    target = allocate(sum(sizes), ratios)
+    filled = [0, 0, 0]
+    chosen = []
+    for left, size in zip(range(len(sizes), 0, -1), sizes):
+        empty = [k for k in range(3) if target[k] and not filled[k]]
+        choices = empty if len(empty) >= left else range(3)
+        i = max(choices, key=lambda k: ((target[k] - filled[k]) / target[k] if target[k] else -1.0, -k))
+        filled[i] += size
+        chosen.append(i)
+    return chosen
+
+
 def units_by_class(
     rows: list[dict], units: dict[str, list[dict]] | None = None
 ) -> tuple[dict[str, list[dict]], dict[str, list[str]]]:
-    """key -> the rows of a unit (images that share a split: by default those of one sha256;
-    :func:`group_units` gives the units of groups, keyed by their smallest sha256), and
-    class -> the units it owns: a unit belongs to the class of its first file in index order."""
+    """key -> the rows of a unit (images that share a split: by default those of one sha256),
+    and class -> the units it owns: a unit belongs to the class of its first file in index order."""
     if units is None:
         units = defaultdict(list)
         for row in rows:
@@ -136,31 +164,22 @@ def units_by_class(
 def assign(
     rows: list[dict], ratios: tuple[float, float, float], seed: int, units: dict[str, list[dict]] | None = None
 ) -> dict[str, str]:
-    """path -> split. Pure: the same rows (in any order), ratios, seed and units give the same result."""
+    """path -> split of rows given as dicts (units keyed by their smallest sha256). Pure: the same
+    rows (in any order), ratios, seed and units give the same result. :func:`run` places the
+    units the same way, from arrays (:func:`assign_units`)."""
     units, by_class = units_by_class(rows, units)
     result: dict[str, str] = {}
-    for label, shas in by_class.items():
+    for shas in by_class.values():
         # groups of duplicates first, largest first, so that single images even out the counts;
         # within a size, a seeded order of the content
         shas.sort(key=lambda s: (-len(units[s]), _unit_key(seed, s)))
-        size = sum(len(units[s]) for s in shas)
-        target = allocate(size, ratios)
-        filled = [0, 0, 0]
-        for left, sha in zip(range(len(shas), 0, -1), shas):
-            # the split furthest below its target, for its size, takes the unit (ties: train,
-            # valid, test), so groups of copies spread over the splits as single images do, instead
-            # of all going to train (the largest absolute gap); but when no more units are left
-            # than splits still empty, one of those
-            empty = [k for k in range(3) if target[k] and not filled[k]]
-            choices = empty if len(empty) >= left else range(3)
-            i = max(choices, key=lambda k: ((target[k] - filled[k]) / target[k] if target[k] else -1.0, -k))
-            filled[i] += len(units[sha])
+        for sha, i in zip(shas, fill([len(units[s]) for s in shas], ratios)):
             for member in units[sha]:
                 result[member["path"]] = SPLITS[i]
     return result
 
 
-# -- groups: near copies and user groups ---------------------------------------------------
+# -- settings --------------------------------------------------------------------------------
 
 
 def settings_of(ratios, seed: int, drop_small: bool, near_copies: str = "default", on_conflict: str = "keep",
@@ -204,231 +223,650 @@ def read_groups(path: Path) -> dict[str, str]:
     return groups
 
 
+# -- the rows --------------------------------------------------------------------------------
+
+
+def path_checks(wd: workdir.Workdir, source: Path) -> Callable[[int, str, str | None], None]:
+    """``check(line, path, resized)`` for the rows of a table (labels.csv, resized.csv,
+    splits.csv, encoded.csv): the image's path below RAW (by its text: no image is read from it
+    after resize) and its resized file's name, where it has one, below ``resized/``; a one-line
+    PrepError naming the line."""
+    raw = workdir.Confined(None, "RAW")
+    resized = workdir.Confined(wd.path(workdir.RESIZED_DIR), f"{workdir.RESIZED_DIR}/")
+    where = str(source)
+
+    def check(line: int, path: str, name: str | None) -> None:
+        raw(path, where, line)
+        if name:
+            resized(name, where, line)
+
+    return check
+
+
+def confine_rows(wd: workdir.Workdir, rows: Iterable[dict], source: Path) -> None:
+    """:func:`path_checks` of every row of a table read as dicts."""
+    check = path_checks(wd, source)
+    for line, row in enumerate(rows, start=2):
+        check(line, row["path"], row.get("resized"))
+
+
+Row = tuple[str, str, str, str, str, str, str]  # path, label, sha256, resized, resized_sha256, phash8, phash16
+
+
+class _Unpaired(Exception):
+    """labels.csv and resized.csv do not go row for row (or one of them is at fault)."""
+
+
+class Usable:
+    """The usable images of labels.csv (less those `prep resize` rejected), in index order, as
+    :data:`Row` tuples; iterable as often as needed.
+
+    labels.csv as `prep index` wrote it (in natural order) and resized.csv as `prep resize`
+    wrote it from that (row for row) are read side by side at each pass, a line at a time, with
+    the checks of every path. Other tables (in another order, rows that do not pair up, or any
+    fault in them) are read whole and held, sorted, as they always were: the faults are then
+    reported in the order of that reading (labels.csv first)."""
+
+    def __init__(self, wd: workdir.Workdir, labels: Path):
+        self.wd, self.labels = wd, labels
+        self.resized: Path | None = wd.path(workdir.RESIZED)
+        if not self.resized.exists():
+            log.warning("%s not found: run `prep resize` first to leave out unusable images", self.resized)
+            self.resized = None
+        self.inputs = [labels] + ([self.resized] if self.resized else [])
+        self.excluded = 0  # images resize rejected: known after the first pass
+        self.passes = 0
+        self.natural = in_natural_order(wd, labels)
+        self.held: list[Row] | None = None if self.natural else self.hold()
+
+    def __iter__(self) -> Iterator[Row]:
+        self.passes += 1
+        return iter(self.held) if self.held is not None else self._side_by_side(first=self.passes == 1)
+
+    def _side_by_side(self, first: bool) -> Iterator[Row]:
+        check = path_checks(self.wd, self.labels)
+        rows = workdir.iter_csv(self.labels, [*LABEL_COLUMNS, "resized"], required=LABEL_COLUMNS)
+        try:
+            if self.resized is None:
+                for line, (path, label, sha, _, name) in enumerate(rows, start=2):
+                    check(line, path, name)
+                    yield path, label, sha, "", "", "", ""
+                return
+            check_resized = path_checks(self.wd, self.resized)
+            done = workdir.iter_csv(self.resized, RESIZED_READ, required=RESIZED_READ[:4])
+            excluded = 0
+            for line, (row, record) in enumerate(zip_longest(rows, done), start=2):
+                if row is None or record is None:
+                    raise _Unpaired
+                path, label, sha, _, name = row
+                check(line, path, name)
+                rel, recorded_sha, status, resized, resized_sha, phash8, phash16 = record
+                check_resized(line, rel, resized)
+                if rel != path or recorded_sha != sha:
+                    raise _Unpaired
+                if status == "ok":
+                    yield path, label, sha, resized, resized_sha, phash8, phash16
+                else:
+                    excluded += 1
+            self.excluded = excluded
+        except (_Unpaired, PrepError) as err:
+            if first:
+                raise _Unpaired from None
+            if isinstance(err, PrepError):
+                raise
+            raise PrepError(f"{self.labels} or {self.resized} changed while split read them; run `prep split`"
+                            " again") from None
+
+    def hold(self) -> list[Row]:
+        """The usable rows, read whole (see the class)."""
+        rows = workdir.read_csv(self.labels, LABEL_COLUMNS)
+        confine_rows(self.wd, rows, self.labels)
+        if self.resized is None:
+            usable = [(r["path"], r["label"], r["sha256"], "", "", "", "") for r in rows]
+        else:
+            # path -> (sha256, status, resized, resized_sha256, phash8, phash16): a tuple per row,
+            # of the columns used (the hashes are absent from a resized.csv an earlier prep wrote)
+            check = path_checks(self.wd, self.resized)
+            resized = {}
+            for line, (path, *done) in enumerate(
+                    workdir.iter_csv(self.resized, RESIZED_READ, required=RESIZED_READ[:4]), start=2):
+                check(line, path, done[2])
+                resized[path] = tuple(done)
+            usable = []
+            for row in rows:
+                done = resized.get(row["path"])
+                if done is None or done[0] != row["sha256"]:
+                    raise PrepError(
+                        f"{self.resized} is out of date ({row['path']} not resized); run `prep resize` again"
+                    )
+                if done[1] == "ok":
+                    usable.append((row["path"], row["label"], row["sha256"], *done[2:]))
+            self.excluded = len(rows) - len(usable)
+        # index order (class, then path): the output and the conflicts reported do not depend on
+        # the order of the input rows. The CSV `prep index` wrote is in that order already.
+        if not self.natural:
+            usable.sort(key=lambda r: (NATURAL(r[1]), NATURAL(r[0])))
+        self.held = usable
+        return usable
+
+
+# -- what is known of each image: arrays ------------------------------------------------------
+
+
 @dataclass
-class Links:
-    """What ties images together, by their position in ``rows`` (in index order): their content
-    (sha256), their perceptual hashes (``point``: the index of the image's distinct pair of
-    hashes, -1 for none; ``pairs``: near copies between points) and user groups."""
+class Images:
+    """The usable images, in index order, as arrays with an entry per image: their class, their
+    content (sha256), their perceptual hashes (``point``: the index of the image's distinct pair of
+    hashes, -1 for none; ``pairs``: near copies between points) and their user groups."""
 
-    rows: list[dict]
-    point: object  # numpy int64 array, one per row
+    classes: list[str]  # class names, by number (in index order: natural order)
+    label: object  # int32: the number of its class
+    content: object  # int32: the rank of its sha256 among the distinct ones (in ``shas``)
+    shas: object  # the distinct sha256s, sorted: digests (as 4 big-endian uint64) when ``binary``, else texts
+    binary: bool
+    point: object  # int32, -1 for none
     pairs: object  # pipeline.nearcopy.Pairs between points
-    user: list[list[str]]  # the user groups of each row
+    points: int
+    user: list  # int32 arrays: the number of its user group (-1 for none), by --group-by and by --groups
+    user_groups: int
 
-    @property
-    def points(self) -> int:
-        return int(self.point.max()) + 1 if len(self.point) else 0
+    def sha(self, content: int) -> str:
+        """The sha256 of a content number, as its text."""
+        if self.binary:
+            return self.shas[content].tobytes().hex()
+        return self.shas[content].decode()
 
 
-def find_links(rows: list[dict], rule: str, pattern: re.Pattern | None, groups: dict[str, str] | None) -> Links:
-    """The near copies of ``rows`` under ``rule`` (from their phash8/phash16) and their user groups."""
+def distinct_rows(rows):
+    """``np.unique(rows, axis=0, return_inverse=True)`` of a 2-D array of numbers, the inverse as
+    int32, in a fraction of the memory: no copy of the rows is sorted, only their order."""
+    import numpy as np
+
+    n = len(rows)
+    order = np.lexsort(rows.T[::-1])  # by the first column, then the next...
+    new = np.ones(n, bool)  # where a row differs from the one before it, in that order
+    for start in range(1, n, _CHUNK):
+        at = order[start - 1 : start + _CHUNK]
+        new[start : start + len(at) - 1] = (rows[at[1:]] != rows[at[:-1]]).any(axis=1)
+    distinct = rows[order[new]]
+    inverse = np.empty(n, np.int32)
+    inverse[order] = np.cumsum(new, dtype=np.int32) - 1
+    return distinct, inverse
+
+
+def read_images(rows: Usable, rule: str, pattern: re.Pattern | None, groups: dict[str, str] | None) -> Images:
+    """One pass over the usable rows: their arrays, the near copies under ``rule`` (from their
+    phash8/phash16) and their user groups."""
     import numpy as np
 
     from .. import nearcopy
 
-    point = np.full(len(rows), -1, np.int64)
-    pairs = nearcopy.near_pairs(np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64))
-    hashed = [i for i, r in enumerate(rows) if r.get("phash8") and r.get("phash16")]
-    if rule != "off" and hashed:
-        try:
-            h8, h16 = nearcopy.parse_hashes([rows[i]["phash8"] for i in hashed], [rows[i]["phash16"] for i in hashed])
-        except ValueError as err:
-            raise PrepError(f"{workdir.RESIZED}: {err}; run `prep resize` again") from None
-        distinct, inverse = np.unique(np.column_stack([h8, h16]), axis=0, return_inverse=True)
-        point[hashed] = inverse.reshape(-1)
-        pairs = nearcopy.near_pairs(distinct[:, 0], distinct[:, 1:], rule)
-    if rule != "off" and len(hashed) < len(rows):
-        log.warning("%d of %d images have no perceptual hash (resized.csv missing, or written by an earlier prep):"
-                    " their near copies are not looked for; run `prep resize`", len(rows) - len(hashed), len(rows))
-    user: list[list[str]] = [[] for _ in rows]
-    if pattern is not None:
-        unmatched = 0
-        for keys, row in zip(user, rows):
-            found = pattern.search(row["path"])
-            if found and found.group("group"):
-                keys.append("by:" + found.group("group"))
+    classes: dict[str, int] = {}
+    label = array("i")
+    digests, binary = bytearray(), True  # the sha256s as bytes, while all are hex digests
+    hashed, hashes, malformed = bytearray(), bytearray(), False  # phash8 + phash16: 40 bytes each
+    keys: dict[str, int] = {}  # user group -> its number
+    by_regex, by_csv = array("i"), array("i")
+    unmatched, listed = 0, set()
+    for path, name, sha, _, _, phash8, phash16 in rows:
+        label.append(classes.setdefault(name, len(classes)))
+        if binary:
+            if len(sha) == 64 and _SHA256.fullmatch(sha):
+                digests += bytes.fromhex(sha)
             else:
+                binary, digests = False, bytearray()
+        if phash8 and phash16:
+            hashed.append(1)
+            if malformed or len(phash8) != 16 or len(phash16) != 64 or not _HEX.fullmatch(phash8 + phash16):
+                malformed = True
+            else:
+                hashes += bytes.fromhex(phash8 + phash16)
+        else:
+            hashed.append(0)
+        if pattern is not None:
+            found = pattern.search(path)
+            if found and found.group("group"):
+                by_regex.append(keys.setdefault("by:" + found.group("group"), len(keys)))
+            else:
+                by_regex.append(-1)
                 unmatched += 1
+        if groups is not None:
+            if path in groups:
+                by_csv.append(keys.setdefault("csv:" + groups[path], len(keys)))
+                listed.add(path)
+            else:
+                by_csv.append(-1)
+    n = len(label)
+    if not n:
+        raise PrepError(f"no usable images in {rows.labels}")
+
+    if binary:  # the digests as four big-endian numbers each: sorted as their bytes and hex text
+        shas, content = distinct_rows(np.frombuffer(digests, ">u8").reshape(-1, 4))
+    else:
+        shas, content = np.unique(np.array([r[2].encode() for r in rows], dtype=bytes), return_inverse=True)
+        content = content.astype(np.int32)
+    del digests
+    hashed = np.frombuffer(hashed, np.bool_)
+    point = np.full(n, -1, np.int32)
+    pairs = nearcopy.near_pairs(np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64))
+    points = 0
+    if rule != "off" and hashed.any():
+        if malformed:  # as the hashes always were parsed: the first malformed one names the fault
+            listed_hashes = [(r[5], r[6]) for r in rows if r[5] and r[6]]
+            try:
+                h8, h16 = nearcopy.parse_hashes([h for h, _ in listed_hashes], [h for _, h in listed_hashes])
+            except ValueError as err:
+                raise PrepError(f"{workdir.RESIZED}: {err}; run `prep resize` again") from None
+            del listed_hashes
+            stacked = np.column_stack([h8, h16])
+            del h8, h16
+        else:  # in place: big-endian to native numbers
+            stacked = np.frombuffer(hashes, ">u8").byteswap(inplace=True).view(np.uint64).reshape(-1, 5)
+        distinct, point[hashed] = distinct_rows(stacked)
+        del stacked, hashes
+        points = len(distinct)
+        pairs = nearcopy.near_pairs(distinct[:, 0], distinct[:, 1:], rule)
+        del distinct
+    if rule != "off" and not hashed.all():
+        missing = n - int(hashed.sum())
+        log.warning("%d of %d images have no perceptual hash (resized.csv missing, or written by an earlier prep):"
+                    " their near copies are not looked for; run `prep resize`", missing, n)
+    user = []
+    if pattern is not None:
         if unmatched:
             log.warning("%d images match no --group-by group; each is a group of its own", unmatched)
+        user.append(np.frombuffer(by_regex, np.int32))
     if groups is not None:
-        known = {r["path"] for r in rows}
-        stray = [p for p in groups if p not in known]
+        stray = [p for p in groups if p not in listed]
         if stray:
             log.warning("%d paths of --groups are not usable images of %s, e.g. %s", len(stray), workdir.LABELS,
                         stray[0])
-        for keys, row in zip(user, rows):
-            if row["path"] in groups:
-                keys.append("csv:" + groups[row["path"]])
-    return Links(rows, point, pairs, user)
+        user.append(np.frombuffer(by_csv, np.int32))
+    return Images(list(classes), np.frombuffer(label, np.int32), content, shas, binary, point,
+                  pairs, points, user, len(keys))
 
 
-def group_units(links: Links, alive) -> list[list[int]]:
-    """The units (row positions, in order) of the rows ``alive``: rows joined by content, near
-    copies and user groups, transitively; units in the order of their first row."""
+@dataclass
+class Units:
+    """Images joined by content, near copies and user groups, transitively: the units that
+    share a split, numbered in the order of their first image."""
+
+    of: object  # int32 per image: its unit, -1 for an image left out
+    first: object  # per unit: its first image
+    size: object  # per unit: its images
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+def group_units(images: Images, alive) -> Units:
+    """The units of the images ``alive``. A graph of contents (the images of one content are
+    one node), points and user groups, joined by each image's content to its point and user
+    groups and by the near-copy pairs between live points."""
     import numpy as np
 
     from .. import nearcopy
 
-    n, points = len(links.rows), links.points
-    alive_at = np.flatnonzero(alive)
-    ends: list[tuple] = []
-    hashed = alive_at[links.point[alive_at] >= 0]
-    ends.append((hashed, n + links.point[hashed]))
+    rows = np.flatnonzero(alive)
+    contents, points = len(images.shas), images.points
+    # nodes: the points, then the contents, then the user groups
+    hashed = rows[images.point[rows] >= 0]
+    a, b = [images.point[hashed]], [points + images.content[hashed]]
     live = np.zeros(points, bool)
-    live[links.point[hashed]] = True
-    pairs = links.pairs
-    both = live[pairs.a] & live[pairs.b] if len(pairs.a) else np.zeros(0, bool)
-    ends.append((n + pairs.a[both], n + pairs.b[both]))
-    keys: dict[str, int] = {}
-    a, b = [], []
-    for i in alive_at.tolist():
-        row = links.rows[i]
-        for key in ["sha:" + row["sha256"], *links.user[i]]:
-            a.append(i)
-            b.append(n + points + keys.setdefault(key, len(keys)))
-    ends.append((np.array(a, np.int64), np.array(b, np.int64)))
-    component = nearcopy.components(n + points + len(keys), *(np.concatenate(side) for side in zip(*ends)))
-    units: dict[int, list[int]] = {}
-    for i in alive_at.tolist():
-        units.setdefault(int(component[i]), []).append(i)
-    return list(units.values())
+    live[a[0]] = True
+    pairs = images.pairs
+    if live.all():
+        a.append(pairs.a)
+        b.append(pairs.b)
+    else:
+        both = live[pairs.a] & live[pairs.b]
+        a.append(pairs.a[both])
+        b.append(pairs.b[both])
+        del both
+    del hashed, live
+    for keys in images.user:
+        grouped = rows[keys[rows] >= 0]
+        a.append(points + images.content[grouped])
+        b.append(points + contents + keys[grouped])
+    component = nearcopy.components(points + contents + images.user_groups, a, b)
+    del a, b
+    _, first, inverse = np.unique(component[points + images.content[rows]], return_index=True, return_inverse=True)
+    del component
+    order = np.argsort(first)  # units by their first image
+    number = np.empty(len(order), np.int32)
+    number[order] = np.arange(len(order), dtype=np.int32)
+    of = np.full(len(images.label), -1, np.int32)
+    of[rows] = number[inverse.reshape(-1)]
+    return Units(of, rows[first[order]].astype(np.int32), np.bincount(of[rows], minlength=len(order)))
 
 
-def keyed_units(links: Links, units: list[list[int]]) -> dict[str, list[dict]]:
-    """The units as :func:`assign` takes them: keyed by their smallest sha256 (a key that does not
-    depend on the order of the rows, and is the sha256 itself for a unit of one content)."""
-    return {min(links.rows[i]["sha256"] for i in unit): [links.rows[i] for i in unit] for unit in units}
-
-
-def closest_pairs(links: Links, units: list[list[int]], other_label: bool) -> list[tuple[int, int, int, int]]:
-    """(a, b, distance8, distance16), a < b: for every image with one, its closest near copy of
-    other content (``other_label``: under another label; among equals, the first image of the
-    smaller hash); each pair once, in index order. Identical files under two labels are pairs at
-    distance 0."""
-    found: set[tuple[int, int, int, int]] = set()
-    if other_label:  # the same content under two labels: each file with the first of its content
-        for unit in units:
-            first: dict[str, int] = {}
-            for i in unit:
-                j = first.setdefault(links.rows[i]["sha256"], i)
-                if links.rows[j]["label"] != links.rows[i]["label"]:
-                    found.add((j, i, 0, 0))
-    units = [u for u in units if len(u) > 1 and (not other_label or len({links.rows[i]["label"] for i in u}) > 1)]
-    neighbours = _neighbours(links, units, closest_only=not other_label)
-    for unit in units:
-        at: dict[int, list[int]] = {}
-        for i in unit:
-            if links.point[i] >= 0:
-                at.setdefault(int(links.point[i]), []).append(i)
-        for i in unit:
-            p = int(links.point[i])
-            if p < 0:
-                continue
-            row = links.rows[i]
-
-            def partner(j: int) -> bool:
-                other = links.rows[j]
-                return other["sha256"] != row["sha256"] and (not other_label or other["label"] != row["label"])
-
-            best = next(((j, 0, 0) for j in at[p] if partner(j)), None)
-            for d8, d16, q in [] if best else neighbours.get(p, ()):
-                j = next((j for j in at.get(q, ()) if partner(j)), None)
-                if j is not None:
-                    best = (j, d8, d16)
-                    break
-            if best is not None:
-                j, d8, d16 = best
-                found.add((min(i, j), max(i, j), d8, d16))
-    return sorted(found)
-
-
-def _neighbours(links: Links, units: list[list[int]], closest_only: bool) -> dict[int, list[tuple[int, int, int]]]:
-    """point -> its near-copy points as (distance8, distance16, point), closest first (only the
-    closest with ``closest_only``), among the points of the images of ``units``."""
+def assign_units(images: Images, units: Units, ratios: tuple[float, float, float], seed: int):
+    """The split (0, 1, 2) of each unit, as :func:`assign` places them: per class (the class of
+    the unit's first image), larger units first, then in the seeded order of their smallest
+    sha256."""
     import numpy as np
 
-    wanted = np.zeros(links.points, bool)
-    for unit in units:
-        wanted[[int(links.point[i]) for i in unit if links.point[i] >= 0]] = True
-    pairs = links.pairs
-    keep = wanted[pairs.a] & wanted[pairs.b] if len(pairs.a) else np.zeros(0, bool)
-    a, b, d8, d16 = (np.concatenate([x[keep], y[keep]]).astype(np.int64) for x, y in
-                     ((pairs.a, pairs.b), (pairs.b, pairs.a), (pairs.d8, pairs.d8), (pairs.d16, pairs.d16)))
-    order = np.lexsort((b, d16, d8, a))
-    if closest_only:  # the first of each point's run
-        order = order[np.flatnonzero(np.diff(a[order], prepend=-1))]
-    out: dict[int, list[tuple[int, int, int]]] = {}
-    for k in order.tolist():
-        out.setdefault(int(a[k]), []).append((int(d8[k]), int(d16[k]), int(b[k])))
-    return out
+    alive = units.of >= 0
+    smallest = np.full(len(units), len(images.shas), np.int32)
+    np.minimum.at(smallest, units.of[alive], images.content[alive])
+    del alive
+    keys = bytearray(32 * len(units))
+    for start in range(0, len(units), _CHUNK):
+        for k, content in enumerate(smallest[start : start + _CHUNK].tolist(), start=start):
+            keys[32 * k : 32 * k + 32] = hashlib.sha256(f"{seed}:{images.sha(content)}".encode()).digest()
+    del smallest
+    # the digests as four numbers each, in place: ordered as their hex text
+    key = np.frombuffer(keys, ">u8").byteswap(inplace=True).view(np.uint64).reshape(-1, 4)
+    owner = images.label[units.first]
+    order = np.lexsort((key[:, 3], key[:, 2], key[:, 1], key[:, 0], -units.size, owner))
+    del key, keys
+    split = np.zeros(len(units), np.int8)
+    bounds = np.flatnonzero(np.diff(owner[order])) + 1
+    for part in np.split(order, bounds):
+        if len(part):
+            split[part] = fill(units.size[part].tolist(), ratios)
+    return split
 
 
-def pair_rows(links: Links, pairs: list[tuple[int, int, int, int]]) -> list[dict]:
-    """Pairs as rows of conflicts.csv and near_copies.csv."""
-    rows = links.rows
-    return [{"path_a": rows[a]["path"], "label_a": rows[a]["label"], "path_b": rows[b]["path"],
-             "label_b": rows[b]["label"], "distance8": d8, "distance16": d16} for a, b, d8, d16 in pairs]
+# -- pairs: conflicts and near copies -------------------------------------------------------
+#
+# For each image, its closest near copy: the first image (in index order) of its own point that
+# qualifies, else the first that qualifies at the closest point that has one: by distance8, then
+# distance16, then the point's number. Near copies, of any label, look at the closest point
+# only; conflicts (another label) at each point in turn. A point's near copies are in its unit.
+
+_FAR = (1 << 63) - 1  # the closeness of no neighbour
+_POINT = (1 << 31) - 1  # the bits of the neighbour in a closeness
 
 
-def achieved(rows: list[dict], ratios: tuple[float, float, float]) -> tuple[dict[str, float], float]:
+def _pair_chunks(images: Images, live) -> Iterator[tuple]:
+    """The near-copy pairs between the points ``live``, each way, a chunk at a time: (point,
+    neighbour, closeness), the closeness an int64 that orders neighbours by distance8, then
+    distance16, then number: (distance8 << 40) | (distance16 << 31) | neighbour."""
+    import numpy as np
+
+    pairs = images.pairs
+    for start in range(0, len(pairs.a), _CHUNK):
+        a, b = pairs.a[start : start + _CHUNK], pairs.b[start : start + _CHUNK]
+        keep = live[a] & live[b]
+        a, b = a[keep], b[keep]
+        near = (pairs.d8[start : start + _CHUNK][keep].astype(np.int64) << 40) | (
+            pairs.d16[start : start + _CHUNK][keep].astype(np.int64) << 31)
+        yield a, b, near | b
+        yield b, a, near | a
+
+
+def _distances(closeness):
+    """(distance8, distance16) of closenesses."""
+    return closeness >> 40, (closeness >> 31) & 0x1FF
+
+
+def _alive_rows(images: Images, units: Units, hashed: bool = False):
+    """The images in a unit (with a perceptual hash, if ``hashed``), as int32 indices."""
+    import numpy as np
+
+    alive = (units.of >= 0) & (images.point >= 0) if hashed else units.of >= 0
+    return np.flatnonzero(alive).astype(np.int32)
+
+
+def _firsts(images: Images, rows, key):
+    """Per point, among the images ``rows``: its first image, and its first image whose ``key``
+    (content, label) differs from that one's; -1 for none."""
+    import numpy as np
+
+    rows = rows[images.point[rows] >= 0]
+    point = images.point[rows]
+    none = len(images.label)
+    head = np.full(images.points, none, np.int32)
+    np.minimum.at(head, point, rows)
+    differ = key[rows] != key[head[point]]
+    other = np.full(images.points, none, np.int32)
+    np.minimum.at(other, point[differ], rows[differ])
+    head[head == none] = -1
+    other[other == none] = -1
+    return head, other
+
+
+def _partner(head, other, key, i, p):
+    """The first image at points ``p`` whose ``key`` differs from image ``i``'s: -1 for none."""
+    import numpy as np
+
+    return np.where(key[head[p]] != key[i], head[p], other[p])
+
+
+def _sorted_pairs(n: int, a, b, d8, d16):
+    """Pairs as arrays (a, b int32; distance8 uint8, distance16 uint16), each pair once, a < b,
+    sorted by a, then b."""
+    import numpy as np
+
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    order = np.argsort(low.astype(np.int64) * n + high)
+    low, high = low[order], high[order]
+    once = np.r_[True, (low[1:] != low[:-1]) | (high[1:] != high[:-1])] if len(order) else np.zeros(0, bool)
+    order = order[once]
+    return (low[once].astype(np.int32), high[once].astype(np.int32), np.asarray(d8)[order].astype(np.uint8),
+            np.asarray(d16)[order].astype(np.uint16))
+
+
+def near_copy_pairs(images: Images, units: Units):
+    """(a, b, distance8, distance16) arrays, a < b, sorted: for every image with one, its closest
+    near copy of other content, of any label (the first image of its own point of other
+    content, else that of the closest point); each pair once."""
+    import numpy as np
+
+    rows = _alive_rows(images, units, hashed=True)
+    content = images.content
+    head, other = _firsts(images, rows, content)
+    point = images.point[rows]
+    j = _partner(head, other, content, rows, point)
+    # none there: the closest point
+    closest = np.full(images.points, _FAR, np.int64)
+    for p, _, closeness in _pair_chunks(images, head >= 0):
+        np.minimum.at(closest, p, closeness)
+    alone = np.flatnonzero(j < 0)
+    closeness = closest[point[alone]]
+    del closest, point
+    alone, closeness = alone[closeness < _FAR], closeness[closeness < _FAR]
+    j[alone] = _partner(head, other, content, rows[alone], (closeness & _POINT).astype(np.int32))
+    found = np.flatnonzero(j >= 0)
+    d8, d16 = np.zeros(len(found), np.int64), np.zeros(len(found), np.int64)
+    at = np.searchsorted(found, alone)  # the alone among the found
+    far = j[alone] >= 0
+    d8[at[far]], d16[at[far]] = _distances(closeness[far])
+    return _sorted_pairs(len(images.label), rows[found], j[found], d8, d16)
+
+
+def conflict_pairs(images: Images, units: Units):
+    """As :func:`near_copy_pairs`, under another label: the first image of its own point of
+    other content and another label, else that of the closest point that has one. Identical
+    files under two labels are pairs at distance 0: each file with the first of its content."""
+    import numpy as np
+
+    from .. import nearcopy
+
+    rows = _alive_rows(images, units)
+    content, label = images.content, images.label
+    first = np.full(len(images.shas), len(label), np.int32)
+    np.minimum.at(first, content[rows], rows)
+    twin = first[content[rows]]
+    del first
+    cross = np.flatnonzero(label[twin] != label[rows])
+    found = [(twin[cross], rows[cross], np.zeros(len(cross), np.int64), np.zeros(len(cross), np.int64))]
+    del twin, cross
+    # near copies under another label: looked for in the units of two classes or more
+    of = units.of[rows]
+    low = np.full(len(units), len(images.classes), np.int32)
+    high = np.full(len(units), -1, np.int32)
+    np.minimum.at(low, of, label[rows])
+    np.maximum.at(high, of, label[rows])
+    mixed = rows[(low != high)[of] & (images.point[rows] >= 0)]
+    del low, high, of
+    head, other = _firsts(images, rows, label)
+    del rows
+    point = images.point[mixed]
+    j = _partner(head, other, label, mixed, point)
+    # the first image of another label there may be a copy of this one: then one by one
+    slow = np.zeros(len(mixed), bool)
+    slow[j >= 0] = content[j[j >= 0]] == content[mixed[j >= 0]]
+    here = np.flatnonzero((j >= 0) & ~slow)
+    found.append((mixed[here], j[here], np.zeros(len(here), np.int64), np.zeros(len(here), np.int64)))
+    # none of another label there: the closest point that has one
+    need = np.flatnonzero(j < 0)  # into mixed
+    del j, here
+    if len(need):
+        wanted = np.bincount(point[need], minlength=images.points).astype(np.int32)  # images of need per point
+        starts = np.cumsum(wanted, dtype=np.int64) - wanted
+        at_point = need[np.argsort(point[need], kind="stable")]
+        best = np.full(len(mixed), _FAR, np.int64)
+        for p, q, closeness in _pair_chunks(images, head >= 0):
+            has = np.flatnonzero(wanted[p])
+            for part in nearcopy._chunks(has, wanted[p[has]]) if len(has) else ():
+                count = wanted[p[part]]
+                pair = np.repeat(part, count)
+                k = at_point[np.repeat(starts[p[part]] - (np.cumsum(count) - count), count) + np.arange(len(pair))]
+                i = mixed[k]
+                j = _partner(head, other, label, i, q[pair])
+                ok = j >= 0
+                copy = ok & (content[j] == content[i])
+                slow[k[copy]] = True
+                ok &= ~copy
+                np.minimum.at(best, k[ok], closeness[pair[ok]])
+        done = need[(best[need] < _FAR) & ~slow[need]]
+        closeness = best[done]
+        del best, wanted, starts, at_point
+        q = (closeness & _POINT).astype(np.int32)
+        found.append((mixed[done], _partner(head, other, label, mixed[done], q), *_distances(closeness)))
+    del head, other, point
+    if slow.any():
+        found.append(_one_by_one(images, units, mixed[slow]))
+    return _sorted_pairs(len(label), *(np.concatenate(x) for x in zip(*found)))
+
+
+def _one_by_one(images: Images, units: Units, mixed):
+    """:func:`conflict_pairs`' search for the images ``mixed``, an image and a point at a time:
+    for those with a copy under another label at a point (few, where any)."""
+    import numpy as np
+
+    label, content, point = memoryview(images.label), memoryview(images.content), memoryview(images.point)
+    rows = _alive_rows(images, units, hashed=True)
+    order = np.argsort(images.point[rows], kind="stable")
+    by_point = rows[order]  # the images of each point, in index order
+    del rows, order
+    points = images.point[by_point]
+    # the neighbours of their points, closest first
+    wanted = np.zeros(images.points, bool)
+    wanted[images.point[mixed]] = True
+    live = np.zeros(images.points, bool)
+    live[points] = True
+    near = [(p[wanted[p]], c[wanted[p]]) for p, _, c in _pair_chunks(images, live)]
+    p, closeness = (np.concatenate(x) for x in zip(*near)) if near else (np.zeros(0, np.int32),) * 2
+    order = np.lexsort((closeness, p))
+    p, closeness = p[order], memoryview(closeness[order])
+    del near, order, live, wanted
+
+    def images_at(q: int):
+        return by_point[points.searchsorted(q) : points.searchsorted(q, "right")].tolist()
+
+    a, b, d8, d16 = array("q"), array("q"), array("q"), array("q")
+    for i in mixed.tolist():
+        at, mine, same = point[i], label[i], content[i]
+        best = None
+        for j in images_at(at):
+            if label[j] != mine and content[j] != same:
+                best = j, 0, 0
+                break
+        else:
+            for k in range(p.searchsorted(at), p.searchsorted(at, "right")):
+                for j in images_at(closeness[k] & _POINT):
+                    if label[j] != mine and content[j] != same:
+                        best = j, *_distances(closeness[k])
+                        break
+                if best is not None:
+                    break
+        if best is not None:
+            a.append(i)
+            b.append(best[0])
+            d8.append(best[1])
+            d16.append(best[2])
+    return tuple(np.frombuffer(x, np.int64) if len(x) else np.zeros(0, np.int64) for x in (a, b, d8, d16))
+
+
+class _Paths:
+    """The paths of some images (``wanted``: their sorted indices), in one bytes buffer."""
+
+    def __init__(self, wanted):
+        import numpy as np
+
+        self.wanted = np.unique(np.asarray(wanted, np.int64))
+        self.text, self.ends, self._next = bytearray(), array("q"), 0
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.wanted)
+
+    def offer(self, i: int, path: str) -> None:
+        """The path of image ``i`` (images offered in index order)."""
+        if self._next < len(self.wanted) and self.wanted[self._next] == i:
+            self.text += path.encode()
+            self.ends.append(len(self.text))
+            self._next += 1
+
+    def read(self, rows: Usable) -> _Paths:
+        if not self.complete:
+            for i, row in enumerate(rows):
+                self.offer(i, row[0])
+                if self.complete:
+                    break
+        return self
+
+    def __getitem__(self, i: int) -> str:
+        k = int(self.wanted.searchsorted(i))
+        return self.text[self.ends[k - 1] if k else 0 : self.ends[k]].decode()
+
+
+def _chunks(*columns) -> Iterator[tuple]:
+    """The entries of arrays side by side, as Python numbers, a chunk at a time."""
+    for start in range(0, len(columns[0]), _CHUNK):
+        yield from zip(*(c[start : start + _CHUNK].tolist() for c in columns))
+
+
+def pair_rows(classes: list[str], label, paths: _Paths, pairs) -> Iterator[tuple]:
+    """Pairs as rows of conflicts.csv and near_copies.csv (``label``: the images' class numbers)."""
+    for a, b, d8, d16 in _chunks(*pairs):
+        yield paths[a], classes[label[a]], paths[b], classes[label[b]], d8, d16
+
+
+# -- tables ----------------------------------------------------------------------------------
+
+
+def count_table(rows: Iterable[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """class -> split -> images of (label, split) rows, classes in natural order."""
+    counts: dict[str, dict[str, int]] = {}
+    for label, split in rows:
+        counts.setdefault(label, dict.fromkeys(SPLITS, 0))[split] += 1
+    return {label: counts[label] for label in sorted(counts, key=NATURAL)}
+
+
+def _table(images: Images, units: Units, split) -> dict[str, dict[str, int]]:
+    import numpy as np
+
+    rows = np.flatnonzero(units.of >= 0)
+    counts = np.bincount(images.label[rows] * 3 + split[units.of[rows]], minlength=3 * len(images.classes))
+    counts = counts.reshape(-1, 3).tolist()
+    present = [c for c in range(len(images.classes)) if sum(counts[c])]
+    return {images.classes[c]: dict(zip(SPLITS, counts[c])) for c in
+            sorted(present, key=lambda c: NATURAL(images.classes[c]))}
+
+
+def achieved(table: dict[str, dict[str, int]], ratios: tuple[float, float, float]) -> tuple[dict[str, float], float]:
     """Each split's share of the images, and the largest distance of a class's share from its ratio."""
-    total = len(rows) or 1
-    shares = {s: sum(1 for r in rows if r["split"] == s) / total for s in SPLITS}
+    total = sum(sum(c.values()) for c in table.values()) or 1
+    shares = {s: sum(c[s] for c in table.values()) / total for s in SPLITS}
     worst = 0.0
-    for counts in count_table(rows).values():
+    for counts in table.values():
         n = sum(counts.values())
         worst = max([worst] + [abs(counts[s] / n - r) for s, r in zip(SPLITS, ratios)])
     return shares, worst
-
-
-def confine_rows(wd: workdir.Workdir, rows: list[dict], source: Path) -> None:
-    """Check the paths of a table's rows (labels.csv, resized.csv, splits.csv, encoded.csv): each
-    image's path below RAW (by its text: no image is read from it after resize) and its resized
-    file's name, where it has one, below ``resized/``; a one-line PrepError naming the line."""
-    raw = workdir.Confined(None, "RAW")
-    resized = workdir.Confined(wd.path(workdir.RESIZED_DIR), f"{workdir.RESIZED_DIR}/")
-    for line, row in enumerate(rows, start=2):
-        raw(row["path"], str(source), line)
-        if row.get("resized"):
-            resized(row["resized"], str(source), line)
-
-
-def usable_rows(wd: workdir.Workdir, labels: Path) -> tuple[list[dict], int, list[Path]]:
-    """labels.csv rows less the images resize rejected, each with its resized file name (and the
-    sha256 resize recorded of it, for pack and verify to check the file by)."""
-    rows = workdir.read_csv(labels, LABEL_COLUMNS)
-    confine_rows(wd, rows, labels)
-    inputs = [labels]
-    resized_path = wd.path(workdir.RESIZED)
-    if not resized_path.exists():
-        log.warning("%s not found: run `prep resize` first to leave out unusable images", resized_path)
-        for row in rows:
-            row["resized"] = row["resized_sha256"] = ""
-        return rows, 0, inputs
-    inputs.append(resized_path)
-    # path -> (sha256, status, resized, resized_sha256, phash8, phash16): a tuple per row, of the
-    # columns used (the hashes are absent from a resized.csv an earlier prep wrote)
-    raw = workdir.Confined(None, "RAW")
-    names = workdir.Confined(wd.path(workdir.RESIZED_DIR), f"{workdir.RESIZED_DIR}/")
-    resized = {}
-    columns = ["path", "sha256", "status", "resized", "resized_sha256", "phash8", "phash16"]
-    for line, (path, *done) in enumerate(workdir.iter_csv(resized_path, columns, required=columns[:4]), start=2):
-        raw(path, str(resized_path), line)
-        if done[2]:
-            names(done[2], str(resized_path), line)
-        resized[path] = tuple(done)
-    usable = []
-    for row in rows:
-        done = resized.get(row["path"])
-        if done is None or done[0] != row["sha256"]:
-            raise PrepError(
-                f"{resized_path} is out of date ({row['path']} not resized); run `prep resize` again"
-            )
-        if done[1] == "ok":  # each row is changed in place: one dict per image
-            row.update(zip(("resized", "resized_sha256", "phash8", "phash16"), done[2:]))
-            usable.append(row)
-    return usable, len(rows) - len(usable), inputs
 
 
 def _images(n: int, different: int) -> str:
@@ -437,12 +875,30 @@ def _images(n: int, different: int) -> str:
     return text if different == n else f"{text}, {different} different (copies, near copies and groups count once)"
 
 
-def count_table(rows: list[dict]) -> dict[str, dict[str, int]]:
-    """class -> split -> images, classes in natural order."""
-    table = {label: dict.fromkeys(SPLITS, 0) for label in sorted({r["label"] for r in rows}, key=NATURAL)}
-    for r in rows:
-        table[r["label"]][r["split"]] += 1
-    return table
+def split_rows(rows: Usable, units: Units, split, paths: _Paths) -> Iterator[tuple]:
+    """The rows of splits.csv, as the usable rows are read again (``paths`` takes those it wants);
+    a unit of several images is named by its first image's path, held while its images come."""
+    of, first, size, split = memoryview(units.of), memoryview(units.first), memoryview(units.size), memoryview(split)
+    names: dict[int, list] = {}  # unit -> [its name, images still to come]
+    i = -1
+    for i, (path, label, sha, resized, resized_sha, _, _) in enumerate(rows):
+        if i >= len(of):
+            break
+        paths.offer(i, path)
+        unit = of[i]
+        if unit < 0:
+            continue
+        group = ""
+        if size[unit] > 1:
+            if first[unit] == i:
+                names[unit] = [path, size[unit]]
+            name = names[unit]
+            group, name[1] = name[0], name[1] - 1
+            if not name[1]:
+                del names[unit]
+        yield path, label, sha, resized, resized_sha, SPLITS[split[unit]], group
+    if i + 1 != len(of):
+        raise PrepError(f"{rows.labels} changed while split read it; run `prep split` again")
 
 
 def run(cfg: SplitConfig) -> SplitResult:
@@ -457,125 +913,134 @@ def run(cfg: SplitConfig) -> SplitResult:
         try:
             table = {c: {s: int(recorded[c][s]) for s in SPLITS} for c in sorted(recorded, key=NATURAL)}
         except (TypeError, KeyError, ValueError):  # a stamp from before summaries were kept
-            table = count_table(workdir.read_csv(cfg.out, SPLIT_COLUMNS))
+            table = count_table(workdir.iter_csv(cfg.out, ["label", "split"], required=SPLIT_COLUMNS))
         return SplitResult(cfg.out, table, up_to_date=True)
     import numpy as np  # here: an up-to-date split does without it
 
+    workdir.map_large_blocks()  # arrays of an entry per image are freed and made in turn
     groups = read_groups(cfg.groups) if cfg.groups else None
-    rows, excluded, inputs = usable_rows(cfg.workdir, cfg.labels)
-    inputs += extra
-    if not rows:
-        raise PrepError(f"no usable images in {cfg.labels}")
-    # index order (class, then path): the output and the conflicts reported do not depend on
-    # the order of the input rows. The CSV `prep index` wrote is in that order already.
-    if not in_natural_order(cfg.workdir, cfg.labels):
-        rows.sort(key=lambda r: (NATURAL(r["label"]), NATURAL(r["path"])))
-    links = find_links(rows, cfg.near_copies, pattern, groups)
-    alive = np.ones(len(rows), bool)
-    units = group_units(links, alive)
+    rows = Usable(cfg.workdir, cfg.labels)
+    try:
+        images = read_images(rows, cfg.near_copies, pattern, groups)
+    except _Unpaired:
+        rows.hold()
+        images = read_images(rows, cfg.near_copies, pattern, groups)
+    inputs = rows.inputs + extra
+    classes, label = images.classes, images.label
+    n = len(label)
+    alive = np.ones(n, bool)
+    units = group_units(images, alive)
 
-    conflicts = closest_pairs(links, units, other_label=True)
-    conflict_rows = pair_rows(links, conflicts)
-    workdir.write_csv(cfg.workdir.path(CONFLICTS), PAIR_COLUMNS, conflict_rows)
-    _warn_conflicts(conflict_rows, cfg.on_conflict)
-    if conflicts and cfg.on_conflict == "error":
-        first = conflict_rows[0]
+    conflicts = conflict_pairs(images, units)
+    count = len(conflicts[0])
+    conflicting = _Paths(np.concatenate(conflicts[:2])).read(rows)  # the paths of their images
+    workdir.write_csv_rows(cfg.workdir.path(CONFLICTS), PAIR_COLUMNS, pair_rows(classes, label, conflicting, conflicts))
+    _warn_conflicts(list(pair_rows(classes, label, conflicting, [c[:5] for c in conflicts])), count, cfg.on_conflict)
+    if count and cfg.on_conflict == "error":
+        first = next(pair_rows(classes, label, conflicting, conflicts))
         raise PrepError(
-            f"--on-conflict error: {first['path_a']} ({first['label_a']}) and {first['path_b']} ({first['label_b']})"
-            f" are the same picture under two labels (distance {first['distance8']}); {len(conflicts)} such"
-            f" pair{'s' * (len(conflicts) != 1)} in {CONFLICTS}"
+            f"--on-conflict error: {first[0]} ({first[1]}) and {first[2]} ({first[3]})"
+            f" are the same picture under two labels (distance {first[4]}); {count} such"
+            f" pair{'s' * (count != 1)} in {CONFLICTS}"
         )
-    if conflicts and cfg.on_conflict == "drop":
-        for a, b, *_ in conflicts:
-            alive[a] = alive[b] = False
-        units = group_units(links, alive)
+    if count and cfg.on_conflict == "drop":
+        alive[conflicts[0]] = alive[conflicts[1]] = False
+        units = group_units(images, alive)
 
-    counts: dict[str, int] = defaultdict(int)
-    for i in np.flatnonzero(alive).tolist():
-        counts[rows[i]["label"]] += 1
-    owned = units_by_class([rows[i] for u in units for i in u], keyed_units(links, units))[1]
+    counts = np.bincount(label[alive], minlength=len(classes)).tolist()
+    owned = np.bincount(label[units.first], minlength=len(classes)).tolist()
     needed = sum(1 for r in cfg.ratios if r > 0)
     # images that share a split count once: a class needs as many different images (and groups)
     # of its own (not copies of another class's) as there are splits
-    small = {label: n for label, n in counts.items() if len(owned.get(label, ())) < needed}
+    small = {classes[c]: counts[c] for c in range(len(classes)) if counts[c] and owned[c] < needed}
     if small and not cfg.drop_small:
-        label = min(small, key=NATURAL)
+        name = min(small, key=NATURAL)
+        c = classes.index(name)
         raise PrepError(
-            f"class {label!r} has {_images(counts[label], len(owned.get(label, ())))}; the ratios need at least"
+            f"class {name!r} has {_images(counts[c], owned[c])}; the ratios need at least"
             f" {needed} different images per class (add images, or pass --drop-small to leave out the"
             f" {'small class' if len(small) == 1 else f'{len(small)} small classes'})"
         )
-    for label in small:
-        log.warning("dropping class %r: %s, fewer than the %d different images the splits need", label,
-                    _images(counts[label], len(owned.get(label, ()))), needed)
+    for name in small:
+        c = classes.index(name)
+        log.warning("dropping class %r: %s, fewer than the %d different images the splits need", name,
+                    _images(counts[c], owned[c]), needed)
     if small:
-        alive &= np.array([r["label"] not in small for r in rows])
-        units = group_units(links, alive)
+        alive &= ~np.isin(label, [classes.index(name) for name in small])
+        units = group_units(images, alive)
     if not alive.any():
         raise PrepError(f"every class has fewer than the {needed} images the ratios need; nothing left to split")
 
-    kept = [rows[i] for i in np.flatnonzero(alive).tolist()]
-    splits = assign(kept, cfg.ratios, cfg.seed, keyed_units(links, units))
-    for row in kept:
-        row["split"], row["group"] = splits[row["path"]], ""
-    for unit in units:
-        if len(unit) > 1:  # named by its first image
-            for i in unit:
-                rows[i]["group"] = rows[unit[0]]["path"]
-    near = pair_rows(links, closest_pairs(links, units, other_label=False))
-    workdir.write_csv(cfg.out, SPLIT_COLUMNS, kept)
-    workdir.write_csv(cfg.workdir.path(NEAR_COPIES), PAIR_COLUMNS, near)
-    table = count_table(kept)
-    notes = _group_notes(links, units, table, kept, cfg.ratios)
+    split = assign_units(images, units, cfg.ratios, cfg.seed)
+    table = _table(images, units, split)
+    near = near_copy_pairs(images, units)
+    large = _large_units(images, units, table)
+    biggest = int(np.argmax(units.size))
+    # the paths of the near copies' images and of the large groups', taken as splits.csv is written
+    paths = _Paths(np.concatenate([*near[:2], units.first[large], units.first[biggest : biggest + 1]]))
+    workdir.write_csv_rows(cfg.out, SPLIT_COLUMNS, split_rows(rows, units, split, paths))
+    workdir.write_csv_rows(cfg.workdir.path(NEAR_COPIES), PAIR_COLUMNS, pair_rows(classes, label, paths, near))
+    notes = _group_notes(images, units, table, cfg.ratios, large, paths)
     # for manifest.json, the card and the report: the settings, the classes and pictures they
     # left out, and how the groups shaped the split
-    dropped = {label: counts[label] for label in sorted(small, key=NATURAL)}
-    shares, worst = achieved(kept, cfg.ratios)
-    sizes = sorted((len(u) for u in units if len(u) > 1), reverse=True)
+    dropped = {name: small[name] for name in sorted(small, key=NATURAL)}
+    shares, worst = achieved(table, cfg.ratios)
+    sizes = units.size[units.size > 1]
     workdir.write_json(cfg.workdir.path(workdir.SPLIT_SETTINGS), {
-        **settings, "dropped_classes": dropped, "conflicts": len(conflicts),
-        "dropped_conflicts": int(len(rows) - alive.sum()) - sum(dropped.values()) if cfg.on_conflict == "drop" else 0,
-        "grouped": {"groups": len(sizes), "images": sum(sizes), "largest": sizes[0] if sizes else 0,
-                    "near_copy_pairs": len(near)},
+        **settings, "dropped_classes": dropped, "conflicts": count,
+        "dropped_conflicts": int(n - alive.sum()) - sum(dropped.values()) if cfg.on_conflict == "drop" else 0,
+        "grouped": {"groups": len(sizes), "images": int(sizes.sum()), "largest": int(sizes.max()) if len(sizes) else 0,
+                    "near_copy_pairs": len(near[0])},
         "achieved": {s: round(shares[s], 4) for s in SPLITS}, "largest_class_deviation": round(worst, 4),
     })
     stamp.record(inputs, settings, [cfg.out, cfg.workdir.path(CONFLICTS), cfg.workdir.path(NEAR_COPIES)], summary=table)
-    four = [(c["path_a"], c["label_a"], c["path_b"], c["label_b"]) for c in conflict_rows]
-    return SplitResult(cfg.out, table, four, small, excluded, notes=notes)
+    del images, units, near, paths, split, alive  # before the conflicts as the result lists them
+    four = [row[:4] for row in pair_rows(classes, label, conflicting, conflicts)]
+    return SplitResult(cfg.out, table, four, small, rows.excluded, notes=notes)
 
 
-def _warn_conflicts(pairs: list[dict], policy: str) -> None:
+def _warn_conflicts(pairs: list[tuple], count: int, policy: str) -> None:
+    """``pairs``: the first rows of conflicts.csv; ``count``: all of them."""
     outcome = {"keep": "kept in one split", "drop": "both left out", "error": "refused"}[policy]
     for c in pairs[:5]:
-        log.warning("the same picture under two labels: %s (%s) and %s (%s), distance %s; %s", c["path_a"],
-                    c["label_a"], c["path_b"], c["label_b"], c["distance8"], outcome)
-    if len(pairs) > 5:
-        log.warning("... %d pairs of images under two labels in all (see %s)", len(pairs), CONFLICTS)
+        log.warning("the same picture under two labels: %s (%s) and %s (%s), distance %s; %s", *c[:5], outcome)
+    if count > 5:
+        log.warning("... %d pairs of images under two labels in all (see %s)", count, CONFLICTS)
 
 
-def _group_notes(links: Links, units: list[list[int]], table: dict, kept: list[dict], ratios) -> list[str]:
+def _large_units(images: Images, units: Units, table: dict):
+    """The units of several images over :data:`LARGE_GROUP` of their class's images."""
+    import numpy as np
+
+    grouped = np.flatnonzero(units.size > 1)
+    totals = np.array([sum(table[c].values()) if c in table else 0 for c in images.classes], np.int64)
+    return grouped[units.size[grouped] > LARGE_GROUP * totals[images.label[units.first[grouped]]]]
+
+
+def _group_notes(images: Images, units: Units, table: dict, ratios, large, paths: _Paths) -> list[str]:
     """Warnings about groups too large for their class, and how far the split is from the ratios."""
-    grouped = [u for u in units if len(u) > 1]
-    if not grouped:
+    import numpy as np
+
+    grouped = units.size[units.size > 1]
+    if not len(grouped):
         return []
-    large = []
-    for unit in grouped:
-        first = links.rows[unit[0]]
-        size = sum(table[first["label"]].values())
-        if len(unit) > LARGE_GROUP * size:
-            large.append((len(unit), first["path"], first["label"], size))
-    large.sort(key=lambda g: (-g[0], NATURAL(g[1])))
-    for n, path, label, size in large[:5]:
+    found = []
+    for unit in large.tolist():
+        first = int(units.first[unit])
+        label = images.classes[images.label[first]]
+        found.append((int(units.size[unit]), paths[first], label, sum(table[label].values())))
+    found.sort(key=lambda g: (-g[0], NATURAL(g[1])))
+    for n, path, label, size in found[:5]:
         log.warning("a group of %d images (%.0f%% of class %r), with %s, is kept in one split", n, 100 * n / size,
                     label, path)
-    if len(large) > 5:
-        log.warning("... %d groups over %.0f%% of their class in all", len(large), 100 * LARGE_GROUP)
-    shares, worst = achieved(kept, ratios)
-    biggest = max(grouped, key=len)
+    if len(found) > 5:
+        log.warning("... %d groups over %.0f%% of their class in all", len(found), 100 * LARGE_GROUP)
+    shares, worst = achieved(table, ratios)
+    biggest = int(np.argmax(units.size))
     return [
-        f"Kept together: {sum(map(len, grouped))} images in {len(grouped)} group{'s' * (len(grouped) != 1)} of"
-        f" copies, near copies or user groups (the largest: {len(biggest)} images, with"
-        f" {links.rows[biggest[0]]['path']})",
+        f"Kept together: {int(grouped.sum())} images in {len(grouped)} group{'s' * (len(grouped) != 1)} of"
+        f" copies, near copies or user groups (the largest: {int(units.size[biggest])} images, with"
+        f" {paths[int(units.first[biggest])]})",
         "Achieved " + ", ".join(f"{s} {shares[s]:.3f}" for s in SPLITS)
         + " (ratios " + ", ".join(f"{r:.3f}" for r in ratios) + f"); a class differs by at most {worst:.3f}",
     ]
