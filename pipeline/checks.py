@@ -10,12 +10,9 @@ own kinds there.
 
 from __future__ import annotations
 
-import heapq
 import logging
-from array import array
 from collections import Counter, defaultdict
-from itertools import pairwise
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from . import workdir
 from .errors import PrepError
@@ -105,105 +102,85 @@ def class_warnings(counts: dict[str, int]) -> list[dict]:
     return found
 
 
-def size_warnings(rows: Iterable[dict], width: int, height: int) -> list[dict]:
+def size_warnings(sizes: Sequence[int], width: int, height: int, paths: Callable[[list[int]], list[str]]
+                  ) -> list[dict]:
     """Source sizes far from the rest (longest side over :data:`OUTLIER` times the median's, or
     under its inverse), and more than :data:`UPSCALED_SHARE` of the images under half of the
-    target ``width`` x ``height`` on both sides. ``rows``: resized.csv's, with status ok.
-
-    Memory: the sizes in arrays, a reference to each path (a string the caller holds), and
-    counts; not a dict entry and a tuple per image (nor numpy: an up-to-date resize loads none)."""
-    paths, widths, heights = _sizes(rows)
-    if not paths:
+    target ``width`` x ``height`` on both sides; held without an object per image (nor numpy:
+    an up-to-date resize loads none). ``sizes``:
+    the width and height of each row of resized.csv with status ok and a size, in order, one
+    after the other (an ``array("q")``, say); ``paths(ks)``: the paths of the k-th of those
+    rows, for each k of ``ks`` (only those the warnings name are asked for)."""
+    images = len(sizes) // 2
+    if not images:
         return []
+    longest: Counter = Counter()  # longest side -> images: a few hundred sizes, not an entry per image
+    tiny = 0
+    pairs = iter(sizes)
+    for w, h in zip(pairs, pairs):
+        longest[w if w > h else h] += 1
+        tiny += 2 * w < width and 2 * h < height
+    median = _median(longest, images)
+    large = sum(n for side, n in longest.items() if side > OUTLIER * median)
+    small = sum(n for side, n in longest.items() if side < median / OUTLIER)
+    upscaled = tiny > UPSCALED_SHARE * images
+    # the first images of each kind, for the examples: found by reading the sizes again
+    found_large, found_small, found_tiny = [], [], []
+    pairs = iter(sizes)
+    for k, (w, h) in enumerate(zip(pairs, pairs)):
+        if len(found_large) == min(large, 20) and len(found_small) == min(small, 20) and len(found_tiny) == upscaled:
+            break
+        side = w if w > h else h
+        if side > OUTLIER * median and len(found_large) < 20:
+            found_large.append(k)
+        elif side < median / OUTLIER and len(found_small) < 20:
+            found_small.append(k)
+        if upscaled and not found_tiny and 2 * w < width and 2 * h < height:
+            found_tiny.append(k)
+    named = dict(zip(found_large + found_small + found_tiny, paths(found_large + found_small + found_tiny)))
+
+    def example(k: int) -> str:
+        return f"{named[k]}, {sizes[2 * k]}x{sizes[2 * k + 1]}"
+
     found = []
-    longest = array("q", map(max, widths, heights)) if isinstance(widths, array) else list(map(max, widths, heights))
-    median = _median(longest)
-    large, n_large = _first(v > OUTLIER * median for v in longest)
-    small, n_small = _first(v < median / OUTLIER for v in longest)
-    del longest
-    if n_large or n_small:
-        parts = []
-        for what, at, count in (("larger", large, n_large), ("smaller", small, n_small)):
-            if count:
-                parts.append(f"{count} {what} (e.g. {paths[at[0]]}, {widths[at[0]]}x{heights[at[0]]})")
+    if large or small:
+        parts = [f"{count} {what} (e.g. {example(ks[0])})"
+                 for what, count, ks in (("larger", large, found_large), ("smaller", small, found_small)) if count]
         found.append({
             "kind": "size_outliers",
-            "message": f"{n_large + n_small} image{'s are' if n_large + n_small != 1 else ' is'} far"
+            "message": f"{large + small} image{'s are' if large + small != 1 else ' is'} far"
                        f" from the others' size (longest side: median {median:g} px; {' and '.join(parts)});"
                        " another kind of image, or one in the wrong folder?",
             "median_longest": median,
-            "larger": [paths[i] for i in large],
-            "smaller": [paths[i] for i in small],
-            "count": n_large + n_small,
+            "larger": [named[k] for k in found_large],
+            "smaller": [named[k] for k in found_small],
+            "count": large + small,
         })
-    tiny, n_tiny = _first(2 * w < width and 2 * h < height for w, h in zip(widths, heights))
-    if n_tiny > UPSCALED_SHARE * len(paths):
-        w, h = widths[tiny[0]], heights[tiny[0]]
+    if upscaled:
         found.append({
             "kind": "upscaled",
-            "message": f"{n_tiny} of {len(paths)} images are under half of --size {width}x{height} on both"
-                       f" sides (e.g. {paths[tiny[0]]}, {w}x{h}): enlarging adds no detail; a smaller --size may do",
-            "count": n_tiny,
-            "images": len(paths),
+            "message": f"{tiny} of {images} images are under half of --size {width}x{height} on both"
+                       f" sides (e.g. {example(found_tiny[0])}): enlarging adds no detail; a smaller --size may do",
+            "count": tiny,
+            "images": images,
             "size": [width, height],
         })
     return found
 
 
-def _sizes(rows: Iterable[dict]) -> tuple[list[str], Sequence[int], Sequence[int]]:
-    """The paths, widths and heights of the rows with a size (the sizes in arrays, lists once
-    one is beyond 64 bits); a path listed twice counts once, in its first place, with its last
-    size, as a dict of path -> size keeps it."""
-    paths: list[str] = []
-    widths: Sequence[int] = array("q")
-    heights: Sequence[int] = array("q")
-    for row in rows:
-        try:
-            size = int(row["width"]), int(row["height"])
-            path = row["path"]
-        except (KeyError, TypeError, ValueError):  # a record without its size: not judged
-            continue
-        if isinstance(widths, array) and max(map(abs, size)) >= 1 << 63:
-            widths, heights = list(widths), list(heights)
-        widths.append(size[0])
-        heights.append(size[1])
-        paths.append(path)
-    if _repeats(paths):
-        kept = dict(zip(paths, zip(widths, heights)))
-        paths, widths, heights = list(kept), [w for w, _ in kept.values()], [h for _, h in kept.values()]
-    return paths, widths, heights
-
-
-def _repeats(paths: list[str], piece: int = 1 << 12) -> bool:
-    """Whether two paths share a hash (the same path twice, mostly), in a few bytes per path:
-    their hashes sorted a piece at a time, then merged."""
-    pieces = [array("q", sorted(map(hash, paths[start : start + piece]))) for start in range(0, len(paths), piece)]
-    return any(a == b for a, b in pairwise(heapq.merge(*pieces)))
-
-
-def _median(values: Sequence[int]) -> int | float:
-    """statistics.median of numbers, by counting them (sizes repeat: few distinct ones)."""
-    counts = Counter(values)
-    middle = len(values) // 2
-    wanted = [middle] if len(values) % 2 else [middle - 1, middle]  # ranks, in sorted order
+def _median(counts: Counter, n: int):
+    """statistics.median of ``n`` numbers given as value -> how many times: the middle one, or
+    the mean of the middle two."""
+    wanted = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
     found, seen = [], 0
     for value in sorted(counts):
         seen += counts[value]
         while wanted and wanted[0] < seen:
             found.append(value)
             wanted.pop(0)
-    return found[0] if len(values) % 2 else (found[0] + found[1]) / 2
-
-
-def _first(flags: Iterable[bool], keep: int = 20) -> tuple[list[int], int]:
-    """The positions of the first ``keep`` true flags, and how many are true."""
-    first, count = [], 0
-    for i, flag in enumerate(flags):
-        if flag:
-            count += 1
-            if len(first) < keep:
-                first.append(i)
-    return first, count
+        if not wanted:
+            break
+    return found[0] if n % 2 else (found[0] + found[1]) / 2
 
 
 def report(warnings: list[dict]) -> None:

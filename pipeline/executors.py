@@ -296,6 +296,23 @@ class Execution:
     def open(self):
         return make_executor(self.executor, self.workers, self.scheduler)
 
+    @contextlib.contextmanager
+    def pool(self) -> Iterator[Callable[[], Executor]]:
+        """A function that gives the executor, opened on its first call (a cluster is not started
+        for nothing); local worker processes are forked at once, though, while this process is
+        still small: each keeps a copy of the memory this process holds when it forks."""
+        with contextlib.ExitStack() as stack:
+            opened: list[Executor] = []
+
+            def get() -> Executor:
+                if not opened:
+                    opened.append(stack.enter_context(self.open()))
+                return opened[0]
+
+            if self.executor == "local":
+                get()
+            yield get
+
     def bar(self, total: int, desc: str, unit: str = "img"):
         return progress(total, desc, self.progress, unit)
 
@@ -333,20 +350,31 @@ def _slots(executor: Executor) -> int:
 
 
 def chunk(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: int = 8) -> list[Sequence[T]]:
-    """Cut ``items`` into shards: several per worker for balance, none too large to retry cheaply.
+    """Cut ``items`` into shards: several per worker for balance, none too large to retry cheaply
+    (the sizes of :func:`shard_sizes`)."""
+    return list(shards_of(items, workers, max_size=max_size, min_size=min_size))
 
-    Each shard takes a quarter of what is left per worker (guided scheduling), down to an eighth
-    of ``max_size``, so the last shards are small and the workers finish close together instead
-    of one running a full shard alone at the end."""
-    per_round = 4 * max(1, workers)
-    first = max(min_size, min(max_size, -(-len(items) // per_round)))
-    smallest = min(first, max(min_size, max_size // 8))
-    shards, start = [], 0
-    while start < len(items):
-        size = min(first, max(smallest, -(-(len(items) - start) // per_round)))
-        shards.append(items[start : start + size])
+
+def shards_of(items: Sequence[T], workers: int, *, max_size: int = 256, min_size: int = 8) -> Iterator[Sequence[T]]:
+    """:func:`chunk`'s shards, a slice of ``items`` at a time, as they are asked for."""
+    start = 0
+    for size in shard_sizes(len(items), workers, max_size=max_size, min_size=min_size):
+        yield items[start : start + size]
         start += size
-    return shards
+
+
+def shard_sizes(n: int, workers: int, *, max_size: int = 256, min_size: int = 8) -> Iterator[int]:
+    """The sizes of the shards of ``n`` items: each takes a quarter of what is left per worker
+    (guided scheduling), down to an eighth of ``max_size``, so the last shards are small and the
+    workers finish close together instead of one running a full shard alone at the end."""
+    per_round = 4 * max(1, workers)
+    first = max(min_size, min(max_size, -(-n // per_round)))
+    smallest = min(first, max(min_size, max_size // 8))
+    start = 0
+    while start < n:
+        size = min(first, max(smallest, -(-(n - start) // per_round)), n - start)
+        yield size
+        start += size
 
 
 def progress(total: int, desc: str, enabled: bool = True, unit: str = "img"):

@@ -11,12 +11,14 @@ their credentials and endpoint from the usual environment (see docs/cluster.md).
 
 from __future__ import annotations
 
+import array
 import errno
 import functools
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from . import workdir
 from .errors import PrepError
@@ -26,20 +28,129 @@ JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
 PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}  # URL protocol -> the fsspec package for it
 
 
+class Paths(Sequence[str]):
+    """Strings (paths) packed in one buffer, as UTF-8, and where each ends: a path costs its
+    bytes and 8 more, where a list holds a str object of some 60 bytes more for each.
+    (``surrogatepass``: any str goes in and comes back as it was, and the bytes of two paths
+    compare as the paths do.)"""
+
+    __slots__ = ("_data", "_ends")
+
+    def __init__(self, items: Iterable[str] = ()):
+        self._data = bytearray()
+        self._ends = array.array("q")
+        for item in items:
+            self.append(item)
+
+    @classmethod
+    def from_buffers(cls, data, ends) -> "Paths":
+        """The paths :meth:`buffers` gave."""
+        paths = cls()
+        paths._data = bytearray(data)
+        paths._ends = array.array("q", bytes(ends.astype("<i8").data) if hasattr(ends, "astype") else ends)
+        if paths._ends and (paths._ends[-1] != len(paths._data) or min(paths._ends) < 0):
+            raise ValueError("damaged paths")
+        return paths
+
+    def buffers(self):
+        """The packed bytes and where each path ends, as numpy arrays (to save them)."""
+        import numpy as np
+
+        return np.frombuffer(self._data, np.uint8), np.frombuffer(self._ends, np.int64)
+
+    def append(self, text: str) -> None:
+        self._data += text.encode("utf-8", "surrogatepass")
+        self._ends.append(len(self._data))
+
+    def extend(self, texts: Iterable[str]) -> None:
+        encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+        self._ends.extend(itertools.islice(itertools.accumulate(map(len, encoded), initial=len(self._data)), 1, None))
+        self._data += b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ends = self._ends
+        if i < 0:
+            i += len(ends)
+        return self._data[ends[i - 1] if i > 0 else 0 : ends[i]].decode("utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str]:
+        data, start = self._data, 0
+        for end in self._ends:
+            yield data[start:end].decode("utf-8", "surrogatepass")
+            start = end
+
+    def items(self, positions: Iterable[int]) -> list[str]:
+        """The paths at ``positions``."""
+        data, ends = self._data, self._ends
+        return [data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass") for i in positions]
+
+    def sort(self, *, key: Callable[[str], Any] | None = None, reverse: bool = False) -> None:
+        """Sort in place, as list.sort (here for a list's callers)."""
+        self.permute(sorted(range(len(self)), key=lambda i: (key or _same)(self[i]), reverse=reverse))
+
+    def permute(self, order: Sequence[int]) -> None:
+        """Put the item at ``order[k]`` at position k, for every k."""
+        items = Paths(self[i] for i in order)
+        self._data, self._ends = items._data, items._ends
+
+
+def _same(value):
+    return value
+
+
 @dataclass
 class Listing:
     """What a walk of RAW found: image paths, and what it skipped and why.
 
-    ``versions`` maps each image to ``(size, version)``, where the version tells a changed file
-    from an unchanged one without reading it (mtime in ns locally, the ETag or modification time
-    of an object; None when the filesystem gives neither). ``folders`` are the first-level
-    folders the walk entered, i.e. the candidate classes.
+    Each image has a size and a version, which tells a changed file from an unchanged one
+    without reading it: its mtime in ns locally, the ETag or modification time of an object
+    (None when the filesystem gives neither); :meth:`version` and :meth:`size` of the image at
+    a position of ``files``, in arrays (``versions`` maps paths to ``(size, version)``, for a
+    few look-ups). ``folders`` are the first-level folders the walk entered, i.e. the candidate
+    classes.
     """
 
-    files: list[str] = field(default_factory=list)
+    files: Paths = field(default_factory=lambda: _ListedPaths())
     skipped: dict[str, list[str]] = field(default_factory=dict)
-    versions: dict[str, tuple[int, Any]] = field(default_factory=dict)
     folders: list[str] = field(default_factory=list)
+    sizes: array.array = field(default_factory=lambda: array.array("q"))
+    mtimes: array.array | None = field(default_factory=lambda: array.array("q"))  # None: versions as text
+    tags: Paths | None = None  # the versions of a listing of objects ("": none)
+
+    def __post_init__(self) -> None:
+        self.files._listing = self  # type: ignore[attr-defined]
+
+    def add(self, rel: str, size: int, version) -> None:
+        self.files.append(rel)
+        self.sizes.append(size)
+        if type(version) is int and self.mtimes is not None:
+            self.mtimes.append(version)
+            return
+        if self.tags is None:  # from now on, every version as text (an object store's)
+            self.tags = Paths(str(v) for v in self.mtimes or ())
+            self.mtimes = None
+        self.tags.append("" if version is None else str(version))
+
+    def size(self, i: int) -> int:
+        return self.sizes[i]
+
+    def version(self, i: int):
+        return self.mtimes[i] if self.mtimes is not None else (self.tags[i] or None)
+
+    def entries(self) -> Iterator[tuple[str, int, Any]]:
+        """(path, size, version) of each file, in the listing's order."""
+        for i, rel in enumerate(self.files):
+            yield rel, self.sizes[i], self.version(i)
+
+    @property
+    def versions(self) -> Mapping[str, tuple[int, Any]]:
+        """path -> (size, version), looked up through a dict made on first use (a few callers)."""
+        return _Versions(self)
 
     def skip(self, reason: str, rel: str) -> None:
         self.skipped.setdefault(reason, []).append(rel)
@@ -52,6 +163,40 @@ class Listing:
     def skipped_folders(self) -> int:
         """Skipped entries that are folders (recorded with a trailing ``/``), each skipped whole."""
         return sum(rel.endswith("/") for items in self.skipped.values() for rel in items)
+
+
+class _ListedPaths(Paths):
+    """A listing's paths, which take its sizes and versions with them when reordered."""
+
+    __slots__ = ("_listing",)
+
+    def permute(self, order: Sequence[int]) -> None:
+        super().permute(order)
+        listing = getattr(self, "_listing", None)
+        if listing is not None:
+            listing.sizes = array.array("q", (listing.sizes[i] for i in order))
+            if listing.mtimes is not None:
+                listing.mtimes = array.array("q", (listing.mtimes[i] for i in order))
+            else:
+                listing.tags.permute(order)
+
+
+class _Versions(Mapping):
+    def __init__(self, listing: Listing):
+        self.listing = listing
+        self.at: dict[str, int] | None = None
+
+    def __getitem__(self, rel: str) -> tuple[int, Any]:
+        if self.at is None:
+            self.at = {path: i for i, path in enumerate(self.listing.files)}
+        i = self.at[rel]
+        return self.listing.sizes[i], self.listing.version(i)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.listing.files)
+
+    def __len__(self) -> int:
+        return len(self.listing.files)
 
 
 def is_hidden(name: str) -> bool:
@@ -201,8 +346,7 @@ def _list_local(root: str, follow_links: bool, outside_links: bool) -> Listing:
                 listing.skip("not an image extension", rel)
             else:
                 st = entry.stat(follow_symlinks=follow_links)
-                listing.files.append(rel)
-                listing.versions[rel] = (st.st_size, st.st_mtime_ns)
+                listing.add(rel, st.st_size, st.st_mtime_ns)
     return listing
 
 
@@ -230,8 +374,7 @@ def _list_remote(fs, root: str) -> Listing:
             elif not is_image_name(name):
                 listing.skip("not an image extension", rel)
             else:
-                listing.files.append(rel)
-                listing.versions[rel] = (int(info.get("size") or 0), _version(info))
+                listing.add(rel, int(info.get("size") or 0), _version(info))
     return listing
 
 
@@ -275,3 +418,67 @@ def read_bytes(root: str | os.PathLike, rel: str) -> bytes:
         return workdir.read_file(os.path.join(path, rel))[0]
     fs, base = _filesystem(os.fspath(root))
     return fs.cat_file(f"{base}/{rel}")
+
+
+class PathIndex:
+    """Where each path of a sequence is: 64-bit hashes of the paths, sorted, and their positions
+    (16 bytes a path; the paths stay where they are, and a hash found is checked against the
+    path itself). ``keys``: the hash of each path, if known; ``rows``: the positions to index,
+    if not all; ``key``: the hash of a path (another hash than ``hash``: one of its case-folded
+    text, say, where that hash is known)."""
+
+    def __init__(self, paths: Sequence[str], keys=None, rows=None, key: Callable[[str], int] = hash):
+        import numpy as np
+
+        self.key = key
+        if keys is None:
+            keys = np.fromiter(map(key, paths), np.int64, len(paths))
+        if rows is None:
+            self.rows = np.argsort(keys, kind="stable")
+        else:
+            rows = np.asarray(rows, np.int64)
+            self.rows = rows[np.argsort(keys[rows], kind="stable")]
+        self.keys = keys[self.rows]
+        self.paths = paths
+
+    def find(self, path: str) -> int:
+        """The position of ``path``, or -1."""
+        key = self.key(path)
+        keys, j = self.keys, int(self.keys.searchsorted(key))
+        while j < len(keys) and keys[j] == key:
+            row = int(self.rows[j])
+            if self.paths[row] == path:
+                return row
+            j += 1
+        return -1
+
+    def find_all(self, paths: list[str]) -> list[int]:
+        """:meth:`find` of each of ``paths``, the hashes looked up together."""
+        import numpy as np
+
+        found = [-1] * len(paths)
+        if not len(self.keys) or not paths:
+            return found
+        keys = np.fromiter(map(self.key, paths), np.int64, len(paths))
+        at = self.keys.searchsorted(keys).clip(max=len(self.keys) - 1)
+        hits = np.flatnonzero(self.keys[at] == keys)
+        rows = self.rows[at[hits]].tolist()
+        stored = self.paths.items(rows) if hasattr(self.paths, "items") else [self.paths[row] for row in rows]
+        for k, row, path in zip(hits.tolist(), rows, stored):
+            found[k] = row if path == paths[k] else self.find(paths[k])  # another path of that hash: rare
+        return found
+
+    def twice(self) -> str | None:
+        """The first path (in their order) that is there twice, or None."""
+        import numpy as np
+
+        same = np.flatnonzero(self.keys[1:] == self.keys[:-1])  # j: keys[j] == keys[j + 1]
+        first: dict[str, int] = {}
+        seen_twice: set[str] = set()
+        for j in dict.fromkeys(np.concatenate([same, same + 1]).tolist()):
+            row = int(self.rows[j])
+            path = self.paths[row]
+            if path in first:
+                seen_twice.add(path)
+            first[path] = min(first.get(path, row), row)
+        return min(seen_twice, key=first.__getitem__) if seen_twice else None

@@ -32,6 +32,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import operator
@@ -40,6 +41,7 @@ import re
 import stat
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Sequence
@@ -63,7 +65,7 @@ MANIFEST = "manifest.json"
 VERIFY_DIR = "verify"
 STAMPS_DIR = ".stamps"
 CACHE_DIR = ".cache"
-HASH_CACHE = f"{CACHE_DIR}/hashes.json"  # index's sha256 of each RAW file, by size and version
+HASH_CACHE = f"{CACHE_DIR}/hashes.npz"  # what index saw of each RAW file it hashed (see HashCache)
 FILE_HASHES = f"{CACHE_DIR}/files.json"  # the sha256 of the stage files stamps compare (see FileHashes)
 # A file changed this recently may be changed again within the same clock tick, keeping its size
 # and times: its hash is not trusted on its times alone until it has settled.
@@ -711,18 +713,22 @@ def _row(header: list[str], line: list[str]) -> dict:
 
 
 def iter_csv(path: str | os.PathLike, columns: Sequence[str],
-             required: Sequence[str] | None = None) -> Iterator[tuple[str, ...]]:
+             required: Sequence[str] | None = None, *, offsets: bool = False) -> Iterator[tuple]:
     """The ``columns`` of each row of a CSV written by :func:`write_csv`, as a tuple, read a line
     at a time (memory does not grow with the file), with :func:`read_csv`'s checks: the
     ``required`` columns (all of ``columns`` by default) must be in the header and on every row;
     one missing from the header reads as "". Text that is not UTF-8, a NUL character or a
-    malformed row is a one-line error naming the line."""
+    malformed row is a one-line error naming the line. With ``offsets``, each row comes as
+    (where it starts in the file, its tuple)."""
     path = Path(path)
     required = columns if required is None else required
     handle = open_regular(path)
+    read = [0, 0]  # bytes and lines taken: a row is read no further than its end
 
     def lines() -> Iterator[str]:  # each line decoded alone, to name the line of a bad byte
         for number, data in enumerate(handle, start=1):
+            read[0] += len(data)
+            read[1] = number
             try:
                 line = data.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -732,9 +738,9 @@ def iter_csv(path: str | os.PathLike, columns: Sequence[str],
             yield line
 
     with handle:
-        reader = csv.reader(lines())
+        text = lines()
         try:
-            header = next(reader, [])
+            header = next(csv.reader(text), [])
             missing = [c for c in required if c not in header]
             if missing:
                 raise PrepError(f"{path}: expected columns {', '.join(required)}; missing {', '.join(missing)}")
@@ -743,46 +749,86 @@ def iter_csv(path: str | os.PathLike, columns: Sequence[str],
             # the usual case: the columns side by side in the header, a slice of each line
             start = at[0] if at and at == list(range(at[0] or 0, (at[0] or 0) + len(at))) else None
             end = None if start is None else start + len(at)
-            for line in reader:
+            began, limit = read[0], csv.field_size_limit()
+            for line in text:
+                if '"' in line or "\r" in line or len(line) > limit:  # quoted, another line end, too long:
+                    line = next(csv.reader(itertools.chain((line,), text)))  # the csv module's to read
+                else:  # as the csv module splits it, at a third of its cost
+                    line = line[:-1].split(",") if line.endswith("\n") else line.split(",")
+                    if line == [""]:
+                        line = []
                 if not line:
+                    began = read[0]
                     continue
                 if len(line) < needed:
-                    raise PrepError(f"{path} line {reader.line_num}: {len(line)} fields; expected {len(header)}"
+                    raise PrepError(f"{path} line {read[1]}: {len(line)} fields; expected {len(header)}"
                                     f" ({','.join(header)})")
                 if start is not None and len(line) >= end:
-                    yield tuple(line[start:end])
+                    row = tuple(line[start:end])
                 else:
-                    yield tuple("" if i is None or i >= len(line) else line[i] for i in at)
+                    row = tuple("" if i is None or i >= len(line) else line[i] for i in at)
+                yield (began, row) if offsets else row
+                began = read[0]
         except csv.Error as err:
-            raise PrepError(f"{path} line {reader.line_num}: malformed CSV ({err})") from None
+            raise PrepError(f"{path} line {read[1]}: malformed CSV ({err})") from None
 
 
 def write_csv_rows(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[Sequence]) -> None:
     """:func:`write_csv` of rows given as values in ``fieldnames``' order (tuples, say), streamed
     to a temporary file (memory does not grow with the rows), then renamed over ``path`` unless
     its bytes are those already there (the file then keeps its modification time)."""
-    import filecmp
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does (an --out in a new folder)
+    out = CsvOut(path, fieldnames)
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(fieldnames)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.is_file() and filecmp.cmp(tmp, path, shallow=False):
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise _named(err, path) from None
+        out.writer.writerows(rows)
+    except OSError as err:
+        out.discard()
+        raise _named(err, out.path) from None
+    except BaseException:
+        out.discard()
         raise
+    out.commit()
+
+
+class CsvOut:
+    """A CSV file being written a row at a time (``writer``, a csv writer) to a temporary file
+    beside ``path``, which :meth:`commit` renames over ``path`` unless its bytes are those already
+    there (:func:`write_csv_rows` for rows that come from several places), and :meth:`discard`
+    removes."""
+
+    def __init__(self, path: str | os.PathLike, fieldnames: Sequence[str]):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does (an --out in a new folder)
+        try:
+            self.handle = open(self.tmp, "w", encoding="utf-8", newline="")
+            self.writer = csv.writer(self.handle, lineterminator="\n")
+            self.writer.writerow(fieldnames)
+        except OSError as err:
+            self.discard()
+            raise _named(err, self.path) from None
+
+    def commit(self) -> None:
+        import filecmp
+
+        try:
+            with self.handle:
+                self.handle.flush()
+                os.fsync(self.handle.fileno())
+            if self.path.is_file() and filecmp.cmp(self.tmp, self.path, shallow=False):
+                os.unlink(self.tmp)
+            else:
+                os.replace(self.tmp, self.path)
+        except BaseException as err:
+            self.discard()
+            if isinstance(err, OSError):
+                raise _named(err, self.path) from None
+            raise
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self.handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> None:
@@ -808,26 +854,92 @@ def read_json(path: str | os.PathLike) -> Any:
         raise PrepError(f"{path}: not UTF-8 text, so not a JSON file ({err.reason})") from None
 
 
-def hash_cache(wd: Workdir, root: str) -> dict[str, list]:
-    """What `prep index` of ``root`` hashed: path -> [size, version, sha256, settled], the
-    version being what the listing saw before the file was read (mtime in ns locally, see
-    :class:`sources.Listing`); a hash is trusted without reading the file again only if
-    ``settled`` (the mtime was not recent, see ``index.SETTLED_NS``)."""
-    path = wd.path(HASH_CACHE)
+class HashCache:
+    """What `prep index` of a RAW saw of each row of the labels CSV it wrote (:data:`HASH_CACHE`),
+    in that CSV's order, in arrays: the size and version the listing gave before the file was
+    read for its sha256 (the version: mtime in ns locally, see :class:`sources.Listing`), and
+    whether its hash may be trusted while the file keeps both (``settled``: its mtime was not
+    recent, see ``index.SETTLED_NS``). The sha256 is the CSV's own; the cache holds only for the
+    CSV whose sha256 it records, as `prep index` wrote it."""
+
+    def __init__(self, sizes, versions, settled):
+        self.sizes, self.versions, self.settled = sizes, versions, settled  # versions: 64-bit ints, or text
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def listed(self, row: int) -> tuple[int, Any]:
+        """(size, version) the listing gave of the row's file."""
+        version = self.versions[row]
+        return self.sizes[row], (version or None) if type(version) is str else version
+
+    def seen(self, row: int) -> tuple[int, Any] | None:
+        """:meth:`listed` of a row whose hash may be trusted while the file keeps both, else None."""
+        return self.listed(row) if self.settled[row] else None
+
+    @classmethod
+    def read(cls, wd: Workdir, root: str, labels_sha256: str) -> "HashCache | None":
+        """The cache of ``root`` beside the labels CSV of sha256 ``labels_sha256``; None if there
+        is none, or it is of another RAW or CSV, or damaged."""
+        import array
+
+        import numpy as np
+
+        def int64s(values) -> array.array:  # read a number at a time faster than numpy's
+            return array.array("q", values.astype("=i8").tobytes())
+
+        try:  # a work directory someone sent: no pickle, and no member that inflates (memory: the file's size)
+            with np.load(wd.path(HASH_CACHE), allow_pickle=False) as data:
+                if not isinstance(data, np.lib.npyio.NpzFile) or any(
+                        info.compress_type != zipfile.ZIP_STORED for info in data.zip.infolist()):
+                    return None
+                meta = json.loads(data["meta"].tobytes())
+                if not isinstance(meta, dict) or meta.get("root") != root or meta.get("labels_sha256") != labels_sha256:
+                    return None
+                sizes, settled = int64s(data["sizes"]), data["settled"].astype(np.bool_).tobytes()
+                if "mtimes" in data:
+                    versions = int64s(data["mtimes"])
+                else:
+                    from .sources import Paths
+
+                    versions = Paths.from_buffers(data["tag_data"], data["tag_ends"])
+        except (OSError, ValueError, KeyError, EOFError, TypeError, MemoryError, zipfile.BadZipFile):
+            return None  # none, damaged, or not a cache of this layout
+        if not len(sizes) == len(versions) == len(settled):
+            return None
+        return cls(sizes, versions, settled)
+
+    def write(self, wd: Workdir, root: str, labels_sha256: str) -> None:
+        import numpy as np
+
+        meta = json.dumps({"root": root, "labels_sha256": labels_sha256}).encode("utf-8", "surrogatepass")
+        arrays = {"meta": np.frombuffer(meta, np.uint8), "sizes": np.asarray(self.sizes, np.int64),
+                  "settled": np.asarray(self.settled, np.bool_)}
+        if not hasattr(self.versions, "buffers"):  # not text
+            arrays["mtimes"] = np.asarray(self.versions, np.int64)
+        else:
+            arrays["tag_data"], arrays["tag_ends"] = self.versions.buffers()
+        wd.path(CACHE_DIR).mkdir(exist_ok=True)
+        with atomic_write(wd.path(HASH_CACHE), "wb") as handle:
+            np.savez(handle, **arrays)
+        with contextlib.suppress(OSError):
+            os.unlink(wd.path(f"{CACHE_DIR}/hashes.json"))  # an earlier prep's cache
+
+
+def hash_entries(wd: Workdir, root: str) -> Iterator[tuple[str, int, Any, str, bool]]:
+    """(path, size, version, sha256, settled) of each row of the labels CSV index's cache of
+    ``root`` (:class:`HashCache`) is for, read a row at a time; nothing if there is none."""
     try:
-        recorded = read_json(path) if path.exists() else {}
-    except PrepError:
-        return {}
-    files = recorded.get("files") if isinstance(recorded, dict) and recorded.get("root") == root else None
-    return files if isinstance(files, dict) else {}
-
-
-def settled_hash(entry: Any) -> tuple[int, Any, str] | None:
-    """(size, version, sha256) of a :func:`hash_cache` entry whose hash may be trusted while the
-    file keeps that size and version; None for an unsettled, old-layout or missing entry."""
-    if isinstance(entry, list) and len(entry) == 4 and entry[3] is True:
-        return entry[0], entry[1], entry[2]
-    return None
+        labels = wd.labels()
+        cache = HashCache.read(wd, root, sha256_file(labels))
+        if cache is None:
+            return
+        for row, (path, sha) in enumerate(iter_csv(labels, ["path", "sha256"])):
+            if row >= len(cache):
+                return
+            yield path, *cache.listed(row), sha, bool(cache.settled[row])
+    except (OSError, PrepError):
+        return
 
 
 # -- memory ----------------------------------------------------------------------------------

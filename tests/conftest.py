@@ -80,3 +80,21 @@ def assert_one_line_error(result: Result, *fragments: str) -> None:
     assert len(errors) == 1, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def received(monkeypatch) -> list:
+    """Every shard result this process receives from resize_shard (not index's), as it arrives."""
+    from pipeline import executors
+    from pipeline.stages import resize
+
+    seen = []
+    map_shards = executors.map_shards
+
+    def counting(pool, fn, shards, *args, **kw):
+        for result in map_shards(pool, fn, shards, *args, **kw):
+            if fn is resize.resize_shard:
+                seen.append(result)
+            yield result
+
+    monkeypatch.setattr(executors, "map_shards", counting)
+    return seen

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error
-from pipeline import checks, workdir
+from pipeline import workdir
 from pipeline.stages import encode, split
 from pipeline.stages.resize import RESIZED_COLUMNS
 
@@ -278,75 +278,3 @@ def test_faults_are_reported_as_when_the_tables_are_read_whole(tmp_path, prep, f
                 "resized.csv": ("resized.csv line 40", "'../../y.png'", "leaves resized/"),
                 "stale": ("resized.csv is out of date", f"({stale} not resized)")}[fault]
     assert_one_line_error(prep("split", "--drop-small"), *expected)
-
-
-# -- the source sizes resize checks ----------------------------------------------------------
-
-
-def sizes_as_a_dict(rows, width: int, height: int) -> list[dict]:
-    """checks.size_warnings as a dict of path -> size computes it: the reference."""
-    import statistics
-
-    sizes = {}
-    for row in rows:
-        try:
-            sizes[row["path"]] = (int(row["width"]), int(row["height"]))
-        except (KeyError, TypeError, ValueError):
-            continue
-    if not sizes:
-        return None
-    median = statistics.median(max(s) for s in sizes.values())
-    large = [p for p, s in sizes.items() if max(s) > checks.OUTLIER * median]
-    small = [p for p, s in sizes.items() if max(s) < median / checks.OUTLIER]
-    tiny = [p for p, (w, h) in sizes.items() if 2 * w < width and 2 * h < height]
-    return [(median, large[:20], small[:20], len(large) + len(small), [sizes[p] for p in (large + small)[:1]]),
-            (len(tiny), sizes[tiny[0]] if tiny else None, len(sizes))]
-
-
-def test_size_warnings_judge_as_a_dict_of_sizes_would(tmp_path):
-    rng = random.Random(5)
-    for _ in range(400):
-        rows = []
-        for _ in range(rng.choice([1, 2, 3, 8, 40, 300])):
-            row = {"path": f"c/{rng.randrange(60)}.png", "width": rng.randrange(1, 5000),
-                   "height": rng.randrange(1, 900)}
-            kind = rng.random()
-            if kind < 0.05:
-                row["width"] = "wide"
-            elif kind < 0.08:
-                row["height"] = str(2**70)
-            elif kind < 0.1:
-                del row["path"]
-            rows.append(row)
-        width, height = rng.choice([(32, 32), (640, 480), (2000, 3)])
-        found = {w["kind"]: w for w in checks.size_warnings(iter(rows), width, height)}
-        expected = sizes_as_a_dict(rows, width, height)
-        if expected is None:
-            assert found == {}
-            continue
-        (median, large, small, count, example), (tiny, first, images) = expected
-        if count:
-            outliers = found["size_outliers"]
-            assert (outliers["median_longest"], outliers["larger"], outliers["smaller"], outliers["count"]) == (
-                median, large, small, count)
-            assert type(outliers["median_longest"]) is type(median)  # an int, or a float halfway
-            assert f"{example[0][0]}x{example[0][1]})" in outliers["message"]
-        else:
-            assert "size_outliers" not in found
-        if tiny > checks.UPSCALED_SHARE * images:
-            assert (found["upscaled"]["count"], found["upscaled"]["images"]) == (tiny, images)
-            assert f"{first[0]}x{first[1]}):" in found["upscaled"]["message"]
-        else:
-            assert "upscaled" not in found
-
-
-def test_size_warnings_hold_two_numbers_per_image(tmp_path):
-    peaks = []
-    for n in (100, 5_000, 25_000):  # the first imports what it needs
-        paths = [f"class{i % 7}/img{i}.jpg" for i in range(n)]  # held by the caller
-        rows = ({"path": p, "width": 640 + i % 50, "height": 480} for i, p in enumerate(paths))
-        tracemalloc.start()
-        checks.size_warnings(rows, 64, 64)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-    assert peaks[2] - peaks[1] < 64 * 20_000  # a reference and a few numbers per image

@@ -123,39 +123,16 @@ def test_status_reads_each_csv_a_row_at_a_time(prep, packed: Path, settled, monk
     assert counts == {"labels.csv": 2, "resized.csv": 2, "record": 1}, counts
 
 
-def test_the_hash_cache_read_a_block_at_a_time_is_the_whole_one(tmp_path: Path, monkeypatch):
-    wd = workdir.Workdir(tmp_path)
-    (tmp_path / workdir.CACHE_DIR).mkdir()
-    odd = ['a"quote/x.png', "back\\slash/x.png", "é/ünï.png", "new\nline/x.png", "tab\t/x.png", "ends],",
-           ':starts/x.png', 'in],"side/x.png']
-    files = {name: [10 + i, 1_700_000_000_000_000_000 + i, "ab" * 32, True] for i, name in enumerate(odd)}
-    files.update({f"c/{i:06d}.png": [i, i * 7, "cd" * 32, i % 2 == 0] for i in range(20_000)})  # over a block
-    files.update({f"c/{i:06d}],": [i, i, "cd" * 32, True] for i in range(0, 20_000, 500)})  # ends as an entry
-    files["etag/x.png"] = [5, '"9b2cf535f27731c974343645a3985328"', "ef" * 32, True]  # an object store's
-    files["none/x.png"] = [6, None, "ef" * 32, False]
-
-    def pairs(root: str) -> set[tuple[int, int]]:
-        keys, versions = status._cached_versions(wd, root)
-        return set(zip(keys.tolist(), versions.tolist(), strict=True))
-
-    def whole(root: str) -> set[tuple[int, int]]:
-        return {(hash(rel), hash(tuple(entry[:2]))) for rel, entry in workdir.hash_cache(wd, root).items()}
-
-    cache = tmp_path / workdir.HASH_CACHE
-    workdir.write_json(cache, {"root": "/raw", "files": files}, indent=None)  # as index writes it
-    read_whole = []
-    monkeypatch.setattr(workdir, "hash_cache", lambda *args: read_whole.append(args) or {})
-    assert len(pairs("/raw")) == len(files) and not read_whole
-    assert pairs("/elsewhere") == set()
-    monkeypatch.undo()
-    assert pairs("/raw") == whole("/raw")
-
-    workdir.write_json(cache, {"root": "/raw", "files": files})  # indented: read whole
-    assert pairs("/raw") == whole("/raw")
-    cache.write_text('{"files": {"a/b.png": [1, 2')  # damaged: as good as none
-    assert pairs("/raw") == set() == whole("/raw")
-    cache.unlink()
-    assert pairs("/raw") == set()
+def test_the_hash_cache_is_read_beside_labels_csv_in_one_pass(tmp_path: Path, prep):
+    raw = make_tree(tmp_path / "raw", {"a": 3, "b": 2})
+    assert prep("index", raw).exit_code == 0
+    wd, root = workdir.Workdir(tmp_path / "work"), str(raw.resolve())
+    labels = wd.path("labels.csv")
+    indexed, cached, versions = status._indexed_and_cached(wd, root, labels)
+    entries = list(workdir.hash_entries(wd, root))
+    assert len(entries) == 5 == len(indexed)
+    assert set(zip(cached.tolist(), versions.tolist())) == {(hash(p), hash((size, v))) for p, size, v, _, _ in entries}
+    assert len(status._indexed_and_cached(wd, "/elsewhere", labels)[1]) == 0
 
 
 def test_tree_state_sees_a_file_edited_in_place(tmp_path: Path):

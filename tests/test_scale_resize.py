@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, make_tree, tree_digests
+from conftest import assert_one_line_error, make_tree, received, tree_digests
 from pipeline import executors, workdir
 from pipeline.errors import PrepError
 from pipeline.spec import ResizeSpec
@@ -29,21 +29,6 @@ def corpus(tmp_path: Path) -> Path:
 def outputs(work: Path) -> dict:
     return {**tree_digests(work / "resized"),
             **{name: (work / name).read_bytes() for name in ("resized.csv", "rejected.csv")}}
-
-
-def received(monkeypatch) -> list:
-    """Every shard result this process receives from resize_shard (not index's), as it arrives."""
-    seen = []
-    map_shards = executors.map_shards
-
-    def counting(pool, fn, shards, *args, **kw):
-        for result in map_shards(pool, fn, shards, *args, **kw):
-            if fn is resize.resize_shard:
-                seen.append(result)
-            yield result
-
-    monkeypatch.setattr(executors, "map_shards", counting)
-    return seen
 
 
 def test_workers_write_the_files_and_send_back_small_records(tmp_path, corpus, prep, monkeypatch):

@@ -11,15 +11,19 @@ it warns about the usual mistakes with the folders and counts (:mod:`pipeline.ch
 
 from __future__ import annotations
 
+import array
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from concurrent.futures import Executor
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import __version__, checks, executors, sources, workdir
 from ..errors import PrepError
@@ -102,63 +106,131 @@ def compile_pattern(text: str) -> re.Pattern:
     return pattern
 
 
-def _hash_shard(shard: list[str], root: str) -> list[tuple[str, int] | str]:
-    """(sha256, size) of each file in the shard, or the reason it could not be read."""
-    out: list[tuple[str, int] | str] = []
+def _hash_shard(shard: list[str], root: str) -> list[tuple[bytes, int] | str]:
+    """(sha256 as 32 bytes, size) of each file in the shard, or the reason it could not be read."""
+    out: list[tuple[bytes, int] | str] = []
     for rel in shard:
         try:
             data = sources.read_bytes(root, rel)
         except OSError as err:
             out.append(f"unreadable ({err.strerror or type(err).__name__})")
             continue
-        out.append((workdir.sha256_bytes(data), len(data)))
+        out.append((bytes.fromhex(workdir.sha256_bytes(data)), len(data)))
     return out
 
 
-def hash_files(
-    cfg: IndexConfig, root: str, versions: dict[str, tuple[int, object]], listed_ns: int
-) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
-    """sha256 and size of each file in ``versions``, reusing the cache for files whose
-    (size, version) the listing found unchanged (version: mtime locally, ETag for objects);
-    and the reason for each file that could not be read. ``listed_ns``: when the listing began.
-    A local file modified less than :data:`SETTLED_NS` before then is hashed again next time."""
-    cache_path = cfg.workdir.path(workdir.HASH_CACHE)
-    rels = list(versions)
-    cache = workdir.hash_cache(cfg.workdir, root)
-    result: dict[str, tuple[str, int]] = {}
-    failed: dict[str, str] = {}
-    todo = []
-    for rel in rels:
-        size, version = versions[rel]
-        hit = workdir.settled_hash(cache.get(rel))
-        if hit and version is not None and hit[:2] == (size, version):
-            result[rel] = (hit[2], size)
-        else:
-            todo.append(rel)
-    if todo:
-        shards = executors.chunk(todo, cfg.execution.slots, max_size=64)
-        with cfg.execution.open() as pool, cfg.execution.bar(len(todo), "hash", unit="file") as bar:
-            for shard, hashed in zip(shards, executors.map_shards(pool, _hash_shard, shards, root)):
-                for rel, outcome in zip(shard, hashed):
+SORT_CHUNK = 1 << 14  # images whose natural keys are held at once: each costs some 300 bytes
+
+
+class Images:
+    """What index knows of each listed file, by its position in the listing, in arrays: its label
+    (a number, -1 for none), its sha256 (32 bytes) once known and the size it was read at where
+    that is not the listed one; ``order``: the positions of the labelled files, in natural order."""
+
+    def __init__(self, listing: sources.Listing):
+        import numpy as np
+
+        self.listing = listing
+        n = len(listing.files)
+        self.label = np.full(n, -1, np.int32)
+        self.labels: list[str] = []  # label number -> label
+        self.sha = np.zeros((n, 32), np.uint8)
+        self.known = np.zeros(n, np.bool_)  # sha256 known (from the cache or hashed)
+        self.read_sizes: dict[int, int] = {}  # position -> size read, where not the listed one
+        self.order = np.zeros(0, np.int64)
+
+    def set_labels(self, labels: Iterable[str | None]) -> None:
+        numbers: dict[str, int] = {}
+        for i, label in enumerate(labels):
+            if label is not None:
+                number = numbers.get(label)
+                if number is None:
+                    number = numbers[label] = len(self.labels)
+                    self.labels.append(label)
+                self.label[i] = number
+
+    def label_of(self, i: int) -> str:
+        return self.labels[self.label[i]]
+
+    def sha256(self, i: int) -> str:
+        return self.sha[i].tobytes().hex()
+
+    def rows(self) -> Iterator[tuple[str, str, str, int]]:
+        """labels.csv's rows, in order."""
+        files, labels, label = self.listing.files, self.labels, self.label
+        for i in self.order.tolist():
+            yield files[i], labels[label[i]], self.sha[i].tobytes().hex(), self.read_sizes.get(i, self.listing.sizes[i])
+
+    def sort(self) -> None:
+        """``order``: the labelled files in natural order (classes, then paths), sorted a chunk
+        at a time and merged, so that the sort keys of one chunk only are held at once."""
+        import numpy as np
+
+        files, labels, label = self.listing.files, self.labels, self.label
+        path_key = NATURAL.__wrapped__  # not kept: each path is sorted once (labels repeat, and are kept)
+
+        def key(i: int):
+            return NATURAL(labels[label[i]]), path_key(files[i])
+
+        self.order = np.fromiter(_merged(np.flatnonzero(label >= 0), key), np.int64, int((label >= 0).sum()))
+
+
+def _merged(items: Sequence[int], key) -> Iterator[int]:
+    """``items`` (ints: a range, an array) in the order of ``key``, as sorted(): sorted
+    :data:`SORT_CHUNK` at a time, then merged (which computes each key once more)."""
+    runs = [sorted(map(int, items[start : start + SORT_CHUNK]), key=key) for start in range(0, len(items), SORT_CHUNK)]
+    if len(runs) == 1:
+        return iter(runs[0])
+    runs = [array.array("q", run) for run in runs]
+    return heapq.merge(*runs, key=key)
+
+
+def hash_files(cfg: IndexConfig, root: str, images: Images, pool: Callable[[], Executor]) -> dict[int, str]:
+    """The sha256 of each labelled file (``images.order``) not already known (from the hash
+    cache): read by the workers of ``pool()``; and the reason for each file that could not be read."""
+    import numpy as np
+
+    listing = images.listing
+    todo = images.order[~images.known[images.order]]
+    failed: dict[int, str] = {}
+    if len(todo):
+        files = listing.files
+        shards = executors.shards_of(todo, cfg.execution.slots, max_size=64)
+        jobs = ([files[i] for i in shard.tolist()] for shard in executors.shards_of(todo, cfg.execution.slots,
+                                                                                     max_size=64))
+        with cfg.execution.bar(len(todo), "hash", unit="file") as bar:
+            for shard, hashed in zip(shards, executors.map_shards(pool(), _hash_shard, jobs, root)):
+                for i, outcome in zip(shard.tolist(), hashed):
                     if isinstance(outcome, str):
-                        failed[rel] = outcome
+                        failed[i] = outcome
                         continue
                     digest, size = outcome
-                    result[rel] = (digest, size)
-                    # the version seen before reading: if the file changed since, the next
-                    # listing sees a new version and hashes it again
-                    # and whether it had settled (see SETTLED_NS): if not, it is hashed again
-                    size, version = versions[rel]
-                    settled = not isinstance(version, int) or version < listed_ns - SETTLED_NS
-                    cache[rel] = [size, version, digest, settled]
+                    images.sha[i] = np.frombuffer(digest, np.uint8)
+                    images.known[i] = True
+                    if size != listing.sizes[i]:
+                        images.read_sizes[i] = size
                 bar.update(len(shard))
-    for rel in [rel for rel in cache if rel not in versions]:  # in place: a copy costs an entry per image
-        del cache[rel]
-    workdir.write_json(cache_path, {"root": root, "files": cache}, indent=None)  # one entry per image
-    return result, failed
+    return failed
 
 
-def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int], paths: list[str] | None) -> list[dict]:
+def _cache_of(images: Images, listed_ns: int) -> workdir.HashCache:
+    """The hash cache of the rows of ``images.order``: the size and version the listing saw of
+    each file before it was read (if the file changed since, the next listing sees a new version
+    and it is hashed again), and whether it had settled (see :data:`SETTLED_NS`): if not, it is
+    hashed again. ``listed_ns``: when the listing began."""
+    import numpy as np
+
+    listing, order = images.listing, images.order
+    sizes = np.frombuffer(listing.sizes, np.int64)[order] if len(listing.sizes) else np.zeros(0, np.int64)
+    if listing.mtimes is not None:
+        mtimes = np.frombuffer(listing.mtimes, np.int64)[order] if len(listing.mtimes) else np.zeros(0, np.int64)
+        return workdir.HashCache(sizes, mtimes, mtimes < listed_ns - SETTLED_NS)
+    tags = sources.Paths(listing.tags[i] for i in order.tolist())
+    return workdir.HashCache(sizes, tags, np.ones(len(order), np.bool_))
+
+
+def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int], paths: Iterable[str] | None
+                        ) -> list[dict]:
     """Log what looks wrong with the classes; the warnings to keep in index.json (see
     :mod:`pipeline.checks`). ``paths``: the images' paths when classes come from folders."""
     for name in empty:
@@ -186,7 +258,11 @@ def run(cfg: IndexConfig) -> IndexResult:
     if cfg.labels_from not in ("folder", "filename"):
         raise PrepError(f"--labels-from must be folder or filename; received {cfg.labels_from!r}")
     pattern = compile_pattern(cfg.pattern) if cfg.labels_from == "filename" else None
+    with cfg.execution.pool() as pool:
+        return _index(cfg, raw, pattern, pool)
 
+
+def _index(cfg: IndexConfig, raw: str, pattern: re.Pattern | None, pool: Callable[[], Executor]) -> IndexResult:
     listed_ns = time.time_ns()
     outside_links = cfg.follow_links and cfg.allow_outside_links
     listing = sources.list_files(raw, follow_links=cfg.follow_links, outside_links=outside_links)
@@ -199,27 +275,28 @@ def run(cfg: IndexConfig) -> IndexResult:
         unlabelled = [] if pattern is None else [r for r in listing.files if label_from_filename(r, pattern) is None]
         return IndexResult(cfg.out, recorded["images"], classes, recorded["skipped"], recorded["empty_classes"],
                            unlabelled, listing.skipped_folders, up_to_date=True)
-    labelled: list[tuple[str, str]] = []
     unlabelled: list[str] = []
-    for rel in listing.files:
+
+    def label_of(rel: str) -> str | None:
         if pattern is None:
             if "/" not in rel:
                 listing.skip(LOOSE, rel)
-                continue
-            labelled.append((rel.split("/", 1)[0], rel))
-        else:
-            label = label_from_filename(rel, pattern)
-            if label is None:
-                listing.skip(NO_MATCH, rel)
-                unlabelled.append(rel)
-                continue
-            labelled.append((label, rel))
-    if not labelled and unlabelled:
+                return None
+            return rel.split("/", 1)[0]
+        label = label_from_filename(rel, pattern)
+        if label is None:
+            listing.skip(NO_MATCH, rel)
+            unlabelled.append(rel)
+        return label
+
+    images = Images(listing)
+    images.set_labels(map(label_of, listing.files))
+    if not images.labels and unlabelled:
         raise PrepError(
             f"no file name in {raw} matches --pattern {cfg.pattern!r}"
-            f" (e.g. {sorted(unlabelled, key=NATURAL)[0]}); the label is its (?P<label>...) group"
+            f" (e.g. {min(unlabelled, key=NATURAL)}); the label is its (?P<label>...) group"
         )
-    if not labelled:
+    if not images.labels:
         loose = len(listing.skipped.get(LOOSE, ()))
         raise PrepError(
             f"no images found in {raw} (expected {raw}/<class>/<image> with extension "
@@ -229,32 +306,31 @@ def run(cfg: IndexConfig) -> IndexResult:
                " pass the folder that holds the class folders; to take each class from the file name, pass"
                " --labels-from filename" if loose else "")
         )
-    previous = _previous_rows(cfg.workdir, cfg.out)
-    order = None if previous is None else [(label, rel) for rel, (label, _) in previous.items()]
-    if order is not None and len(order) == len(labelled) and set(order) == set(labelled):
-        labelled = order  # the same images as last time, already in natural order (sorting costs more)
-    else:
-        labelled.sort(key=lambda item: (NATURAL(item[0]), NATURAL(item[1])))
+    previous = _Previous(cfg, raw, images)
+    if not previous.same_images:
+        images.sort()
 
-    hashes, failed = hash_files(cfg, raw, {rel: listing.versions[rel] for _, rel in labelled}, listed_ns)
-    for rel, reason in failed.items():
+    failed = hash_files(cfg, raw, images, pool)
+    for i, reason in failed.items():
+        rel = listing.files[i]
         log.warning("skipped %s: %s", rel, reason)
         listing.skip(reason, rel)
-    labelled = [(label, rel) for label, rel in labelled if rel not in failed]
-    if not labelled:
+    if failed:
+        images.order = images.order[images.known[images.order]]
+    if not len(images.order):
         raise PrepError(f"no readable images in {raw} ({len(failed)} could not be read)")
-    # a tuple per row, in LABEL_COLUMNS' order (a dict per row costs four times as much)
-    rows = [(rel, label, *hashes[rel]) for label, rel in labelled]
-    del hashes
-    counts = Counter(label for label, _ in labelled)
-    class_counts = {label: counts[label] for label in dict.fromkeys(label for label, _ in labelled)}
+    class_counts = _class_counts(images)
 
     empty: list[str] = []
     if pattern is None:
-        empty = sorted((name for name in listing.folders if name not in counts), key=NATURAL)
-    found = _warn_about_classes(raw, empty, class_counts, None if pattern else [rel for _, rel in labelled])
+        empty = sorted((name for name in listing.folders if name not in class_counts), key=NATURAL)
+    paths = None if pattern else (listing.files[i] for i in images.order.tolist())
+    found = _warn_about_classes(raw, empty, class_counts, paths)
 
-    workdir.write_csv_rows(cfg.out, LABEL_COLUMNS, rows)
+    changes = previous.changes(images)
+    workdir.write_csv_rows(cfg.out, LABEL_COLUMNS, images.rows())
+    labels_sha = workdir.sha256_file(cfg.out)
+    _cache_of(images, listed_ns).write(cfg.workdir, raw, labels_sha)
     skipped = {reason: len(items) for reason, items in sorted(listing.skipped.items())}
     workdir.write_json(
         cfg.workdir.path(workdir.INDEX_META),
@@ -262,24 +338,33 @@ def run(cfg: IndexConfig) -> IndexResult:
             "raw": raw,
             "labels": cfg.workdir.relative(cfg.out),
             # rows in this order are in natural order: split need not sort them again
-            "labels_sha256": workdir.sha256_file(cfg.out),
+            "labels_sha256": labels_sha,
             "order": workdir.NATURAL_ORDER,
             "labels_from": cfg.labels_from,
             "pattern": cfg.pattern if pattern else None,
             "follow_links": cfg.follow_links,
             "allow_outside_links": outside_links,
-            "images": len(rows),
+            "images": len(images.order),
             "classes": class_counts,
             "skipped": skipped,
-            "skipped_examples": {r: sorted(items, key=NATURAL)[:20] for r, items in listing.skipped.items()},
+            "skipped_examples": {r: heapq.nsmallest(20, items, key=NATURAL) for r, items in listing.skipped.items()},
             "empty_classes": empty,
             "listing_sha256": None if failed else digest,
             "warnings": checks.merged(cfg.workdir, checks.INDEX_KINDS, found),  # resize's: the source sizes
         },
     )
-    changes = None if previous is None else _changes(previous, rows)
-    return IndexResult(cfg.out, len(rows), class_counts, skipped, empty, unlabelled, listing.skipped_folders,
+    return IndexResult(cfg.out, len(images.order), class_counts, skipped, empty, unlabelled, listing.skipped_folders,
                        changes=changes)
+
+
+def _class_counts(images: Images) -> dict[str, int]:
+    """label -> images, the labels in the order of their first image."""
+    import numpy as np
+
+    numbers = images.label[images.order]
+    counts = np.bincount(numbers, minlength=len(images.labels))
+    firsts = np.unique(numbers, return_index=True)[1]
+    return {images.labels[numbers[k]]: int(counts[numbers[k]]) for k in sorted(firsts.tolist())}
 
 
 def _listing_digest(
@@ -288,16 +373,34 @@ def _listing_digest(
     """A digest of what decides index's outputs: the listing (each file's size and version, the
     skipped files, the folders), the settings and this prep's version. None if a file changed so
     recently that a rewrite could keep its size and mtime (see SETTLED_NS), or if a file has no
-    version (an object store that gives none): then every file is looked at again."""
-    for _, version in listing.versions.values():
-        if version is None or (isinstance(version, int) and version >= listed_ns - SETTLED_NS):
+    version (an object store that gives none): then every file is looked at again. (The JSON
+    text of ``[settings, files, skipped, folders]``, each file as ``[path, size, version]`` in
+    sorted order, hashed a piece at a time.)"""
+    if listing.mtimes is not None:
+        if listing.mtimes and max(listing.mtimes) >= listed_ns - SETTLED_NS:
             return None
+    elif "" in listing.tags:
+        return None
     settings = [__version__, raw, cfg.labels_from, pattern and pattern.pattern, cfg.follow_links, cfg.allow_outside_links,
                 workdir.NATURAL_ORDER, LABEL_COLUMNS, cfg.workdir.relative(cfg.out)]
-    files = sorted((rel, *listing.versions[rel]) for rel in listing.files)
     skipped = sorted((reason, sorted(items)) for reason, items in listing.skipped.items())
-    text = json.dumps([settings, files, skipped, sorted(listing.folders)], separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    files, sizes, mtimes, tags = listing.files, listing.sizes, listing.mtimes, listing.tags
+    text = json.encoder.encode_basestring_ascii
+    digest = hashlib.sha256(b"[" + _compact_json(settings) + b",[")
+    pieces: list[str] = []
+    for k, i in enumerate(_merged(range(len(files)), files.__getitem__)):
+        version = str(mtimes[i]) if mtimes is not None else text(tags[i])
+        pieces.append(f"{',' if k else ''}[{text(files[i])},{sizes[i]},{version}]")
+        if len(pieces) == 4096:
+            digest.update("".join(pieces).encode("ascii"))
+            pieces.clear()
+    digest.update("".join(pieces).encode("ascii"))
+    digest.update(b"]," + _compact_json(skipped) + b"," + _compact_json(sorted(listing.folders)) + b"]")
+    return digest.hexdigest()
+
+
+def _compact_json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8", "surrogateescape")
 
 
 def _unchanged(cfg: IndexConfig, digest: str | None) -> dict | None:
@@ -315,28 +418,95 @@ def _unchanged(cfg: IndexConfig, digest: str | None) -> dict | None:
     return None
 
 
-def _previous_rows(wd: workdir.Workdir, labels: Path) -> dict[str, tuple[str, str]] | None:
-    """path -> (label, sha256) of each row of the labels CSV the last run wrote, in its order, if it
-    is unchanged since (so still in this version's natural order); else None."""
-    if not in_natural_order(wd, labels):
+class _Previous:
+    """The labels CSV the last run wrote (``cfg.out``), read a row at a time beside this run's
+    images (found by path through a :class:`sources.PathIndex`): what its hash cache knows of
+    them, its order when it lists the same images under the same labels (``same_images``: a
+    sort saved), and what changed since (:meth:`changes`). Its order is trusted only if it is,
+    byte for byte, the CSV the last run wrote (:func:`in_natural_order`)."""
+
+    def __init__(self, cfg: IndexConfig, raw: str, images: Images):
+        import numpy as np
+
+        self.path = cfg.out
+        self.natural = in_natural_order(cfg.workdir, cfg.out)
+        try:
+            sha = workdir.sha256_file(cfg.out)
+        except OSError:
+            sha = None
+        self.cache = workdir.HashCache.read(cfg.workdir, raw, sha) if sha else None
+        self.same_images = False
+        if not self.natural and self.cache is None:
+            self.index = None
+            return
+        listing = images.listing
+        self.index = sources.PathIndex(listing.files)
+        order = array.array("q")
+        same = self.natural
+        cache = self.cache
+        seen = np.zeros(len(listing.files), np.bool_)
+        try:
+            for row, (i, (rel, label, sha)) in enumerate(self._found(cfg.out)):
+                if i < 0 or images.label[i] < 0:
+                    same = False
+                    continue
+                if same:
+                    if seen[i] or images.label_of(i) != label:
+                        same = False
+                    seen[i] = True
+                    order.append(i)
+                hit = cache.seen(row) if cache is not None and row < len(cache) else None
+                if hit is not None and hit[1] is not None and hit == (listing.sizes[i], listing.version(i)):
+                    digest = _sha_bytes(sha)
+                    if digest is not None:
+                        images.sha[i] = np.frombuffer(digest, np.uint8)
+                        images.known[i] = True
+        except (PrepError, OSError):  # unreadable: neither its order nor its hashes are trusted
+            images.known[:] = False
+            self.natural, same = False, False
+        if same and len(order) == int((images.label >= 0).sum()):
+            images.order = np.frombuffer(order, np.int64).copy()
+            self.same_images = True
+
+    def changes(self, images: Images) -> dict[str, int] | None:
+        """How many images are new, gone, or changed (content or label) against the last run's
+        CSV (None if it is not one the last run wrote). Read before this run's replaces it."""
+        import numpy as np
+
+        if not self.natural:
+            return None
+        index = self.index or sources.PathIndex(images.listing.files)
+        listed = np.zeros(len(images.listing.files), np.bool_)
+        listed[images.order] = True
+        self.index = index
+        rows = matched = changed = 0
+        try:
+            for i, (rel, label, sha) in self._found(self.path):
+                rows += 1
+                if i >= 0 and listed[i]:
+                    matched += 1
+                    changed += label != images.label_of(i) or sha != images.sha256(i)
+        except (PrepError, OSError):
+            return None
+        return {"new": len(images.order) - matched, "gone": rows - matched, "changed": changed}
+
+
+    def _found(self, labels: Path) -> Iterator[tuple[int, tuple[str, str, str]]]:
+        """Each row of ``labels`` (path, label, sha256), and where its path is in the listing (-1: not there)."""
+        rows = workdir.iter_csv(labels, ["path", "label", "sha256"])
+        while chunk := list(itertools.islice(rows, 4096)):
+            yield from zip(self.index.find_all([rel for rel, _, _ in chunk]), chunk)
+
+
+def _sha_bytes(text: str) -> bytes | None:
+    """A sha256 as index writes it (64 lowercase hex digits) as 32 bytes; None for anything else."""
+    if len(text) != 64:
         return None
     try:
-        return {rel: (label, sha) for rel, label, sha in workdir.iter_csv(labels, ["path", "label", "sha256"])}
-    except (PrepError, OSError):
+        digest = bytes.fromhex(text)
+    except ValueError:
         return None
-
-
-def _changes(previous: dict[str, tuple[str, str]], rows: list[tuple]) -> dict[str, int]:
-    """How many images are new, gone, or changed (content or label) against the last run's CSV
-    (``rows``: this run's, each path once)."""
-    new = changed = 0
-    for rel, label, sha, _ in rows:
-        before = previous.get(rel)
-        if before is None:
-            new += 1
-        elif before != (label, sha):
-            changed += 1
-    return {"new": new, "gone": len(previous) - (len(rows) - new), "changed": changed}
+    return digest if digest.hex() == text else None
 
 
 def in_natural_order(wd: workdir.Workdir, labels: Path) -> bool:

@@ -107,7 +107,7 @@ def index_status(wd: workdir.Workdir) -> StageStatus:
         settled = raw is not None
 
         def found() -> Iterator[tuple[str, int, int]]:
-            return ((rel, *listing.versions[rel]) for rel in listing.files)
+            return listing.entries()
     hashes = workdir.FileHashes(wd)
     cached = wd.path(workdir.HASH_CACHE)
     key = [raw, hashes.sha256(meta_path), hashes.sha256(labels), hashes.sha256(cached) if cached.is_file() else None]
@@ -147,9 +147,8 @@ def _index_checked(wd: workdir.Workdir, meta: dict, labels: Path, found: Iterabl
     folder_labels = meta.get("labels_from", "folder") == "folder"
     listed, versions = _hashed((rel, (size, version)) for rel, size, version in found
                                if "/" in rel or not folder_labels)
-    indexed = _hashed((path, None) for path, in workdir.iter_csv(labels, ["path"]))[0]
+    indexed, cached, cached_versions = _indexed_and_cached(wd, meta["raw"], labels)
     known = _lookup(indexed, listed)[1]
-    cached, cached_versions = _cached_versions(wd, meta["raw"])
     at, hit = _lookup(listed, cached)
     hit[hit] = known[at[hit]]  # cache entries of images listed and indexed: those of another version changed
     changed = int(np.count_nonzero(versions[at[hit]] != cached_versions[hit]))
@@ -190,63 +189,26 @@ def _lookup(keys, queries):
     return at, keys[at] == queries if len(keys) else np.zeros(len(queries), bool)
 
 
-_CACHE_HEAD = b'{"files":{'  # index's hash cache as it writes it (compact JSON, keys sorted)
-
-
-def _version_key(entry) -> int:
-    """hash((size, version)) of a hash cache entry as :func:`workdir.hash_cache` gives it."""
-    try:
-        return hash(tuple(entry[:2]))
-    except TypeError:  # not a list of two values: no version it could match
-        return 0
-
-
-def _cached_versions(wd: workdir.Workdir, root: str):
-    """64-bit hashes of the path and of the (size, version) of each entry of index's hash cache
-    of ``root`` (:func:`workdir.hash_cache`), as two arrays; read a block at a time, each block's
-    whole entries parsed as one JSON object (an entry ends with ``],"`` where the next begins:
-    a cut elsewhere, inside a path, does not parse). A cache laid out otherwise is read whole."""
+def _indexed_and_cached(wd: workdir.Workdir, root: str, labels: Path):
+    """The paths of labels.csv, as :func:`_hashed` gives them; and the path and the (size,
+    version) of each row of index's hash cache of ``root`` (:class:`workdir.HashCache`: what the
+    listing gave of each row of the labels CSV it was written beside, in arrays), as two arrays
+    of 64-bit hashes. One pass of labels.csv."""
     import numpy as np
 
-    paths, versions = array("q"), array("q")
+    cache = workdir.HashCache.read(wd, root, workdir.sha256_file(labels))
+    rows = len(cache) if cache is not None else 0
+    cached, versions = array("q"), array("q")
 
-    def add(entries: dict) -> None:
-        paths.extend(map(hash, entries))
-        versions.extend(map(_version_key, entries.values()))
+    def paths() -> Iterator[tuple[str, None]]:
+        for row, (path,) in enumerate(workdir.iter_csv(labels, ["path"])):
+            if row < rows:
+                cached.append(hash(path))
+                versions.append(hash(cache.listed(row)))
+            yield path, None
 
-    try:
-        with workdir.open_regular(wd.path(workdir.HASH_CACHE)) as handle:
-            if handle.read(len(_CACHE_HEAD)) != _CACHE_HEAD:
-                raise ValueError("not index's layout")
-            rest = b""
-            while block := handle.read(1 << 20):
-                rest += block
-                cut, tries = rest.rfind(b'],"'), 8
-                while cut > 0:
-                    try:
-                        entries = json.loads(b"{%s}" % rest[: cut + 1])
-                        break
-                    except ValueError:
-                        tries -= 1
-                        if not tries:  # damaged, or not index's: read whole
-                            raise
-                        cut = rest.rfind(b'],"', 0, cut)
-                if cut > 0:
-                    add(entries)
-                    rest = rest[cut + 2 :]
-            whole = json.loads(_CACHE_HEAD + rest)  # the last entries, and the root
-            if not isinstance(whole, dict) or not isinstance(whole.get("files"), dict):
-                raise ValueError("not index's layout")
-            add(whole["files"])
-            if whole.get("root") != root:
-                paths, versions = array("q"), array("q")
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError):
-        cache = workdir.hash_cache(wd, root)
-        paths, versions = array("q"), array("q")
-        add(cache)
-    return np.frombuffer(paths, np.int64), np.frombuffer(versions, np.int64)
+    indexed = _hashed(paths())[0]
+    return indexed, np.frombuffer(cached, np.int64), np.frombuffer(versions, np.int64)
 
 
 def _listing_digest(wd: workdir.Workdir, meta: dict, labels: Path, listing: sources.Listing,
