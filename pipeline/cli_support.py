@@ -192,8 +192,7 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
             if not _worker_lost(err):
                 raise
             stage = _stage_of(err)
-            raise _failed(ctx, f"a worker process of prep {stage} was killed (most often by the system, out of"
-                               f" memory); try {_memory_hint(stage)}") from None
+            raise _failed(ctx, _worker_end(stage, getattr(err, "worker_ends", ()))) from None
         except KeyboardInterrupt as err:  # Ctrl-C, or Stopped
             click.echo("Interrupted; run the same command again to resume.", err=True)
             sys.exit(128 + getattr(err, "signum", signal.SIGINT))
@@ -313,6 +312,26 @@ def _memory_hint(stage: str) -> str:
         "verify-train": "a smaller --batch-size, or --model small",
         "index": "fewer --workers", "resize": "fewer --workers", "verify": "fewer --workers",
     }.get(stage, "closing other programs")
+
+
+def _worker_end(stage: str, ends) -> str:
+    """What to say of a worker process of ``stage`` that died; ``ends``: the exit codes of the
+    pool's processes, if known (a signal's is minus its number; the others were stopped after)."""
+    import signal
+
+    code = next((c for c in ends if c not in (None, 0, -signal.SIGTERM)), -signal.SIGKILL)
+    if code == -signal.SIGKILL:
+        return (f"a worker process of prep {stage} was killed (most often by the system, out of memory);"
+                f" try {_memory_hint(stage)}")
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        how = f"crashed ({name})"
+    else:
+        how = f"exited with code {code}"
+    return f"a worker process of prep {stage} {how}; run the same command again to resume"
 
 
 def _worker_lost(err: Exception) -> bool:

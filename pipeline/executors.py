@@ -15,7 +15,7 @@ import os
 import sys
 import weakref
 from collections import deque
-from concurrent.futures import CancelledError, Executor, Future
+from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -139,8 +139,11 @@ def make_executor(kind: str = "local", workers: int | None = None, scheduler: st
         pool = _local_executor(workers)
         try:
             yield pool
-        except BaseException:  # an error or Ctrl-C: the shards still queued are not worth running
+        except BaseException as err:  # an error or Ctrl-C: the shards still queued are not worth running
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(cancel_futures=True)
+            if isinstance(err, BrokenExecutor):  # a worker died: how, to say so
+                err.worker_ends = [p.exitcode for p in processes]  # type: ignore[attr-defined]
             raise
         pool.shutdown()
     else:

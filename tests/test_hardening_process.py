@@ -272,6 +272,29 @@ def test_a_worker_killed_by_the_system_is_one_line(tmp_path, prep, tree, monkeyp
     assert_one_line_error(result, "a worker process of prep resize was killed", "fewer --workers")
 
 
+@pytest.mark.parametrize("end, said", [("crash", "crashed (SIGSEGV)"), ("exit", "exited with code 3")])
+def test_a_worker_that_crashes_is_one_line_saying_how(tmp_path, prep, tree, monkeypatch, end, said):
+    main, real = os.getpid(), imaging.transform
+
+    def dies(data, spec):
+        if os.getpid() != main:  # in a worker: a decoder's bug, or a library ending the process
+            if end == "crash":
+                import ctypes
+                import faulthandler
+
+                faulthandler.disable()  # no dump of the stacks on the test's stderr
+                ctypes.string_at(0)  # reads address 0: SIGSEGV
+            os._exit(3)
+        return real(data, spec)
+
+    prepared(prep, tree, "index")
+    monkeypatch.setattr(imaging, "transform", dies)
+    result = prep("resize", "--size", "8", "--workers", "2")
+    assert_one_line_error(result, f"a worker process of prep resize {said}", "run the same command again")
+    assert "out of memory" not in result.stderr
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0  # and it resumes
+
+
 # -- files prep did not write -----------------------------------------------------------------------
 
 
