@@ -130,6 +130,7 @@ def commands(raw: Path) -> list[tuple[str, list[str]]]:
         ("verify", ["verify"]),
         ("report", ["report"]),
         ("status", ["status"]),
+        ("status --quick", ["status", "--quick"]),  # warm: a stat per folder, not per file
     ]
 
 

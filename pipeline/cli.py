@@ -495,10 +495,13 @@ def show_config(ctx, click_ctx):
 
 
 @cli.command()
+@click.option("--quick", is_flag=True,
+              help="Judge RAW and resized/ by their folders' times: notices files added, removed, renamed or"
+                   " replaced, not one rewritten in place (a stat per folder, not per file).")
 @click.pass_context
 @pass_ctx
 @delegate(lock="peek")
-def status(ctx, click_ctx):
+def status(ctx, click_ctx, quick):
     """For each stage: up to date, stale or missing, and why.
 
     Compares each stage's recorded inputs and settings with the files in the work directory,
@@ -519,6 +522,7 @@ def status(ctx, click_ctx):
                           split["on_conflict"], split["group_by"], split["groups"]),
         origins={name: {k: "defaults" if src == "default" else Path(src).name for k, (_, src) in values.items()}
                  for name, values in effective.items()},
+        quick=quick,
     )
     result = stage.run(cfg)
     echo(ctx, result.summary)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -111,6 +112,71 @@ def test_warm_status_reads_nothing_and_sees_each_change(prep, packed: Path, sett
     labels = packed / "labels.csv"
     labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:-1]))
     assert "1 image no longer in labels.csv" in seen("resize")
+
+
+def test_quick_status_stats_folders_only_and_sees_files_added_removed_or_replaced(prep, packed: Path, settled,
+                                                                                  monkeypatch):
+    raw = packed.parent / "raw"
+    full = prep("status", "--json").stdout
+    assert prep("status", "--quick", "--json").stdout == full  # judged once more, then kept
+    stats = []
+
+    class Entry:  # a DirEntry whose stat is counted
+        def __init__(self, entry):
+            self.entry, self.name = entry, entry.name
+
+        def stat(self, **kw):
+            stats.append(self.name)
+            return self.entry.stat(**kw)
+
+        def __getattr__(self, name):  # is_dir, is_symlink, path, ...
+            return getattr(self.entry, name)
+
+    class scandir:  # os.scandir's, each entry counted
+        def __init__(self, where):
+            self.entries = os.scandir(where)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.entries.close()
+
+        def __iter__(self):
+            return map(Entry, self.entries)
+
+    monkeypatch.setattr(status, "os", types.SimpleNamespace(**{**vars(os), "scandir": scandir}))
+    reads = Reads(monkeypatch)
+    assert prep("status", "--quick", "--json").stdout == full
+    assert reads.none(), (reads.csv, reads.hashed, reads.images)
+    assert stats == []  # a stat per folder of RAW and resized/, none per entry
+    assert prep("status", "--json").stdout == full
+    assert len(stats) > 2 * 33  # a full status: one per entry
+    stats.clear()
+
+    def quick(stage: str) -> list[str]:
+        return reasons(prep("status", "--quick", "--json"))[stage][1]
+
+    target = raw / "cat" / "img5.png"
+    st = target.stat()
+    data = target.read_bytes()
+    reads.clear()
+    assert quick("index") == [] and reads.none()  # each kind of status keeps its own verdict
+    target.write_bytes(data + b"\0")  # rewritten in place: what a quick status does not see
+    assert quick("index") == []
+    assert reasons(prep("status", "--json"))["index"][1] == ["1 image changed in RAW"]
+    target.write_bytes(data)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert quick("index") == []
+
+    replacement = raw / "cat" / ".img5.png.tmp"
+    replacement.write_bytes(data + b"\0")
+    os.replace(replacement, target)  # saved as most programs save: a new file renamed over the old
+    assert quick("index") == ["1 image changed in RAW"]
+    (packed / "resized" / "bird" / "img2.png").unlink()
+    assert "1 resized file missing or changed since `prep resize` (bird/img2.png)" in quick("resize")
+    shutil.copy(raw / "dog" / "img0.png", raw / "dog" / "new.png")
+    assert quick("index") == ["1 new image in RAW", "1 image changed in RAW"]
 
 
 def test_status_reads_each_csv_a_row_at_a_time(prep, packed: Path, settled, monkeypatch):
