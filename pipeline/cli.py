@@ -385,21 +385,17 @@ def pack(ctx, **options):
     return _pack(ctx, **options)
 
 
-def _verify(ctx, workdir, executor, workers, scheduler, full=False):
+def _verify(ctx, executor, workers, scheduler, full=False):
     from .stages import verify as stage
-    from .workdir import Workdir
 
-    cfg = stage.VerifyConfig(
-        workdir=Workdir(workdir) if workdir else ctx.workdir, execution=ctx.execution(executor, workers, scheduler),
-        full=full,
-    )
+    cfg = stage.VerifyConfig(workdir=ctx.workdir, execution=ctx.execution(executor, workers, scheduler), full=full)
     result = stage.run(cfg)
     echo(ctx, result.summary)
     return result
 
 
 @cli.command()
-@click.argument("workdir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("given_workdir", metavar="[WORKDIR]", required=False, type=click.Path(file_okay=False, path_type=str))
 @executor_options
 @click.option("--full", is_flag=True, help="Check everything again, also what has not changed since the last check.")
 @pass_ctx
@@ -457,7 +453,7 @@ def run_all(ctx, raw, labels_from, pattern, follow_links, allow_outside_links, s
         "split": _split(ctx, None, None, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups),
         "encode": _encode(ctx, None, classes, class_order),
         "pack": _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options),
-        "verify": _verify(ctx, None, **run_options),
+        "verify": _verify(ctx, **run_options),
         "report": _report(ctx, license=license),
     }
 

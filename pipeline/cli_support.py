@@ -169,9 +169,12 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
         return functools.partial(delegate, lock=lock, makes_workdir=makes_workdir)
 
     @functools.wraps(fn)
-    def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, late_workdir=None, **kwargs):
-        if late_workdir is not None:  # given after the command: as if before it
-            ctx.use_workdir(late_workdir)
+    def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, late_workdir=None, given_workdir=None,
+                **kwargs):
+        if given_workdir is not None and late_workdir not in (None, given_workdir):
+            raise click.UsageError(f"two work directories: {given_workdir} and --workdir {late_workdir}; give one")
+        if late_workdir is not None or given_workdir is not None:  # given after the command: as if before it
+            ctx.use_workdir(given_workdir or late_workdir)  # a path or a URL, mirrored, locked, as --workdir
         if quiet or verbose or as_json:
             ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
             ctx.configure_logging()
@@ -238,18 +241,16 @@ def _stopped_by_signals():
 
 
 def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: dict):
-    """The lock a command holds on its work directory (verify's WORKDIR argument, else --workdir).
+    """The lock a command holds on its work directory (--workdir, or verify's WORKDIR argument).
     A work directory given as a URL is fetched into its local copy once the lock is held, and
     what the command wrote is uploaded after it (not by status, which only shows it)."""
-    from .workdir import Workdir
-
     if not lock:
         return contextlib.nullcontext()
-    wd = Workdir(options["workdir"]) if options.get("workdir") else ctx.workdir
+    wd = ctx.workdir
     if lock is True and _refused(wd.root, options.get("raw")):
         return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
     mirror = None
-    if ctx.remote and wd is ctx.workdir:
+    if ctx.remote:
         from .remote import Mirror, overlap
 
         overlap(ctx.remote, options.get("raw"))

@@ -84,6 +84,21 @@ def test_a_fresh_mirror_resumes_from_the_bucket_alone(tmp_path, prep, s3, bucket
     assert result.exit_code == 0 and bucket_files(s3, bucket, "work")["resized.csv"] == before
 
 
+
+def test_verify_takes_the_url_as_its_workdir_argument(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 6, "dog": 6})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), *STAGES[:4]]:
+        assert prep(*args, workdir=url).exit_code == 0
+    shutil.rmtree(remote.mirror_of(url).parent)  # another machine: nothing but the bucket
+    result = prep("verify", url, "--executor", "serial", workdir=None)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Verified pkl.gz: 1 file")
+    assert (remote.mirror_of(url) / "dataset.pkl.gz").is_file()  # fetched into its copy, as with --workdir
+    assert_one_line_error(prep("verify", url, "--workdir", tmp_path / "other", workdir=None),
+                          f"two work directories: {url} and --workdir {tmp_path / 'other'}")
+
+
 def test_a_file_removed_by_a_command_is_deleted_from_the_bucket_and_a_changed_one_fetched(
         tmp_path, prep, s3, bucket):  # noqa: F811
     raw = make_tree(tmp_path / "raw", {"cat": 5, "dog": 5})
