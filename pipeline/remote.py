@@ -106,11 +106,11 @@ class Mirror:
     called with the copy's lock held."""
 
     def __init__(self, url: str, root: Path):
-        from .sources import _filesystem
+        from .sources import filesystem
 
         self.url = clean(url)
         self.root = root
-        self.fs, self.base = _filesystem(self.url)
+        self.fs, self.base = filesystem(self.url)
         if not self.base.strip("/"):
             raise PrepError(f"work directory {self.url}: expected a bucket or folder in the URL")
         self.state_path = root.parent / STATE

@@ -212,7 +212,7 @@ def is_url(root: str | os.PathLike) -> bool:
     return "://" in os.fspath(root)
 
 
-def _filesystem(url: str):
+def filesystem(url: str):
     """(fsspec filesystem, path inside it) for ``url``; a one-line error if it cannot be used."""
     import fsspec
 
@@ -237,7 +237,7 @@ def local_path(root: str | os.PathLike) -> str | None:
         return root
     from fsspec.implementations.local import LocalFileSystem
 
-    fs, path = _filesystem(root)
+    fs, path = filesystem(root)
     return path if isinstance(fs, LocalFileSystem) else None
 
 
@@ -251,7 +251,7 @@ def canonical(root: str | os.PathLike) -> str:
 
 def _remote(root: str, what: str, call):
     """Run ``call(fs, path)`` on a remote root; any failure is a one-line error naming the URL."""
-    fs, path = _filesystem(root)
+    fs, path = filesystem(root)
     try:
         return call(fs, path)
     except PrepError:
@@ -416,7 +416,7 @@ def read_bytes(root: str | os.PathLike, rel: str) -> bytes:
     path = local_path(root)
     if path is not None:
         return workdir.read_file(os.path.join(path, rel))[0]
-    fs, base = _filesystem(os.fspath(root))
+    fs, base = filesystem(os.fspath(root))
     return fs.cat_file(f"{base}/{rel}")
 
 
