@@ -133,7 +133,7 @@ def size_warnings(sizes: Sequence[int], width: int, height: int, paths: Callable
         side = w if w > h else h
         if side > OUTLIER * median and len(found_large) < 20:
             found_large.append(k)
-        elif side < median / OUTLIER and len(found_small) < 20:
+        if side < median / OUTLIER and len(found_small) < 20:  # both, for a median below zero
             found_small.append(k)
         if upscaled and not found_tiny and 2 * w < width and 2 * h < height:
             found_tiny.append(k)

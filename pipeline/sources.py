@@ -18,7 +18,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import workdir
 from .errors import PrepError
@@ -48,7 +48,8 @@ class Paths(Sequence[str]):
         paths = cls()
         paths._data = bytearray(data)
         paths._ends = array.array("q", bytes(ends.astype("<i8").data) if hasattr(ends, "astype") else ends)
-        if paths._ends and (paths._ends[-1] != len(paths._data) or min(paths._ends) < 0):
+        ends = paths._ends
+        if ends and (ends[-1] != len(paths._data) or ends[0] < 0 or any(a > b for a, b in zip(ends, ends[1:]))):
             raise ValueError("damaged paths")
         return paths
 
@@ -89,19 +90,6 @@ class Paths(Sequence[str]):
         data, ends = self._data, self._ends
         return [data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass") for i in positions]
 
-    def sort(self, *, key: Callable[[str], Any] | None = None, reverse: bool = False) -> None:
-        """Sort in place, as list.sort (here for a list's callers)."""
-        self.permute(sorted(range(len(self)), key=lambda i: (key or _same)(self[i]), reverse=reverse))
-
-    def permute(self, order: Sequence[int]) -> None:
-        """Put the item at ``order[k]`` at position k, for every k."""
-        items = Paths(self[i] for i in order)
-        self._data, self._ends = items._data, items._ends
-
-
-def _same(value):
-    return value
-
 
 @dataclass
 class Listing:
@@ -109,21 +97,17 @@ class Listing:
 
     Each image has a size and a version, which tells a changed file from an unchanged one
     without reading it: its mtime in ns locally, the ETag or modification time of an object
-    (None when the filesystem gives neither); :meth:`version` and :meth:`size` of the image at
-    a position of ``files``, in arrays (``versions`` maps paths to ``(size, version)``, for a
-    few look-ups). ``folders`` are the first-level folders the walk entered, i.e. the candidate
-    classes.
+    (None when the filesystem gives neither), in arrays (``sizes``; :meth:`version`) by the
+    image's position in ``files``. ``folders`` are the first-level folders the walk entered,
+    i.e. the candidate classes.
     """
 
-    files: Paths = field(default_factory=lambda: _ListedPaths())
+    files: Paths = field(default_factory=Paths)
     skipped: dict[str, list[str]] = field(default_factory=dict)
     folders: list[str] = field(default_factory=list)
     sizes: array.array = field(default_factory=lambda: array.array("q"))
     mtimes: array.array | None = field(default_factory=lambda: array.array("q"))  # None: versions as text
     tags: Paths | None = None  # the versions of a listing of objects ("": none)
-
-    def __post_init__(self) -> None:
-        self.files._listing = self  # type: ignore[attr-defined]
 
     def add(self, rel: str, size: int, version) -> None:
         self.files.append(rel)
@@ -136,9 +120,6 @@ class Listing:
             self.mtimes = None
         self.tags.append("" if version is None else str(version))
 
-    def size(self, i: int) -> int:
-        return self.sizes[i]
-
     def version(self, i: int):
         return self.mtimes[i] if self.mtimes is not None else (self.tags[i] or None)
 
@@ -146,11 +127,6 @@ class Listing:
         """(path, size, version) of each file, in the listing's order."""
         for i, rel in enumerate(self.files):
             yield rel, self.sizes[i], self.version(i)
-
-    @property
-    def versions(self) -> Mapping[str, tuple[int, Any]]:
-        """path -> (size, version), looked up through a dict made on first use (a few callers)."""
-        return _Versions(self)
 
     def skip(self, reason: str, rel: str) -> None:
         self.skipped.setdefault(reason, []).append(rel)
@@ -163,40 +139,6 @@ class Listing:
     def skipped_folders(self) -> int:
         """Skipped entries that are folders (recorded with a trailing ``/``), each skipped whole."""
         return sum(rel.endswith("/") for items in self.skipped.values() for rel in items)
-
-
-class _ListedPaths(Paths):
-    """A listing's paths, which take its sizes and versions with them when reordered."""
-
-    __slots__ = ("_listing",)
-
-    def permute(self, order: Sequence[int]) -> None:
-        super().permute(order)
-        listing = getattr(self, "_listing", None)
-        if listing is not None:
-            listing.sizes = array.array("q", (listing.sizes[i] for i in order))
-            if listing.mtimes is not None:
-                listing.mtimes = array.array("q", (listing.mtimes[i] for i in order))
-            else:
-                listing.tags.permute(order)
-
-
-class _Versions(Mapping):
-    def __init__(self, listing: Listing):
-        self.listing = listing
-        self.at: dict[str, int] | None = None
-
-    def __getitem__(self, rel: str) -> tuple[int, Any]:
-        if self.at is None:
-            self.at = {path: i for i, path in enumerate(self.listing.files)}
-        i = self.at[rel]
-        return self.listing.sizes[i], self.listing.version(i)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.listing.files)
-
-    def __len__(self) -> int:
-        return len(self.listing.files)
 
 
 def is_hidden(name: str) -> bool:
@@ -323,6 +265,12 @@ def _list_local(root: str, follow_links: bool, outside_links: bool) -> Listing:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if is_hidden(entry.name):
                 listing.skip("hidden", rel + "/" if entry.is_dir(follow_symlinks=False) else rel)
+                continue
+            try:
+                entry.name.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the file system holds that are not UTF-8 text
+                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                listing.skip("name not UTF-8", shown + "/" if entry.is_dir(follow_symlinks=False) else shown)
                 continue
             if entry.is_symlink():
                 problem = "symlink (use --follow-links)" if not follow_links else _link_problem(

@@ -143,6 +143,10 @@ class Workdir:
             yield
             return
         try:
+            for name in (CACHE_DIR, STAMPS_DIR):  # prep's own folders, which it writes into
+                if os.path.islink(self.root / name):
+                    raise PrepError(f"{self.root / name} is a symbolic link; prep keeps its own files in a folder"
+                                    " there: remove the link")
             if shared:
                 locked = self._lock_shared(fd, wait)
                 if locked and held:
@@ -282,7 +286,7 @@ def _is_index_meta(path: Path) -> bool:
     """Whether ``path`` is an index.json that `prep index` wrote (an earlier prep's work directory
     may have no .stamps/ yet)."""
     try:
-        data = json.loads(read_file(path)[0])
+        data = json_loads(read_file(path)[0])
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and {"raw", "labels", "classes"} <= data.keys()
@@ -847,11 +851,22 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) ->
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        return json.loads(read_file(path)[0].decode("utf-8"))
+        return json_loads(read_file(path)[0].decode("utf-8"))
     except json.JSONDecodeError as err:
         raise PrepError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
         raise PrepError(f"{path}: not UTF-8 text, so not a JSON file ({err.reason})") from None
+    except ValueError as err:  # nested too deeply
+        raise PrepError(f"{path}: not a JSON file prep wrote ({err})") from None
+
+
+def json_loads(text: str | bytes) -> Any:
+    """json.loads, where JSON nested too deeply for the parser is a ValueError as other bad JSON
+    is (not a RecursionError): a file someone sent may hold ``[[[[...``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class HashCache:
@@ -889,11 +904,11 @@ class HashCache:
             return array.array("q", values.astype("=i8").tobytes())
 
         try:  # a work directory someone sent: no pickle, and no member that inflates (memory: the file's size)
-            with np.load(wd.path(HASH_CACHE), allow_pickle=False) as data:
+            with open_regular(wd.path(HASH_CACHE)) as handle, np.load(handle, allow_pickle=False) as data:
                 if not isinstance(data, np.lib.npyio.NpzFile) or any(
                         info.compress_type != zipfile.ZIP_STORED for info in data.zip.infolist()):
                     return None
-                meta = json.loads(data["meta"].tobytes())
+                meta = json_loads(data["meta"].tobytes())
                 if not isinstance(meta, dict) or meta.get("root") != root or meta.get("labels_sha256") != labels_sha256:
                     return None
                 sizes, settled = int64s(data["sizes"]), data["settled"].astype(np.bool_).tobytes()
@@ -903,7 +918,9 @@ class HashCache:
                     from .sources import Paths
 
                     versions = Paths.from_buffers(data["tag_data"], data["tag_ends"])
-        except (OSError, ValueError, KeyError, EOFError, TypeError, MemoryError, zipfile.BadZipFile):
+                    for _ in versions:  # each decodes (UnicodeDecodeError: a ValueError), once, here
+                        pass
+        except (OSError, ValueError, KeyError, EOFError, TypeError, MemoryError, RecursionError, zipfile.BadZipFile):
             return None  # none, damaged, or not a cache of this layout
         if not len(sizes) == len(versions) == len(settled):
             return None
@@ -1002,7 +1019,7 @@ class FileHashes:
         self.wd = wd
         self.path = wd.path(FILE_HASHES)
         try:
-            files = json.loads(read_file(self.path)[0]).get("files")
+            files = json_loads(read_file(self.path)[0]).get("files")
         except (OSError, ValueError, AttributeError):
             files = None
         self.files: dict[str, list] = files if isinstance(files, dict) else {}
@@ -1069,8 +1086,8 @@ class Stamp:
         ``settings=None`` leaves the settings out of the comparison.
         """
         try:
-            recorded = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            recorded = json_loads(read_file(self.path)[0])
+        except (OSError, ValueError):
             return ["never run here"]
         hashes = FileHashes(Workdir(self.root))
         try:
@@ -1120,8 +1137,8 @@ class Stamp:
     def summary(self) -> Any:
         """The summary the last :meth:`record` kept, or None."""
         try:
-            return json.loads(self.path.read_text(encoding="utf-8")).get("summary")
-        except (OSError, json.JSONDecodeError, AttributeError):
+            return json_loads(read_file(self.path)[0]).get("summary")
+        except (OSError, ValueError, AttributeError):
             return None
 
     def clear(self) -> None:

@@ -359,10 +359,12 @@ def test_order_is_stable_for_names_natsort_holds_equal(tmp_path, monkeypatch):
     outputs = []
     real = sources.list_files
     for reverse in (False, True):
-        def listing(*args, _reverse=reverse, **kwargs):
+        def listing(*args, _reverse=reverse, **kwargs):  # the files listed in another order
             found = real(*args, **kwargs)
-            found.files.sort(reverse=_reverse)
-            return found
+            reordered = sources.Listing(skipped=found.skipped, folders=found.folders)
+            for entry in sorted(found.entries(), reverse=_reverse):
+                reordered.add(*entry)
+            return reordered
 
         monkeypatch.setattr(sources, "list_files", listing)
         work = tmp_path / f"work{reverse}"

@@ -42,19 +42,18 @@ def test_packed_paths_give_back_any_text_and_sort_as_text_does():
     assert paths[-1] == ODD[-1] and paths[1:3] == ODD[1:3] and paths.items([3, 0]) == [ODD[3], ODD[0]]
     # as bytes they compare as the text does, surrogates included
     assert sorted(ODD, key=lambda text: text.encode("utf-8", "surrogatepass")) == sorted(ODD)
-    paths.sort()
-    assert list(paths) == sorted(ODD)
     data, ends = paths.buffers()
-    assert list(sources.Paths.from_buffers(data, ends)) == sorted(ODD)
+    assert list(sources.Paths.from_buffers(data, ends)) == ODD
+    for bad in ([3, 2, 5], [-1, 5], [2, 4]):  # ends that go back, start before the data, stop short of it
+        with pytest.raises(ValueError):
+            sources.Paths.from_buffers(b"abcde", bad)
 
 
-def test_a_listing_reordered_keeps_each_file_s_size_and_version(tmp_path):
+def test_a_listing_keeps_each_file_s_size_and_version(tmp_path):
     listing = sources.Listing()
     for k, rel in enumerate(["b.png", "c.png", "a.png"]):
         listing.add(rel, 10 + k, 1000 + k)
-    before = dict(listing.versions)
-    listing.files.sort(reverse=True)
-    assert list(listing.files) == ["c.png", "b.png", "a.png"] and dict(listing.versions) == before
+    assert list(listing.entries()) == [("b.png", 10, 1000), ("c.png", 11, 1001), ("a.png", 12, 1002)]
     remote = sources.Listing()
     remote.add("x.png", 3, "etag-1")
     remote.add("y.png", 4, None)
@@ -92,7 +91,7 @@ def test_the_listing_digest_is_the_sha256_of_the_sorted_listing_s_json(tmp_path,
     for listing in (local, remote):
         listing.skip("hidden", ".git/")
         listing.folders.extend(["dog", "cat"])
-        text = json.dumps([settings, sorted((rel, *listing.versions[rel]) for rel in listing.files),
+        text = json.dumps([settings, sorted(listing.entries()),
                            [["hidden", [".git/"]]], ["cat", "dog"]], separators=(",", ":"))
         expected = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
         assert index._listing_digest(cfg, "/data/raw", listing, 10**19, None) == expected
@@ -156,6 +155,11 @@ def hostile_caches(meta: bytes, n: int) -> dict[str, dict]:
         "meta a list": {**good, "meta": np.frombuffer(b"[1]", np.uint8)},
         "tags that end past their data": {key: v for key, v in good.items() if key != "mtimes"}
         | {"tag_data": np.zeros(3, np.uint8), "tag_ends": np.array([2, 9] + [9] * (n - 2), np.int64)},
+        "tags not UTF-8": {key: v for key, v in good.items() if key != "mtimes"}
+        | {"tag_data": np.full(n, 0xFF, np.uint8), "tag_ends": np.arange(1, n + 1, dtype=np.int64)},
+        "tags whose ends go back": {key: v for key, v in good.items() if key != "mtimes"}
+        | {"tag_data": np.zeros(n, np.uint8), "tag_ends": np.array([3, 1] + list(range(3, n + 1)), np.int64)},
+        "meta nested too deeply": {**good, "meta": np.frombuffer(b"[" * 100_000, np.uint8)},
     }
 
 
@@ -173,13 +177,17 @@ def test_a_hostile_hash_cache_runs_no_code_and_is_hashed_again(tmp_path, prep, m
     cases["a pickle"] = pickle.dumps(_RunsCode())
     cases["one array, not a zip of them"] = b"\x93NUMPY" + bytes(100)
     cases["a member that inflates"] = "compressed"
+    cases["a FIFO"] = "fifo"
     hashed = []
     real = index._hash_shard
     monkeypatch.setattr(index, "_hash_shard", lambda shard, root: hashed.extend(shard) or real(shard, root))
     for case, arrays in cases.items():
         path = wd.path(workdir.HASH_CACHE)
+        path.unlink(missing_ok=True)
         if isinstance(arrays, bytes):
             path.write_bytes(arrays)
+        elif arrays == "fifo":
+            os.mkfifo(path)  # a plain open() of it would wait for a writer forever
         else:
             compressed = arrays == "compressed"
             arrays = hostile_caches(meta.encode(), 5)["short arrays"] | {"settled": np.ones(5, np.bool_)} \
@@ -274,7 +282,8 @@ def test_size_warnings_from_arrays_are_those_of_a_plain_implementation(seed):
 
     rng = random.Random(seed)
     n = rng.choice([1, 2, 7, 40, 41, 300])
-    sizes = [(rng.choice([8, 16, 64, 65, 300, 2000, 7]), rng.choice([8, 16, 64, 90, 3000, 1])) for _ in range(n)]
+    sides = [8, 16, 64, 65, 300, 2000, 7] if seed < 4 else [-10, -5, -10, 3, -400]  # a resized.csv someone sent
+    sizes = [(rng.choice(sides), rng.choice([8, 16, 64, 90, 3000, 1] if seed < 4 else [-10, -5])) for _ in range(n)]
     rows = [{"path": f"c/img{k}.png", "width": w, "height": h} for k, (w, h) in enumerate(sizes)]
     flat = array.array("q", [v for size in sizes for v in size])
     asked = []

@@ -99,7 +99,7 @@ def summary(listing: sources.Listing) -> tuple:
         sorted(listing.files),
         {reason: sorted(items) for reason, items in listing.skipped.items()},
         sorted(listing.folders),
-        {rel: size for rel, (size, _) in listing.versions.items()},
+        {rel: size for rel, size, _ in listing.entries()},
     )
 
 

@@ -226,7 +226,7 @@ def file_classes(parquet_file) -> list[str] | None:
     raw = (parquet_file.schema_arrow.metadata or {}).get(b"huggingface")
     try:
         names = json.loads(raw)["info"]["features"]["label"]["names"]
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, RecursionError):  # a parquet file someone sent
         return None
     return [str(n) for n in names] if isinstance(names, list) else None
 

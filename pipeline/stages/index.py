@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import time
+from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from concurrent.futures import Executor
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import __version__, checks, executors, sources, workdir
@@ -194,13 +195,17 @@ def hash_files(cfg: IndexConfig, root: str, images: Images, pool: Callable[[], E
     todo = images.order[~images.known[images.order]]
     failed: dict[int, str] = {}
     if len(todo):
-        files = listing.files
-        shards = executors.shards_of(todo, cfg.execution.slots, max_size=64)
-        jobs = ([files[i] for i in shard.tolist()] for shard in executors.shards_of(todo, cfg.execution.slots,
-                                                                                     max_size=64))
+        sent: deque[list[int]] = deque()  # the rows of the shards not back yet
+
+        def jobs() -> Iterator[list[str]]:
+            for shard in executors.shards_of(todo, cfg.execution.slots, max_size=64):
+                sent.append(shard.tolist())
+                yield listing.files.items(sent[-1])
+
         with cfg.execution.bar(len(todo), "hash", unit="file") as bar:
-            for shard, hashed in zip(shards, executors.map_shards(pool(), _hash_shard, jobs, root)):
-                for i, outcome in zip(shard.tolist(), hashed):
+            for hashed in executors.map_shards(pool(), _hash_shard, jobs(), root):
+                shard = sent.popleft()
+                for i, outcome in zip(shard, hashed):
                     if isinstance(outcome, str):
                         failed[i] = outcome
                         continue

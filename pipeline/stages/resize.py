@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import errno
 import hashlib
 import itertools
 import json
@@ -155,10 +156,6 @@ class _OutputNames(Sequence[str]):
         folded = {i: self[i].casefold() for i in np.flatnonzero(np.isin(self.keys, repeated)).tolist()}
         taken = Counter(folded.values())
         return [i for i, name in folded.items() if taken[name] > 1]
-
-    def name(self, i: int, rel: str) -> str:
-        """The name of row ``i``, whose path is ``rel``."""
-        return self.other.get(i) or self._plain(rel)
 
     def items(self, rows: list[int], rels: list[str] | None = None) -> list[str]:
         """The names of ``rows`` (whose paths are ``rels``, if given)."""
@@ -333,7 +330,7 @@ def _journal_lines(wd: workdir.Workdir) -> Iterator[tuple[int, dict]]:
         for line in handle:
             start, offset = offset, offset + len(line)
             try:
-                entry = json.loads(line)
+                entry = workdir.json_loads(line)
                 if _journal_entry(entry, names):
                     yield start, entry
             except (ValueError, PrepError):  # not UTF-8 or not JSON, or a path leaving its root
@@ -1003,12 +1000,8 @@ def _run_shards(cfg: ResizeConfig, labels: Labels, names: _OutputNames, todo, ta
     out_dir = wd.path(workdir.RESIZED_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = _indexed_versions(wd, root, labels)
-    journal_path = wd.path(JOURNAL)
-    if journal_path.is_file() and journal_path.stat().st_size:
-        with open(journal_path, "rb+") as journal:
-            journal.seek(-1, os.SEEK_END)
-            if journal.read(1) != b"\n":
-                journal.write(b"\n")  # end the line a killed run was writing, so the next record stands alone
+    journal_file = _open_journal(wd.path(JOURNAL))
+
     def shards() -> Iterator[list[int]]:
         return (shard.tolist() for shard in executors.shards_of(todo, cfg.execution.slots, max_size=SHARD_IMAGES,
                                                                   min_size=1))
@@ -1016,7 +1009,7 @@ def _run_shards(cfg: ResizeConfig, labels: Labels, names: _OutputNames, todo, ta
     written = 0
     plain_labels = [not _PLAIN.search(label) for label in labels.names]
     sent: deque[tuple[list[int], list[tuple]]] = deque()  # the rows and jobs of the shards not back yet
-    with open(journal_path, "a", encoding="utf-8") as journal, cfg.execution.bar(len(todo), "resize") as bar:
+    with journal_file as journal, cfg.execution.bar(len(todo), "resize") as bar:
 
         def jobs() -> Iterator[list]:
             for shard in shards():
@@ -1072,6 +1065,30 @@ def _run_shards(cfg: ResizeConfig, labels: Labels, names: _OutputNames, todo, ta
     for path, message in codec_messages:  # libtiff's and Pillow's, shown with -v
         log.info("%s: %s", path, message)
     return written
+
+
+def _open_journal(path: Path):
+    """The journal, opened to append to (text), its last line ended if a killed run left it
+    unended, so that the next record stands alone. Not through a link, nor a FIFO: a work
+    directory someone sent may hold a journal that points elsewhere."""
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PrepError(f"{path} is a symbolic link; prep keeps its journal in a regular file there:"
+                            " remove the link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PrepError(f"{path} is not a regular file; prep keeps its journal there: remove it")
+        if st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            os.write(fd, b"\n")
+        return open(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # a character csv.writer would quote (QUOTE_MINIMAL), or the journal's JSON encoder escape
