@@ -171,10 +171,11 @@ def delegate(fn=None, *, lock: bool | str = True, makes_workdir: bool | str = Tr
     @functools.wraps(fn)
     def wrapper(ctx: Context, *args, quiet=False, verbose=0, as_json=False, late_workdir=None, given_workdir=None,
                 **kwargs):
-        if given_workdir is not None and late_workdir not in (None, given_workdir):
+        if given_workdir is not None and late_workdir is not None and not _same_place(given_workdir, late_workdir):
             raise click.UsageError(f"two work directories: {given_workdir} and --workdir {late_workdir}; give one")
-        if late_workdir is not None or given_workdir is not None:  # given after the command: as if before it
-            ctx.use_workdir(given_workdir or late_workdir)  # a path or a URL, mirrored, locked, as --workdir
+        given = given_workdir if given_workdir is not None else late_workdir
+        if given is not None:  # given after the command: as if before it (a path or a URL, mirrored, locked)
+            ctx.use_workdir(given)
         if quiet or verbose or as_json:
             ctx.quiet, ctx.verbose, ctx.json = ctx.quiet or quiet, ctx.verbose + verbose, ctx.json or as_json
             ctx.configure_logging()
@@ -313,6 +314,13 @@ def _memory_hint(stage: str) -> str:
         "verify-train": "a smaller --batch-size, or --model small",
         "index": "fewer --workers", "resize": "fewer --workers", "verify": "fewer --workers",
     }.get(stage, "closing other programs")
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two work directories as given are one (``w`` and ``./w``; URLs as written)."""
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _worker_end(stage: str, ends) -> str:

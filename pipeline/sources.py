@@ -145,6 +145,21 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
+def is_utf8(name: str) -> bool:
+    """Whether ``name`` is text, not bytes the file system holds that are not UTF-8 (which Python
+    gives as surrogates): prep records paths in UTF-8 files."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """``name`` with the bytes that are not UTF-8 shown as ``\\xe9``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def is_image_name(name: str) -> bool:
     dot = name.rfind(".")  # as os.path.splitext, for a name that does not start with a dot
     return dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS
@@ -266,10 +281,8 @@ def _list_local(root: str, follow_links: bool, outside_links: bool) -> Listing:
             if is_hidden(entry.name):
                 listing.skip("hidden", rel + "/" if entry.is_dir(follow_symlinks=False) else rel)
                 continue
-            try:
-                entry.name.encode("utf-8")
-            except UnicodeEncodeError:  # bytes the file system holds that are not UTF-8 text
-                shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            if not is_utf8(entry.name):
+                shown = printable(rel)
                 listing.skip("name not UTF-8", shown + "/" if entry.is_dir(follow_symlinks=False) else shown)
                 continue
             if entry.is_symlink():

@@ -137,16 +137,16 @@ class Workdir:
 
         if not shared and create:
             self.root.mkdir(parents=True, exist_ok=True)
+        for name in (CACHE_DIR, STAMPS_DIR):  # prep's own folders, which readers write caches into too
+            if os.path.islink(self.root / name):
+                raise PrepError(f"{self.root / name} is a symbolic link; prep keeps its own files in a folder"
+                                " there: remove the link")
         had_lock_file = os.path.lexists(self.root / ".lock")
         fd = self._open_lock(shared) if self.root.is_dir() else None
         if fd is None:
             yield
             return
         try:
-            for name in (CACHE_DIR, STAMPS_DIR):  # prep's own folders, which it writes into
-                if os.path.islink(self.root / name):
-                    raise PrepError(f"{self.root / name} is a symbolic link; prep keeps its own files in a folder"
-                                    " there: remove the link")
             if shared:
                 locked = self._lock_shared(fd, wait)
                 if locked and held:

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import assert_one_line_error, make_tree
+from pipeline import workdir
 from pipeline.stages import resize
 
 
@@ -40,7 +44,21 @@ def test_prep_s_own_folders_as_links_are_refused_and_nothing_is_written_there(tm
     (resized / folder).symlink_to(elsewhere)
     for args in (("resize", "--size", "8", "--executor", "serial"), ("status",)):
         assert_one_line_error(prep(*args), f"{resized / folder} is a symbolic link", "remove the link")
+    # a reader that may not open the lock (a read-only folder someone else owns) still writes caches
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(workdir.Workdir, "_open_lock", lambda self, shared: None)
+        for args in (("status",), ("verify", "--executor", "serial")):
+            assert_one_line_error(prep(*args), f"{resized / folder} is a symbolic link", "remove the link")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_journal_that_is_a_fifo_is_one_line_not_a_wait(tmp_path, resized):
+    os.mkfifo(resized / resize.JOURNAL)
+    for args in (["status"], ["resize", "--size", "8", "--executor", "serial"]):
+        done = subprocess.run([sys.executable, "-m", "pipeline", "--workdir", str(resized), *args],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert f"{resized / resize.JOURNAL}: not a regular file" in done.stderr.strip().splitlines()[-1]
 
 
 def test_json_nested_past_the_parser_s_depth_is_damage_not_a_traceback(tmp_path, prep, resized):
@@ -66,3 +84,12 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path, prep)
     assert meta["skipped"]["name not UTF-8"] == 2 and meta["images"] == 8
     assert sorted(meta["skipped_examples"]["name not UTF-8"]) == ["\\xffbad/", "cat/caf\\xe9.png"]
     assert "caf" not in (tmp_path / "work" / "labels.csv").read_text()
+    stages = {line.split()[0]: line for line in prep("status").stdout.splitlines()}
+    assert stages["index"].split()[1:] == ["up", "to", "date"]  # status skips them as index did
+    other = tmp_path / os.fsdecode(b"r\xff")
+    shutil.copytree(raw, other)
+    assert_one_line_error(prep("index", other, workdir=tmp_path / "w2"), "r\\xff is not UTF-8 text", "rename")
+
+
+def test_an_empty_workdir_argument_is_one_line(tmp_path, prep):
+    assert_one_line_error(prep("verify", "", workdir=None), "manifest.json does not exist")

@@ -250,6 +250,8 @@ def _warn_about_classes(raw: str, empty: list[str], classes: dict[str, int], pat
 
 def run(cfg: IndexConfig) -> IndexResult:
     raw = sources.canonical(cfg.raw)
+    if not sources.is_utf8(raw):  # index.json records it
+        raise PrepError(f"the path of RAW {sources.printable(raw)} is not UTF-8 text; rename the folder")
     if not sources.exists(raw):
         raise PrepError(f"RAW folder {cfg.raw} does not exist")
     if not sources.is_dir(raw):

@@ -321,7 +321,7 @@ def journal_entries(wd: workdir.Workdir) -> Iterator[dict]:
 def _journal_lines(wd: workdir.Workdir) -> Iterator[tuple[int, dict]]:
     """:func:`journal_entries`, each with where its line starts in the journal."""
     try:
-        handle = open(wd.path(JOURNAL), "rb")
+        handle = workdir.open_regular(wd.path(JOURNAL))  # a FIFO there: "not a regular file", not a wait
     except FileNotFoundError:
         return
     names = workdir.Confined(None, workdir.RESIZED_DIR)

@@ -132,8 +132,8 @@ def _local_images(root: str) -> Iterator[tuple[str, int, int]]:
             raise PrepError(f"cannot list {folder}: {err.strerror or err}") from None
         with entries:
             for entry in entries:
-                if sources.is_hidden(entry.name) or entry.is_symlink():
-                    continue
+                if sources.is_hidden(entry.name) or not sources.is_utf8(entry.name) or entry.is_symlink():
+                    continue  # as index skips them
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(rel)
