@@ -391,6 +391,7 @@ def test_every_executor_writes_the_same_bytes_and_the_client_receives_little(tmp
         runs[name] = outputs(work)
         assert_journal_as_written_before(journals[-1], work / "resized.csv")
     assert runs["serial"] == runs["local"] and records(journals[0]) == records(journals[1])
+    assert {"dog/img1.jpg.png", "dog/img2.png"} <= runs["serial"].keys()  # two names, one stem: both kept
     assert '"bird/odd, ""name"".png"' in runs["serial"]["resized.csv"].decode()  # quoted as csv.writer does
     assert all(isinstance(shard, resize.Outcomes) for shard in seen)
     images = sum(len(shard) for shard in seen)

@@ -31,23 +31,6 @@ def outputs(work: Path) -> dict:
             **{name: (work / name).read_bytes() for name in ("resized.csv", "rejected.csv")}}
 
 
-def test_workers_write_the_files_and_send_back_small_records(tmp_path, corpus, prep, monkeypatch):
-    seen = received(monkeypatch)
-    runs = {}
-    for name, args in {"serial": ("--executor", "serial"), "local": ("--workers", "2")}.items():
-        work = tmp_path / name
-        assert prep("index", corpus, workdir=work).exit_code == 0
-        result = prep("resize", "--size", "12x10", *args, workdir=work)
-        assert result.exit_code == 0, result.output
-        runs[name] = outputs(work)
-    assert runs["serial"] == runs["local"]
-    assert {"dog/img1.jpg.png", "dog/img2.png"} <= runs["serial"].keys()
-    records = [record for shard in seen for record in shard]
-    assert len(records) == 2 * 23
-    assert len(pickle.dumps(records)) < RECORD_BYTES * len(records)
-    assert not any(isinstance(value, bytes) and len(value) > 32 for record in records for value in record)
-
-
 def test_a_dask_run_writes_no_file_in_the_client_and_matches_serial(tmp_path, corpus, prep, monkeypatch):
     distributed = pytest.importorskip("distributed")
     work = tmp_path / "serial"
