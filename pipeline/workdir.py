@@ -848,6 +848,17 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) ->
         handle.write(text)
 
 
+def sha256_digest(text: str) -> bytes | None:
+    """A sha256 as index writes it (64 lowercase hex digits) as 32 bytes; None for anything else."""
+    if len(text) != 64:
+        return None
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        return None
+    return digest if digest.hex() == text else None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
@@ -941,22 +952,6 @@ class HashCache:
             np.savez(handle, **arrays)
         with contextlib.suppress(OSError):
             os.unlink(wd.path(f"{CACHE_DIR}/hashes.json"))  # an earlier prep's cache
-
-
-def hash_entries(wd: Workdir, root: str) -> Iterator[tuple[str, int, Any, str, bool]]:
-    """(path, size, version, sha256, settled) of each row of the labels CSV index's cache of
-    ``root`` (:class:`HashCache`) is for, read a row at a time; nothing if there is none."""
-    try:
-        labels = wd.labels()
-        cache = HashCache.read(wd, root, sha256_file(labels))
-        if cache is None:
-            return
-        for row, (path, sha) in enumerate(iter_csv(labels, ["path", "sha256"])):
-            if row >= len(cache):
-                return
-            yield path, *cache.listed(row), sha, bool(cache.settled[row])
-    except (OSError, PrepError):
-        return
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -98,3 +98,21 @@ def received(monkeypatch) -> list:
 
     monkeypatch.setattr(executors, "map_shards", counting)
     return seen
+
+
+def hash_entries(wd, root: str) -> list[tuple]:
+    """(path, size, version, sha256, settled) of each row of the labels CSV that index's hash
+    cache of ``root`` was written beside (nothing if there is none): what the cache holds."""
+    from pipeline import workdir
+    from pipeline.errors import PrepError
+
+    try:
+        labels = wd.labels()
+        cache = workdir.HashCache.read(wd, root, workdir.sha256_file(labels))
+        if cache is None:
+            return []
+        rows = list(workdir.iter_csv(labels, ["path", "sha256"]))
+    except (OSError, PrepError):
+        return []
+    return [(path, *cache.listed(row), sha, bool(cache.settled[row]))
+            for row, (path, sha) in enumerate(rows[: len(cache)])]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tree, received, tree_digests, write_image
+from conftest import hash_entries, make_tree, received, tree_digests, write_image
 from pipeline import __version__, checks, executors, sources, workdir
 from pipeline.executors import Execution
 from pipeline.stages import index, resize
@@ -128,7 +128,7 @@ def test_the_hash_cache_is_of_the_rows_of_the_labels_csv_it_was_written_beside(t
     for row, record in enumerate(rows):
         st = (raw / record["path"]).stat()
         assert (cache.sizes[row], cache.versions[row]) == (st.st_size, st.st_mtime_ns)
-    assert [entry[:4] for entry in workdir.hash_entries(wd, str(raw.resolve()))] == [
+    assert [entry[:4] for entry in hash_entries(wd, str(raw.resolve()))] == [
         (r["path"], int(r["bytes"]), (raw / r["path"]).stat().st_mtime_ns, r["sha256"]) for r in rows]
     assert workdir.HashCache.read(wd, str(raw.resolve()), "0" * 64) is None  # beside another CSV: none
     assert workdir.HashCache.read(wd, "/elsewhere", workdir.sha256_file(labels)) is None
@@ -195,7 +195,7 @@ def test_a_hostile_hash_cache_runs_no_code_and_is_hashed_again(tmp_path, prep, m
             with open(path, "wb") as handle:
                 (np.savez_compressed if compressed else np.savez)(handle, **arrays)
         assert workdir.HashCache.read(wd, str(raw.resolve()), workdir.sha256_file(wd.path("labels.csv"))) is None, case
-        assert list(workdir.hash_entries(wd, str(raw.resolve()))) == [], case
+        assert list(hash_entries(wd, str(raw.resolve()))) == [], case
         (raw / "cat" / "img0.png").touch()  # the listing changed: index looks at its cache
         hashed.clear()
         result = prep("index", raw, "--executor", "serial")

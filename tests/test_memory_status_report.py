@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline import workdir
 from pipeline.stages import facts as facts_module
 from pipeline.stages import index, resize, split, status
-from tests.conftest import make_tree
+from tests.conftest import hash_entries, make_tree
 
 
 class Reads:
@@ -195,7 +195,7 @@ def test_the_hash_cache_is_read_beside_labels_csv_in_one_pass(tmp_path: Path, pr
     wd, root = workdir.Workdir(tmp_path / "work"), str(raw.resolve())
     labels = wd.path("labels.csv")
     indexed, cached, versions = status._indexed_and_cached(wd, root, labels)
-    entries = list(workdir.hash_entries(wd, root))
+    entries = list(hash_entries(wd, root))
     assert len(entries) == 5 == len(indexed)
     assert set(zip(cached.tolist(), versions.tolist())) == {(hash(p), hash((size, v))) for p, size, v, _, _ in entries}
     assert len(status._indexed_and_cached(wd, "/elsewhere", labels)[1]) == 0

@@ -464,7 +464,7 @@ class _Previous:
                     order.append(i)
                 hit = cache.seen(row) if cache is not None and row < len(cache) else None
                 if hit is not None and hit[1] is not None and hit == (listing.sizes[i], listing.version(i)):
-                    digest = _sha_bytes(sha)
+                    digest = workdir.sha256_digest(sha)
                     if digest is not None:
                         images.sha[i] = np.frombuffer(digest, np.uint8)
                         images.known[i] = True
@@ -503,17 +503,6 @@ class _Previous:
         rows = workdir.iter_csv(labels, ["path", "label", "sha256"])
         while chunk := list(itertools.islice(rows, 4096)):
             yield from zip(self.index.find_all([rel for rel, _, _ in chunk]), chunk)
-
-
-def _sha_bytes(text: str) -> bytes | None:
-    """A sha256 as index writes it (64 lowercase hex digits) as 32 bytes; None for anything else."""
-    if len(text) != 64:
-        return None
-    try:
-        digest = bytes.fromhex(text)
-    except ValueError:
-        return None
-    return digest if digest.hex() == text else None
 
 
 def in_natural_order(wd: workdir.Workdir, labels: Path) -> bool:

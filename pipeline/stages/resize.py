@@ -482,22 +482,6 @@ class _OutputFiles:
         return st.st_size, st.st_mtime_ns, st.st_mtime_ns < self.started - SETTLED_NS
 
 
-def check_outputs(wd: workdir.Workdir, records: list[dict]) -> tuple[set[str], dict[str, list], int]:
-    """The resized files of ``records`` (resized.csv's rows with status ok) that hold the bytes
-    resize wrote, their :data:`OUTPUT_CACHE` entries, and how many files were read to tell."""
-    files = _OutputFiles(wd)
-    intact: set[str] = set()
-    checked: dict[str, list] = {}
-    for record in records:
-        name, expected = record.get("resized"), record.get("resized_sha256")
-        if record.get("status") == "ok" and expected and isinstance(name, str):
-            entry = files.check(name, expected)
-            if entry is not None:
-                intact.add(name)
-                checked[name] = [entry[0], entry[1], expected, entry[2]]
-    return intact, checked, files.hashed
-
-
 def _int64s(n: int) -> array.array:
     """``n`` zeros as 64-bit integers, 8 bytes each (the standard library's arrays: a rerun with
     nothing to do never loads numpy)."""
@@ -793,16 +777,10 @@ class _Shas:
                 self.append(text)
 
     def append(self, text: str) -> None:
-        if len(text) == 64:
-            try:
-                digest = bytes.fromhex(text)
-            except ValueError:
-                digest = None
-            if digest is not None and digest.hex() == text:
-                self.data += digest
-                return
-        self.other[len(self.data) // 32] = text
-        self.data += bytes(32)
+        digest = workdir.sha256_digest(text)
+        if digest is None:
+            self.other[len(self.data) // 32] = text
+        self.data += digest or bytes(32)
 
     def __getitem__(self, i: int) -> str:
         other = self.other.get(i) if self.other else None

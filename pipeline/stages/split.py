@@ -30,7 +30,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .. import workdir
+from .. import sources, workdir
 from ..errors import PrepError
 from .index import LABEL_COLUMNS, in_natural_order
 
@@ -792,24 +792,22 @@ def _one_by_one(images: Images, units: Units, mixed):
 
 
 class _Paths:
-    """The paths of some images (``wanted``: their sorted indices), in one bytes buffer."""
+    """The paths of some images (``wanted``: their sorted indices), packed (:class:`sources.Paths`)."""
 
     def __init__(self, wanted):
         import numpy as np
 
         self.wanted = np.unique(np.asarray(wanted, np.int64))
-        self.text, self.ends, self._next = bytearray(), array("q"), 0
+        self.found = sources.Paths()
 
     @property
     def complete(self) -> bool:
-        return self._next == len(self.wanted)
+        return len(self.found) == len(self.wanted)
 
     def offer(self, i: int, path: str) -> None:
         """The path of image ``i`` (images offered in index order)."""
-        if self._next < len(self.wanted) and self.wanted[self._next] == i:
-            self.text += path.encode()
-            self.ends.append(len(self.text))
-            self._next += 1
+        if not self.complete and self.wanted[len(self.found)] == i:
+            self.found.append(path)
 
     def read(self, rows: Usable) -> _Paths:
         if not self.complete:
@@ -820,8 +818,7 @@ class _Paths:
         return self
 
     def __getitem__(self, i: int) -> str:
-        k = int(self.wanted.searchsorted(i))
-        return self.text[self.ends[k - 1] if k else 0 : self.ends[k]].decode()
+        return self.found[int(self.wanted.searchsorted(i))]
 
 
 def _chunks(*columns) -> Iterator[tuple]:
