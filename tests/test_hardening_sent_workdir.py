@@ -93,3 +93,29 @@ def test_a_file_name_that_is_not_utf8_is_skipped_with_its_reason(tmp_path, prep)
 
 def test_an_empty_workdir_argument_is_one_line(tmp_path, prep):
     assert_one_line_error(prep("verify", "", workdir=None), "manifest.json does not exist")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "nested", "fifo", "wrong types", "link"])
+def test_a_damaged_record_of_verify_costs_a_full_check(tmp_path, prep, resized, damage):
+    from pipeline.stages import verify
+
+    for args in (("split",), ("encode",), ("pack", "--format", "pkl.gz", "--executor", "serial")):
+        assert prep(*args).exit_code == 0
+    assert prep("verify", "--executor", "serial").exit_code == 0
+    record = resized / verify.VERIFIED
+    record.unlink()
+    if damage == "fifo":
+        os.mkfifo(record)
+    elif damage == "link":
+        (tmp_path / "elsewhere.json").write_text("{}")
+        record.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        record.write_text({"garbage": "\x00{not json", "nested": "[" * 100_000,
+                           "wrong types": '{"files": {"dataset.pkl.gz": [1, "x", null, 5, true]}, "units": [],'
+                                          ' "folders": 3}'}[damage])
+    result = prep("verify", "--executor", "serial")
+    assert result.exit_code == 0, result.output
+    assert "unchanged since" not in result.stdout  # checked again, in full
+    if damage == "link":
+        assert (tmp_path / "elsewhere.json").read_text() == "{}"  # replaced, not written through
+
