@@ -445,11 +445,15 @@ def run_all(ctx, raw, labels_from, pattern, follow_links, allow_outside_links, s
     check_license(license)
     build_spec(size, mode, interpolation, channels, background, fill, max_pixels)
     run_options = dict(executor=executor, workers=workers, scheduler=scheduler)
-    return {
+    results = {
         "index": _index(ctx, raw, None, labels_from, pattern, follow_links, allow_outside_links=allow_outside_links,
                         **run_options),
         "resize": _resize(ctx, None, None, size, mode, interpolation, channels, background, fill, max_pixels,
                           strict, **run_options),
+    }
+    if executor == "dask":  # its workers wrote to a URL work directory, not to its local copy
+        ctx.fetch()
+    return results | {
         "split": _split(ctx, None, None, ratios, seed, drop_small, near_copies, on_conflict, group_by, groups),
         "encode": _encode(ctx, None, classes, class_order),
         "pack": _pack(ctx, formats, flat, as_float, shard_mb, tfrecord_compression, **run_options),

@@ -106,6 +106,7 @@ class Context:
         self.verbose = verbose
         self.json = as_json
         self.warned_workers = False
+        self.mirror = None  # the local copy of a URL work directory, while a command holds it
         self.configure_logging()
 
     def use_workdir(self, given: str | Path) -> None:
@@ -115,7 +116,14 @@ class Context:
         from .workdir import Workdir
 
         self.remote = clean(os.fspath(given)) if is_remote(given) else None
-        self.workdir = Workdir(mirror_of(self.remote) if self.remote else local(given))
+        self.workdir = Workdir(mirror_of(self.remote), self.remote) if self.remote else Workdir(local(given))
+
+    def fetch(self) -> None:
+        """Bring the local copy of a URL work directory up to date, in the middle of a command
+        (`prep run`): files that workers wrote to the bucket are fetched for the next stage."""
+        if self.mirror is not None and self.mirror.pulled:
+            self.mirror.push()  # what the stages wrote here goes up first: the fetch keeps it
+            self.mirror.pull()
 
     def shown(self, text: str) -> str:
         """A message with the work directory named as the user gave it (a URL, not its mirror)."""
@@ -256,7 +264,7 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
 
         overlap(ctx.remote, options.get("raw"))
 
-        mirror = Mirror(ctx.remote, wd.root)
+        mirror = ctx.mirror = Mirror(ctx.remote, wd.root)
         wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
     held = mirror.pull if mirror else None
     if lock is True:

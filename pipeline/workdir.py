@@ -86,12 +86,23 @@ SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every outpu
 
 @dataclass(frozen=True)
 class Workdir:
-    """A work directory; ``path(name)`` resolves a stage file inside it."""
+    """A work directory; ``path(name)`` resolves a stage file inside it. ``url``: the work
+    directory's URL when ``root`` is its local copy (see pipeline/remote.py), else None."""
 
     root: Path
+    url: str | None = None
 
     def path(self, name: str | os.PathLike) -> Path:
         return self.root / name
+
+    def for_workers(self, name: str, executor: str) -> str:
+        """Where the workers of ``executor`` find the folder ``name``: a Dask cluster's, at the
+        work directory's URL when it has one (a cluster then needs no storage but the bucket;
+        the next command fetches what its workers wrote), else here (absolute, not resolved: a
+        link on this machine may be another's mount)."""
+        if self.url is not None and executor == "dask":
+            return f"{self.url}/{name}"
+        return os.path.abspath(self.root / name)
 
     def output(self, given: str | os.PathLike | None, default: str) -> Path:
         """Where to write an output: ``default`` in the work directory, or ``given``.

@@ -6,8 +6,10 @@ killed mid-run must cost only a retry of its shards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import logging
 import os
 import signal
 import sys
@@ -21,6 +23,7 @@ from conftest import assert_one_line_error, make_tree, tree_digests
 from pipeline import executors
 from pipeline.errors import PrepError
 from pipeline.stages import resize
+from test_remote_workdir import bucket, bucket_files  # noqa: F401  (bucket is a fixture)
 from test_sources import s3, upload  # noqa: F401  (s3 is a fixture)
 
 distributed = pytest.importorskip("distributed")
@@ -101,6 +104,105 @@ def test_s3_raw_read_by_dask_workers_matches_the_local_folder(tmp_path, corpus, 
     run_stages(prep, corpus, tmp_path / "local", "--executor", "serial")
     run_stages(prep, url, tmp_path / "s3", "--executor", "dask", "--scheduler", cluster.scheduler_address)
     assert_same_outputs(tmp_path / "local", tmp_path / "s3")
+
+
+def test_workers_write_straight_to_a_work_directory_on_a_bucket(tmp_path, corpus, s3, bucket, cluster, prep):  # noqa: F811
+    from pipeline import remote
+
+    url = f"s3://{bucket}/work"
+    on_cluster = ("--executor", "dask", "--scheduler", cluster.scheduler_address)
+    copy = remote.mirror_of(url)
+    for size in ("20x16", "12x12"):  # the second run rewrites every file the first one wrote
+        local = tmp_path / f"local-{size}"
+        for args in (("index", corpus), ("resize", "--size", size)):
+            assert prep(*args, "--executor", "serial", workdir=local).exit_code == 0
+            result = prep(*args, *on_cluster, workdir=url)
+            assert result.exit_code == 0, result.output
+        stored = bucket_files(s3, bucket, "work")
+        pngs = {name[len("resized/"):] for name in stored if name.startswith("resized/")}
+        assert pngs == set(tree_digests(local / "resized")) and len(pngs) == 34
+        assert all(remote.hashlib.sha256(stored[f"resized/{n}"]).hexdigest() == tree_digests(local / "resized")[n]
+                   for n in pngs)
+        assert stored["resized.csv"] == (local / "resized.csv").read_bytes()
+        assert stored["rejected.csv"] == (local / "rejected.csv").read_bytes()
+        if size == "20x16":  # the client received no image: its copy has none until a command fetches them
+            assert not [p for p in (copy / "resized").rglob("*") if p.is_file()]
+        for args in (("split",), ("encode",), ("pack", "--format", "pkl.gz")):
+            assert prep(*args, workdir=local).exit_code == 0
+            result = prep(*args, workdir=url)
+            assert result.exit_code == 0, result.output
+        assert bucket_files(s3, bucket, "work")["dataset.pkl.gz"] == (local / "dataset.pkl.gz").read_bytes()
+        assert tree_digests(copy / "resized") == tree_digests(local / "resized")  # fetched, the stale ones too
+    result = prep("resize", "--size", "12x12", *on_cluster, workdir=url)
+    assert result.exit_code == 0 and "up to date" in result.stdout.lower(), result.output
+
+    # pack and verify on the cluster: its workers read the resized files from the bucket (the
+    # client's copy holds them already, so the GETs of resized files are the workers')
+    assert prep("pack", "--format", "h5", "--executor", "serial", workdir=local).exit_code == 0
+    with _requests() as seen:  # the server's log of requests
+        result = prep("pack", "--format", "h5", *on_cluster, workdir=url)
+    assert result.exit_code == 0, result.output
+    assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34
+    assert bucket_files(s3, bucket, "work")["dataset.h5"] == (local / "dataset.h5").read_bytes()
+    with _requests() as seen:
+        result = prep("verify", *on_cluster, workdir=url)
+    assert result.exit_code == 0 and result.stdout.startswith("Verified"), result.output
+    assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34
+
+
+@contextlib.contextmanager
+def _requests():
+    """The lines the S3 server logs meanwhile, one per request."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    server_log = logging.getLogger("werkzeug")
+    level = server_log.level
+    server_log.addHandler(handler)
+    server_log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        server_log.removeHandler(handler)
+        server_log.setLevel(level)
+
+
+def test_a_worker_reads_resized_files_from_a_bucket(s3, bucket):  # noqa: F811
+    from pipeline.stages import pack, verify
+
+    png = _png(6, 5)
+    s3.put_object(Bucket=bucket, Key="work/resized/a/one.png", Body=png)
+    s3.put_object(Bucket=bucket, Key="work/resized/a/two.png", Body=b"not a png")
+    names = [("a/one.png", resize.hashlib.sha256(png).hexdigest()), ("a/two.png", "0" * 64), ("a/gone.png", "0" * 64)]
+    pixels, pngs, problems = pack.read_pngs(names, f"s3://{bucket}/work/resized", (5, 6, 3), True, "a/one.png")
+    assert pixels[0].tolist() == [[[255, 0, 0]] * 6] * 5 and pngs[0] == png
+    assert problems == {1: "changed since `prep resize` (its sha256 differs from the one resize recorded)",
+                        2: "missing"}
+    digests = verify.digest_pngs(names, f"s3://{bucket}/work/resized")
+    assert digests[0] == resize.hashlib.sha256(pixels[0].tobytes()).digest()
+    assert digests[1].startswith("changed since `prep resize`") and digests[2].startswith("cannot read")
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (255, 0, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_prep_run_on_a_cluster_and_a_bucket_packs_what_the_workers_wrote(tmp_path, corpus, s3, bucket, cluster,
+                                                                         prep):  # noqa: F811
+    url = f"s3://{bucket}/work"
+    options = ("--size", "20x16", "--format", "pkl.gz", "--license", "cc-by-4.0")
+    assert prep("run", corpus, *options, "--executor", "serial", workdir=tmp_path / "local").exit_code == 0
+    result = prep("run", corpus, *options, "--executor", "dask", "--scheduler", cluster.scheduler_address, workdir=url)
+    assert result.exit_code == 0, result.output
+    stored = bucket_files(s3, bucket, "work")
+    for name in ("resized.csv", "splits.csv", "encoded.csv", "dataset.pkl.gz"):
+        assert stored[name] == (tmp_path / "local" / name).read_bytes(), name
 
 
 def test_without_a_scheduler_a_local_cluster_is_started(tmp_path, corpus, prep, monkeypatch):

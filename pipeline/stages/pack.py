@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .. import __version__, executors, formats, manifest, workdir
+from .. import __version__, executors, formats, manifest, sources, workdir
 from ..errors import PrepError, StageInputMissing
 from ..formats import FORMATS, SPLITS, Layout, PackOptions, Sample
 from .encode import ENCODED_COLUMNS, read_classes
@@ -107,10 +107,11 @@ def read_pngs(
     pixels = np.zeros((len(names), *shape), np.uint8)
     pngs: list[bytes | None] | None = [] if want_png else None
     problems: dict[int, str] = {}
-    for i, (name, expected) in enumerate(names):
-        data = None
+    files = sources.read_below(folder, [name for name, _ in names])
+    for i, ((name, expected), data) in enumerate(zip(names, files)):
         try:
-            data = workdir.read_file(os.path.join(folder, name), follow_links=False)[0]
+            if isinstance(data, OSError):
+                raise data
             if hashlib.sha256(data).hexdigest() != expected:
                 problems[i] = "changed since `prep resize` (its sha256 differs from the one resize recorded)"
                 data = None
@@ -122,8 +123,10 @@ def read_pngs(
                 pixels[i] = image
         except FileNotFoundError:
             problems[i] = "missing"
+            data = None
         except OSError as err:
             problems[i] = f"cannot read ({err.strerror or err})"
+            data = None
         except ValueError as err:
             problems[i] = str(err)
         finally:
@@ -367,7 +370,8 @@ def _pack(cfg: PackConfig, classes: list[str], layout: Layout, first: Row, todo:
         ]
         bar = stack.enter_context(cfg.execution.bar(count, "pack"))
         shards = in_shards(rows, count, cfg.execution.slots, held)
-        results = executors.map_shards(pool, read_pngs, shards, str(folder.resolve()), layout.shape, _needs_png(todo),
+        results = executors.map_shards(pool, read_pngs, shards, wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor),
+                                       layout.shape, _needs_png(todo),
                                        str(folder / first.resized))
         for pixels, pngs, problems in results:
             shard = held.popleft()

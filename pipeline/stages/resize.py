@@ -253,25 +253,21 @@ def resize_shard(
     outside_links: bool = False,
 ) -> Outcomes:
     """Transform each (path, sha256, indexed version, output name) of a shard and write its PNG
-    atomically as ``out_root``/name; never raises for a bad image.
+    as ``out_root``/name; never raises for a bad image.
 
     A file is hashed again only if its (size, mtime) differs from the one `prep index` hashed
     (or was not recorded, as for a URL): index's own rule for reusing a hash. Only regular files
-    are read, and links only to files inside RAW unless ``outside_links``. ``out_root`` (the
-    work directory's ``resized/``, made by the client) must be a folder here: a worker that does
-    not see the work directory fails the run rather than write elsewhere; and a name leaving it
-    is refused."""
+    are read, and links only to files inside RAW unless ``outside_links``. ``out_root`` is the
+    work directory's ``resized/``: a folder, made by the client, where each file is written
+    atomically (a worker that does not see it fails the run rather than write elsewhere), or a
+    URL (a work directory on a bucket), where each file is one PUT, a few at a time: an object
+    appears whole or not at all. A name leaving it is refused."""
     from .. import imaging  # here, in the workers: a rerun with nothing to do never needs it
 
-    if not os.path.isdir(out_root):
-        import socket
-
-        raise PrepError(f"{out_root} is not a folder on {socket.gethostname()}: the workers write the resized files"
-                        " into the work directory, so it must be on storage every worker mounts at the same path")
-    inside = workdir.Confined(out_root, f"{workdir.RESIZED_DIR}/")
+    write = _OutputWriter(out_root)
     results = Outcomes()
     for rel, expected_sha, indexed, name in shard:
-        inside(name, f"the output name of {rel}")
+        write.inside(name, f"the output name of {rel}")
         try:
             data, seen = sources.read_versioned(root, rel, outside_links=outside_links)
         except OSError as err:
@@ -286,14 +282,56 @@ def resize_shard(
             results.append(Outcome("rejected", str(err), messages=err.messages))
             continue
         png = imaging.encode_png(img)
-        target = os.path.join(out_root, name)
-        workdir.atomic_write_bytes(target, png, fsync=False)  # makes the folder
-        st = os.stat(target)
+        size, mtime = write(name, png)
         results.append(Outcome(
             "ok", "", hashlib.sha256(png).digest(), info.format, info.mode, info.width, info.height,
-            bytes.fromhex(info.phash8), bytes.fromhex(info.phash16), st.st_size, st.st_mtime_ns, info.messages,
+            bytes.fromhex(info.phash8), bytes.fromhex(info.phash16), size, mtime, info.messages,
         ))
+    write.flush()
     return results
+
+
+class _OutputWriter:
+    """Writes a shard's PNGs under ``out_root`` (see :func:`resize_shard`): ``write(name, png)``
+    gives the (size, mtime_ns) of the file written (0 for an object, whose time this machine
+    does not know); ``flush()`` sends the objects not sent yet."""
+
+    BATCH_BYTES = 8 << 20  # objects sent together (fsspec sends a call's objects concurrently)
+
+    def __init__(self, out_root: str):
+        self.out_root = out_root
+        self.remote = sources.is_url(out_root)
+        if self.remote:
+            self.fs, self.base = sources.filesystem(out_root)
+            self.base = self.base.rstrip("/")
+            self.pending: dict[str, bytes] = {}
+            self.pending_bytes = 0
+        elif not os.path.isdir(out_root):
+            import socket
+
+            raise PrepError(f"{out_root} is not a folder on {socket.gethostname()}: the workers write the resized files"
+                            " into the work directory, so it must be on storage every worker mounts at the same path")
+        self.inside = workdir.Confined(None if self.remote else out_root, f"{workdir.RESIZED_DIR}/")
+
+    def __call__(self, name: str, png: bytes) -> tuple[int, int]:
+        if self.remote:
+            self.pending[f"{self.base}/{name}"] = png
+            self.pending_bytes += len(png)
+            if self.pending_bytes >= self.BATCH_BYTES:
+                self.flush()
+            return len(png), 0
+        target = os.path.join(self.out_root, name)
+        workdir.atomic_write_bytes(target, png, fsync=False)  # makes the folder
+        st = os.stat(target)
+        return st.st_size, st.st_mtime_ns
+
+    def flush(self) -> None:
+        if self.remote and self.pending:
+            try:
+                self.fs.pipe(self.pending)
+            except (OSError, ValueError) as err:
+                raise PrepError(f"cannot write the resized files to {self.out_root}: {err}") from None
+            self.pending, self.pending_bytes = {}, 0
 
 
 # A record is a tuple of resized.csv's values, in RESIZED_COLUMNS' order, all strings.
@@ -1002,7 +1040,7 @@ def _run_shards(cfg: ResizeConfig, labels: Labels, names: _OutputNames, todo, ta
                 yield job
 
         codec_messages = []  # logged once the bar is gone
-        out_root = os.path.abspath(out_dir)  # not resolved: a link on this machine may be another's mount
+        out_root = wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor)
         for outcomes in executors.map_shards(pool(), resize_shard, jobs(), root, spec, out_root, outside_links):
             shard, job = sent.popleft()
             strings = outcomes.strings

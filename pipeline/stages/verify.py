@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .. import executors, manifest, workdir
+from .. import executors, manifest, sources, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .index import SETTLED_NS
@@ -276,9 +276,10 @@ def digest_pngs(files: list[tuple[str, str]], folder: str) -> list[bytes | str]:
     from .. import imaging  # here, not at the top: a rerun with nothing changed decodes nothing
 
     out: list[bytes | str] = []
-    for name, recorded in files:
+    for (name, recorded), data in zip(files, sources.read_below(folder, [name for name, _ in files])):
         try:
-            data = workdir.read_file(Path(folder) / name, follow_links=False)[0]
+            if isinstance(data, OSError):
+                raise data
             if workdir.sha256_bytes(data) != recorded:
                 out.append(f"changed since `prep resize` (its sha256 is not the one {workdir.ENCODED} records);"
                            " run `prep resize` to make it again")
@@ -310,10 +311,9 @@ def _samples(name: str, path: Path, layout: Layout, options: PackOptions) -> Ite
 
 def _with_source(cfg: VerifyConfig, rows: Iterator[Row], count: int, pool) -> Iterator[tuple[Row, bytes | str]]:
     """Each of ``rows`` with the digest of its resized PNG's pixels (:func:`digest_pngs`, in the pool)."""
-    folder = cfg.workdir.path(workdir.RESIZED_DIR)
+    folder = cfg.workdir.for_workers(workdir.RESIZED_DIR, cfg.execution.executor)
     held: deque[list[Row]] = deque()
-    for digests in executors.map_shards(pool, digest_pngs, in_shards(rows, count, cfg.execution.slots, held),
-                                        str(folder.resolve())):
+    for digests in executors.map_shards(pool, digest_pngs, in_shards(rows, count, cfg.execution.slots, held), folder):
         yield from zip(held.popleft(), digests, strict=True)
 
 
