@@ -45,6 +45,11 @@ LOCAL_CLUSTER_CONFIG = {
     "distributed.admin.system-monitor.interval": "5s",
 }
 
+# The client's connection keeps its last messages for debugging, 1,000 by default: each sent
+# shard's arguments (up to ~100 KB), so up to 100 MB, and 0.14 KB per image up to 140,000 images
+# (measured). A few are enough to debug with; the same for a local cluster's scheduler.
+CLIENT_CONFIG = {"distributed.admin.low-level-log-length": 16}
+
 
 def cpu_count() -> int:
     """Cores this process may use (respects affinity masks and container limits)."""
@@ -176,6 +181,7 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
             return max(1, sum(client.nthreads().values()))
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(CLIENT_CONFIG))
         if scheduler:
             try:
                 client = stack.enter_context(Client(scheduler, timeout="10s"))
