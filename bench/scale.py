@@ -21,6 +21,7 @@ far to trust them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import compileall
 import contextlib
 import io
@@ -181,7 +182,7 @@ def measure_size(prep: list[str], raw: Path, n: int) -> dict:
 
 
 @contextlib.contextmanager
-def dask_cluster(workers: int):
+def dask_cluster(workers: int, env: dict | None = None):
     """A Dask scheduler and ``workers`` single-threaded worker processes on loopback, started apart
     from the command measured, so that the command's process tree is the client alone."""
     with socket.socket() as probe:
@@ -198,7 +199,7 @@ def dask_cluster(workers: int):
                                           stdout=log, stderr=subprocess.STDOUT))
             procs.append(subprocess.Popen([bench.PYTHON, "-m", "distributed.cli.dask_worker", address, "--nworkers",
                                            str(workers), "--nthreads", "1", "--no-dashboard"],
-                                          stdout=log, stderr=subprocess.STDOUT))
+                                          stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}))
             from distributed import Client
 
             with Client(address, timeout=60) as client:
@@ -214,22 +215,33 @@ def dask_cluster(workers: int):
                 proc.kill()
 
 
-def dask_client(prep: list[str], raws: list[tuple[Path, int]]) -> dict | None:
+def dask_client(prep: list[str], raws: list[tuple[Path, int]], bucket: bool = False) -> dict | None:
     """What the client of a Dask `prep resize` costs per image: the command runs against a
     cluster started apart (2 workers on this machine), so that its own process tree, measured, is
-    the client's: CPU and peak RSS at each size, and the growth per image between them."""
-    if not bench.dask_available():
+    the client's: CPU and peak RSS at each size, and the growth per image between them. With
+    ``bucket``, the work directory is a bucket on an S3-compatible server on loopback (moto, one
+    process apart too), which the workers write the resized files to."""
+    if not bench.dask_available() or (bucket and importlib.util.find_spec("moto") is None):
         return None
-    out = {"sizes": []}
-    with dask_cluster(2) as address:
+    out = {"sizes": [], "workdir": "s3 bucket (moto on loopback)" if bucket else "folder"}
+    with contextlib.ExitStack() as stack:
+        env = bench.env_quiet()
+        if bucket:
+            env = {**env, **stack.enter_context(s3_server()), "PREP_CACHE": str(bench.WORK / "scale-prep-cache")}
+        address = stack.enter_context(dask_cluster(2, env))
         for raw, n in raws:
             workdir = bench.WORK / f"scale-dask-{n}"
             bench.set_aside(workdir)
+            where = str(workdir)
+            if bucket:
+                where = f"s3://{make_bucket(env)}/work"
+                bench.set_aside(Path(env["PREP_CACHE"]))
             log = bench.WORK / "logs" / f"scale-dask-{n}.log"
-            bench.require_ok(bench.measure([*prep, "--workdir", str(workdir), "index", str(raw)], log, bench.env_quiet()))
-            print(f"  {n:,} images: prep resize --executor dask, the client alone ...", end="", flush=True)
-            run = bench.require_ok(bench.measure([*prep, "--workdir", str(workdir), "resize", "--executor", "dask",
-                                                  "--scheduler", address], log, bench.env_quiet()))
+            bench.require_ok(bench.measure([*prep, "--workdir", where, "index", str(raw)], log, env))
+            print(f"  {n:,} images: prep resize --executor dask, the client alone"
+                  f"{', work directory on a bucket' if bucket else ''} ...", end="", flush=True)
+            run = bench.require_ok(bench.measure([*prep, "--workdir", where, "resize", "--executor", "dask",
+                                                  "--scheduler", address], log, env))
             print(f" {run.seconds:.1f} s, {run.cpu_seconds:.1f} CPU s, {run.peak_rss_mb:.0f} MB", flush=True)
             out["sizes"].append({"images": n, "seconds": run.seconds, "cpu_seconds": run.cpu_seconds,
                                  "peak_rss_mb": run.peak_rss_mb})
@@ -240,6 +252,40 @@ def dask_client(prep: list[str], raws: list[tuple[Path, int]]) -> dict | None:
         out["client_cpu_us_per_image"] = (b["cpu_seconds"] - a["cpu_seconds"]) * 1e6 / span
         out["client_kb_per_image"] = (b["peak_rss_mb"] - a["peak_rss_mb"]) * 1024 / span
     return out
+
+
+@contextlib.contextmanager
+def s3_server():
+    """An S3-compatible server (moto) on a free loopback port, in a process of its own: the
+    environment that points boto3 and s3fs at it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    server = subprocess.Popen([bench.PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the S3 server (moto) did not start")
+                time.sleep(0.2)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def make_bucket(env: dict) -> str:
+    name = f"scale-{os.getpid()}-{time.monotonic_ns()}"
+    subprocess.run([bench.PYTHON, "-c", f"import boto3; boto3.client('s3').create_bucket(Bucket={name!r})"],
+                   env={**os.environ, **env}, check=True)
+    return name
 
 
 def cluster_estimate(growth: dict, est: dict, client: dict | None, cores: int) -> dict | None:
@@ -435,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, default=24.0, help="the memory of the machine to estimate for [24]")
     parser.add_argument("--cluster-cores", type=int, default=100, help="worker cores of the cluster to estimate for [100]")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask client's measurement")
+    parser.add_argument("--bucket-images", type=sizes_arg, default=[20_000, 50_000], metavar="N,N",
+                        help="corpus sizes for the Dask client with the work directory on a loopback S3 server"
+                             " [20000,50000] (each resized file is a PUT to a server in Python: slow)")
     args = parser.parse_args(argv)
     # -P: not the current directory first in sys.path, which `-m` puts there, so that prep is the
     # one the interpreter installs or PYTHONPATH gives, wherever the benchmark is started
@@ -449,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" (git commit {identity['commit']})" if "commit" in identity else ""))
     per_class = [n // corpus.CLASSES for n in args.scale_images]
     sizes = []
-    client = None
+    client = bucket_client = None
     try:
         # the largest first: the smaller ones link to its files
         made = {per_class[-1]: build(per_class[-1], args.seed, per_class[-1])[1]}
@@ -468,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             # the two smallest sizes: the client's cost per image, without a cluster run of the largest
             client = dask_client(prep, [(build(pc, args.seed, per_class[-1])[0], s["images"])
                                         for pc, s in zip(per_class[:2], sizes[:2])])
+            bucket_sizes = [n // corpus.CLASSES for n in args.bucket_images if n // corpus.CLASSES <= per_class[-1]]
+            if len(bucket_sizes) >= 2:
+                bucket_client = dask_client(prep, [(build(pc, args.seed, per_class[-1])[0], pc * corpus.CLASSES)
+                                                   for pc in bucket_sizes], bucket=True)
     finally:
         bench.empty_trash()
     print()
@@ -481,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate(sizes[-1], growth, TARGET_IMAGES, args.memory_gb)
         print(growth_table(sizes, growth, est))
         print(estimate_text(est))
-        cluster = cluster_estimate(growth, est, client, args.cluster_cores)
+        cluster = cluster_estimate(growth, est, bucket_client or client, args.cluster_cores)
         if cluster:
             print(f"  on a cluster of {cluster['cores']} worker cores writing to a bucket: resize"
                   f" {cluster['resize_hours']:.2f} h ({cluster['worker_cpu_us_per_image']:.0f} CPU us per image on a worker,"
@@ -489,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'the client' if cluster['client_bound'] else 'the workers'} set the pace; the client's peak"
                   f" {cluster['client_gb']:.1f} GB), then {cluster['other_commands_hours']:.1f} h for the other commands"
                   " on one machine")
-        result.update(marginal=growth, estimate=est, dask_client=client, cluster=cluster)
+        for name, measured in (("folder", client), ("bucket", bucket_client)):
+            if measured and "client_cpu_us_per_image" in measured:
+                print(f"  the Dask client, work directory on a {name}: {measured['client_cpu_us_per_image']:.1f} CPU us"
+                      f" and {measured['client_kb_per_image']:.2f} KB per image")
+        result.update(marginal=growth, estimate=est, dask_client=client, dask_client_bucket=bucket_client,
+                      cluster=cluster)
     else:
         print("(one size: give two or more with --scale-images, e.g. 50000,100000, for the cost per image)")
     print()
