@@ -4,6 +4,7 @@ directory holds, and a second machine (a fresh mirror) resumes from the bucket a
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -233,3 +234,23 @@ def test_what_a_command_could_not_upload_goes_up_before_the_next_fetch(tmp_path,
     stored = bucket_files(s3, bucket, "work")
     assert stored["notes.txt"] == b"written, never uploaded"
     assert not any(".tmp" in name for name in stored)
+
+
+def test_a_large_file_goes_up_alone_in_parts_and_comes_back_whole(tmp_path, s3, bucket, monkeypatch):  # noqa: F811
+    # the tables of millions of images: in parts of 8 MiB, 2 at a time, not read whole (as s3fs
+    # does up to 100 MiB) nor 10 parts of 50 MiB at a time
+    url = f"s3://{bucket}/work"
+    mirror = remote.Mirror(url, tmp_path / "copy" / "work")
+    mirror.pull()
+    big = os.urandom(remote.PART * 2 + 12345)
+    (mirror.root / "resized.csv").write_bytes(big)
+    (mirror.root / "labels.csv").write_bytes(b"path,label\n")
+    sent = []
+    put_file = mirror.fs.put_file
+    monkeypatch.setattr(mirror.fs, "put_file", lambda *a, **kw: sent.append(kw) or put_file(*a, **kw))
+    assert mirror.push() == 2
+    assert sent == [{"chunksize": remote.PART, "max_concurrency": 2}]  # the large one alone, in parts
+    stored = bucket_files(s3, bucket, "work")
+    assert stored["resized.csv"] == big and stored["labels.csv"] == b"path,label\n"
+    again = remote.Mirror(url, tmp_path / "another" / "work")
+    assert again.pull() == 2 and (again.root / "resized.csv").read_bytes() == big
