@@ -481,9 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gb", type=float, default=24.0, help="the memory of the machine to estimate for [24]")
     parser.add_argument("--cluster-cores", type=int, default=100, help="worker cores of the cluster to estimate for [100]")
     parser.add_argument("--no-dask", action="store_true", help="skip the Dask client's measurement")
-    parser.add_argument("--bucket-images", type=sizes_arg, default=[20_000, 50_000], metavar="N,N",
+    parser.add_argument("--bucket-images", type=sizes_arg, default=[50_000, 100_000], metavar="N,N",
                         help="corpus sizes for the Dask client with the work directory on a loopback S3 server"
-                             " [20000,50000] (each resized file is a PUT to a server in Python: slow)")
+                             " [50000,100000] (each resized file is a PUT to a server in Python: slow)")
     args = parser.parse_args(argv)
     # -P: not the current directory first in sys.path, which `-m` puts there, so that prep is the
     # one the interpreter installs or PYTHONPATH gives, wherever the benchmark is started
