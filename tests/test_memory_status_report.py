@@ -132,8 +132,11 @@ def test_quick_status_stats_folders_only_and_sees_files_added_removed_or_replace
         def __getattr__(self, name):  # is_dir, is_symlink, path, ...
             return getattr(self.entry, name)
 
+    listed = []
+
     class scandir:  # os.scandir's, each entry counted
         def __init__(self, where):
+            listed.append(os.readlink(f"/proc/self/fd/{where}") if isinstance(where, int) else where)
             self.entries = os.scandir(where)
 
         def __enter__(self):
@@ -150,6 +153,8 @@ def test_quick_status_stats_folders_only_and_sees_files_added_removed_or_replace
     assert prep("status", "--quick", "--json").stdout == full
     assert reads.none(), (reads.csv, reads.hashed, reads.images)
     assert stats == []  # a stat per folder of RAW and resized/, none per entry
+    # and only the folders that hold folders are listed (this file system keeps the link count)
+    assert sorted(listed) == sorted(str(p) for p in (raw, packed / "resized")), listed
     assert prep("status", "--json").stdout == full
     assert len(stats) > 2 * 33  # a full status: one per entry
     stats.clear()

@@ -356,9 +356,11 @@ def tree_state(folder: Path, skip=None, quick: bool = False) -> tuple[str, bool]
     of (with what they hold) are left out. The stat is most of what an entry costs: the loop
     does little else, and the digest takes a few thousand entries' stats at a time.
 
-    ``quick``: a stat per folder, not per file (a tenth of the time): the names below it, and
-    each folder's times, which change when a file is added, removed, renamed or replaced (as
-    most programs save one, and prep writes its own), but not when one is rewritten in place."""
+    ``quick``: a stat per folder, not per file: each folder's times, which change when a file is
+    added, removed, renamed or replaced (as most programs save one, and prep writes its own), but
+    not when one is rewritten in place. A folder is listed only to find the folders in it: not
+    when its link count says it holds none (2: its name and its "."), as most Unix file systems
+    keep it (those that do not give 1, and are listed)."""
     started = time.time_ns()
     digest = hashlib.sha256()
     newest = 0
@@ -389,7 +391,9 @@ def tree_state(folder: Path, skip=None, quick: bool = False) -> tuple[str, bool]
                 st = os.fstat(fd)
                 stats.extend((st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
                 names.append(".")
-            with os.scandir(fd) as entries:  # through the folder's descriptor: a stat looks up a name, not a path
+            listed = not quick or st.st_nlink != 2  # 2 links, its name and its ".": no folder in it
+            # through the folder's descriptor: a stat looks up a name, not a path
+            with os.scandir(fd) if listed else contextlib.nullcontext(()) as entries:
                 for entry in entries:
                     if skip is not None and skip(entry.name):
                         continue
