@@ -48,8 +48,10 @@ BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently
 # s3fs sends a file under 100 MiB in one PUT, read whole (and copied: 180 MB of peak memory for a
 # file of 90 MB, measured), a larger one in parts of 50 MiB, 10 at a time: the tables of millions
 # of images would take hundreds of MB. A file over BIG goes up alone, in parts of PART, 2 at a
-# time (32 MB, whatever the size; S3 allows 10,000 parts, so larger ones for a file over 80 GB)
+# time (one PUT under twice PART; about 32 MB whatever the size; S3 allows 10,000 parts, so
+# larger ones for a file over 80 GB)
 BIG = PART = 8 << 20
+_PATTERN = re.compile(r"[*?\[]")  # what fsspec's rm would take for a pattern
 
 
 def is_remote(text: str | os.PathLike) -> bool:
@@ -144,11 +146,9 @@ class Mirror:
     def _name_problem(self, rel: Any) -> str | None:
         """Why ``rel`` cannot be a file of the mirror, or None."""
         try:
-            self.names(rel, "the work directory's objects")
+            self.names(rel, "the work directory's objects")  # no '..', nor an empty or '.' part
         except PrepError as err:
             return str(err)
-        if any(part in ("", ".") for part in rel.split("/")):
-            return f"{self.url}/{rel}: a name with an empty or '.' part; expected plain names"
         return None
 
     # -- what is where --------------------------------------------------------------------------
@@ -197,6 +197,18 @@ class Mirror:
         except FileNotFoundError:
             return None
         return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def _upload(self, batch: list[str], stats: list) -> None:
+        """Upload the files ``batch`` (their sizes in ``stats``): together, but each one over
+        :data:`BIG` alone, in parts."""
+        small = [rel for rel, st in zip(batch, stats) if st is None or st[0] <= BIG]
+        try:
+            self.fs.put([str(self.root / rel) for rel in small], [f"{self.base}/{rel}" for rel in small])
+            for rel, st in zip(batch, stats):
+                if st is not None and st[0] > BIG:
+                    self.fs.put_file(str(self.root / rel), f"{self.base}/{rel}", **self._parts(st[0]))
+        except (OSError, ValueError) as err:
+            raise PrepError(f"cannot upload to the work directory {self.url}: {err}") from None
 
     def _parts(self, size: int) -> dict:
         """The options that upload a file of ``size`` bytes in parts of :data:`PART` (s3fs only:
@@ -276,33 +288,36 @@ class Mirror:
             entry = self.state.get(rel)
             if entry is None or self._stat(rel) != entry[:3]:
                 changed.append(rel)
-        changed.sort(key=lambda rel: rel.startswith(LAST))  # stamps and the manifest last
+        # stamps and the manifest after everything else (not only later in a batch: a batch's
+        # large files go up after its small ones)
+        groups = [[rel for rel in changed if not rel.startswith(LAST)], [rel for rel in changed if rel.startswith(LAST)]]
         try:
-            for start in range(0, len(changed), BATCH):
-                batch = changed[start:start + BATCH]
-                stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
-                small = [rel for rel, st in zip(batch, stats) if st is None or st[0] <= BIG]
-                try:
-                    self.fs.put([str(self.root / rel) for rel in small], [f"{self.base}/{rel}" for rel in small])
+            for group in groups:
+                for start in range(0, len(group), BATCH):
+                    batch = group[start:start + BATCH]
+                    stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
+                    self._upload(batch, stats)
                     for rel, st in zip(batch, stats):
-                        if st is not None and st[0] > BIG:
-                            self.fs.put_file(str(self.root / rel), f"{self.base}/{rel}", **self._parts(st[0]))
-                except (OSError, ValueError) as err:
-                    raise PrepError(f"cannot upload to the work directory {self.url}: {err}") from None
-                for rel, st in zip(batch, stats):
-                    if st is not None:
-                        self.state[rel] = [*st, None]  # its version: learnt at the next pull
-                self._save_state(now=False)
-            gone = [rel for rel in self.state if rel not in present]
-            if gone:
-                try:
-                    self.fs.rm([f"{self.base}/{rel}" for rel in gone])
-                except FileNotFoundError:
-                    pass
-                except (OSError, ValueError) as err:
-                    raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
-                for rel in gone:
-                    del self.state[rel]
+                        if st is not None:
+                            self.state[rel] = [*st, None]  # its version: learnt at the next pull
+                    self._save_state(now=False)
+            gone = [f"{self.base}/{rel}" for rel in self.state if rel not in present]
+            try:
+                # by exact name: fsspec's rm takes a name with * ? or [ as a pattern (b*.png would
+                # delete b.png too), so those go one at a time
+                plain = [key for key in gone if not _PATTERN.search(key)]
+                if plain:
+                    self.fs.rm(plain)
+                for key in gone:
+                    if _PATTERN.search(key):
+                        with contextlib.suppress(FileNotFoundError):
+                            self.fs.rm_file(key)
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as err:
+                raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
+            for rel in [rel for rel in self.state if rel not in present]:
+                del self.state[rel]
         finally:
             self._save_state()
         return len(changed)

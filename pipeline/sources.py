@@ -186,24 +186,25 @@ def filesystem(url: str):
     return fs, path.rstrip("/")
 
 
-def read_below(folder: str, names: Sequence[str]) -> list[bytes | OSError]:
+def read_below(folder: str, names: Sequence[str]) -> Iterator[bytes | OSError]:
     """The bytes of each file ``folder``/name, or the OSError reading it raised: a folder's
-    regular files, links not followed (:func:`workdir.read_file`); a URL's objects, fetched
-    together (fsspec runs one call's requests concurrently)."""
+    regular files, one at a time, links not followed (:func:`workdir.read_file`); a URL's
+    objects, fetched together (fsspec runs one call's requests concurrently). An error of the
+    storage itself (no credentials, ...) is a one-line error, not a file's."""
     if not is_url(folder):
-        out: list[bytes | OSError] = []
         for name in names:
             try:
-                out.append(workdir.read_file(os.path.join(folder, name), follow_links=False)[0])
+                yield workdir.read_file(os.path.join(folder, name), follow_links=False)[0]
             except OSError as err:
-                out.append(err)
-        return out
+                yield err
+        return
     fs, base = filesystem(folder)
-    paths = [f"{base.rstrip('/')}/{name}" for name in names]
+    paths = [f"{base}/{name}" for name in names]
     # whole objects by their exact names (``cat`` would take ``[`` or ``*`` in a name as a pattern)
-    found = fs.cat_ranges(paths, None, None, on_error="return") if paths else []
-    return [value if isinstance(value, (bytes, OSError)) else OSError(errno.EIO, f"cannot read {path}: {value}")
-            for path, value in zip(paths, found)]
+    for value in fs.cat_ranges(paths, None, None, on_error="return") if paths else []:
+        if isinstance(value, Exception) and not isinstance(value, OSError):
+            raise PrepError(f"cannot read the resized files at {folder}: {value}")
+        yield value
 
 
 @functools.lru_cache(maxsize=64)

@@ -635,6 +635,7 @@ class Confined:
         """``rel``, checked; ``where`` the file it comes from, ``line`` the line there, if any."""
         suspect = (  # the usual path passes these tests in a microsecond, once per image
             type(rel) is not str or not rel or "\0" in rel or rel[0] in "/\\" or ".." in rel or ":" in rel[1:2]
+            or "//" in rel or "./" in rel or rel[-1] in "/."
         )
         problem = self._text_problem(rel) if suspect else None
         if problem is None and self.real is not None:
@@ -660,6 +661,8 @@ class Confined:
             or (".." in rel and ".." in rel.replace("\\", "/").split("/"))
         ):
             return f"leaves {self.name} (expected a path relative to {self.name} without '..')"
+        if {"", "."} & set(rel.split("/")):  # a path another file system would read as another name
+            return f"has an empty or '.' part (expected a plain path relative to {self.name})"
         return None
 
 

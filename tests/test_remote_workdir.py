@@ -254,3 +254,55 @@ def test_a_large_file_goes_up_alone_in_parts_and_comes_back_whole(tmp_path, s3, 
     assert stored["resized.csv"] == big and stored["labels.csv"] == b"path,label\n"
     again = remote.Mirror(url, tmp_path / "another" / "work")
     assert again.pull() == 2 and (again.root / "resized.csv").read_bytes() == big
+
+
+def test_stamps_go_up_after_every_output_however_large(tmp_path, s3, bucket, monkeypatch):  # noqa: F811
+    mirror = remote.Mirror(f"s3://{bucket}/work", tmp_path / "copy" / "work")
+    mirror.pull()
+    (mirror.root / ".stamps").mkdir()
+    (mirror.root / ".stamps" / "pack-h5.json").write_text("{}")
+    (mirror.root / "manifest.json").write_text("{}")
+    (mirror.root / "dataset.h5").write_bytes(os.urandom(remote.BIG + 1))
+    (mirror.root / "labels.csv").write_text("path,label\n")
+    order = []
+    put, put_file = mirror.fs.put, mirror.fs.put_file
+    monkeypatch.setattr(mirror.fs, "put", lambda local, keys, **kw: order.extend(keys) or put(local, keys, **kw))
+    monkeypatch.setattr(mirror.fs, "put_file", lambda local, key, **kw: order.append(key) or put_file(local, key, **kw))
+    assert mirror.push() == 4
+    names = [key.rsplit("/work/", 1)[1] for key in order]
+    assert sorted(names[:2]) == ["dataset.h5", "labels.csv"]
+    assert sorted(names[2:]) == [".stamps/pack-h5.json", "manifest.json"]
+
+
+def test_a_file_removed_is_deleted_by_its_exact_name_not_as_a_pattern(tmp_path, s3, bucket):  # noqa: F811
+    mirror = remote.Mirror(f"s3://{bucket}/work", tmp_path / "copy" / "work")
+    mirror.pull()
+    names = ["resized/cat/b.png", "resized/cat/b*.png", "resized/cat/a1.png", "resized/cat/a[1].png",
+             "resized/cat/q?.png", "resized/cat/qx.png"]
+    for name in names:
+        (mirror.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (mirror.root / name).write_text(name)
+    assert mirror.push() == len(names)
+    for name in ("resized/cat/b*.png", "resized/cat/a[1].png", "resized/cat/q?.png"):
+        (mirror.root / name).unlink()
+    mirror.push()
+    stored = bucket_files(s3, bucket, "work")
+    assert sorted(stored) == ["resized/cat/a1.png", "resized/cat/b.png", "resized/cat/qx.png"]
+
+
+def test_names_a_bucket_would_change_are_refused_in_one_line(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    shutil.copy(raw / "dog" / "img0.png", raw / "dog" / "q?versionId=1.png")
+    assert prep("index", raw, workdir=url).exit_code == 0
+    assert_one_line_error(prep("resize", "--size", "8", workdir=url), "q?versionId=1.png", "rename the file in RAW")
+    (raw / "dog" / "q?versionId=1.png").unlink()
+    assert prep("index", raw, workdir=url).exit_code == 0
+    labels = remote.mirror_of(url) / "labels.csv"
+    lines = labels.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace("/", "//", 1)  # a path a folder would read as another (crafted)
+    labels.write_text("".join(lines))
+    for executor in ("serial", "local"):  # refused alike, before any file is written
+        result = prep("resize", "--size", "8", "--executor", executor, workdir=url)
+        assert_one_line_error(result, "empty or '.' part")
+    assert not [key for key in bucket_files(s3, bucket, "work") if key.startswith("resized/")]

@@ -5,7 +5,9 @@ PNG atomically under ``resized/`` (whose path, and every file name in it, the cl
 and send back only a small record per image: its status or rejection reason, the sha256 of the
 file written, the source's format, mode, size and perceptual hashes. The outputs are the same
 whichever executor or number of workers ran; with a Dask cluster on other machines the work
-directory must be on storage every worker mounts at the same path (docs/cluster.md).
+directory must be on storage every worker mounts at the same path, or a bucket: with a work
+directory given as a URL, a Dask cluster's workers PUT each PNG there, and the client's local
+copy (pipeline/remote.py) fetches them at the next command (docs/cluster.md).
 
 A journal of finished images makes a killed run resumable: before a shard goes to a worker, a
 "pending" note names its images, which forgets what earlier runs recorded of them until this
@@ -264,10 +266,10 @@ def resize_shard(
     appears whole or not at all. A name leaving it is refused."""
     from .. import imaging  # here, in the workers: a rerun with nothing to do never needs it
 
-    write = _OutputWriter(out_root)
+    writer = _OutputWriter(out_root)
     results = Outcomes()
     for rel, expected_sha, indexed, name in shard:
-        write.inside(name, f"the output name of {rel}")
+        writer.inside(name, f"the output name of {rel}")
         try:
             data, seen = sources.read_versioned(root, rel, outside_links=outside_links)
         except OSError as err:
@@ -282,17 +284,17 @@ def resize_shard(
             results.append(Outcome("rejected", str(err), messages=err.messages))
             continue
         png = imaging.encode_png(img)
-        size, mtime = write(name, png)
+        size, mtime = writer(name, png)
         results.append(Outcome(
             "ok", "", hashlib.sha256(png).digest(), info.format, info.mode, info.width, info.height,
             bytes.fromhex(info.phash8), bytes.fromhex(info.phash16), size, mtime, info.messages,
         ))
-    write.flush()
+    writer.flush()
     return results
 
 
 class _OutputWriter:
-    """Writes a shard's PNGs under ``out_root`` (see :func:`resize_shard`): ``write(name, png)``
+    """Writes a shard's PNGs under ``out_root`` (see :func:`resize_shard`): calling it with (name, png)
     gives the (size, mtime_ns) of the file written (0 for an object, whose time this machine
     does not know); ``flush()`` sends the objects not sent yet."""
 
@@ -303,7 +305,6 @@ class _OutputWriter:
         self.remote = sources.is_url(out_root)
         if self.remote:
             self.fs, self.base = sources.filesystem(out_root)
-            self.base = self.base.rstrip("/")
             self.pending: dict[str, bytes] = {}
             self.pending_bytes = 0
         elif not os.path.isdir(out_root):
@@ -315,7 +316,7 @@ class _OutputWriter:
 
     def __call__(self, name: str, png: bytes) -> tuple[int, int]:
         if self.remote:
-            self.pending[f"{self.base}/{name}"] = png
+            self.pending[f"{self.base}/{name}"] = png  # a name that cannot be a key is refused by the client
             self.pending_bytes += len(png)
             if self.pending_bytes >= self.BATCH_BYTES:
                 self.flush()
@@ -329,7 +330,7 @@ class _OutputWriter:
         if self.remote and self.pending:
             try:
                 self.fs.pipe(self.pending)
-            except (OSError, ValueError) as err:
+            except Exception as err:  # OSError, and the storage library's own (no credentials, ...)
                 raise PrepError(f"cannot write the resized files to {self.out_root}: {err}") from None
             self.pending, self.pending_bytes = {}, 0
 
@@ -942,7 +943,7 @@ def _resize_all(cfg: ResizeConfig, labels: Labels, root: str, settings: str, out
     if twice is not None:
         raise PrepError(f"{cfg.labels} lists {twice} twice; run `prep index` again")
     names.resolve()
-    _check_names(cfg.labels, out_dir, names)
+    _check_names(cfg.labels, out_dir, names, keys=wd.url is not None)
     earlier = _Earlier(wd, rows)
     del rows
     files, entries = _OutputFiles(wd), _FileEntries(n)
@@ -996,15 +997,21 @@ def _resize_all(cfg: ResizeConfig, labels: Labels, root: str, settings: str, out
     return tables.summary(paths), written, n - len(todo)
 
 
-def _check_names(labels: Path, out_dir: Path, names: _OutputNames) -> None:
+def _check_names(labels: Path, out_dir: Path, names: _OutputNames, keys: bool = False) -> None:
     """Every resized file name stays in ``resized/`` (a one-line error naming the line of the
     first that does not): the name of each row whose folder is not the row before's, and each
     name that is not the plain one. (The text of a name is as safe as its path's, checked against
     RAW's: its folders are the path's, and its file name ends in ``.png``; what is left is to
-    resolve each folder.)"""
+    resolve each folder.) ``keys``: every name must also be a key of a bucket as it is written (s3fs
+    takes ``?versionId=`` for a version, and would cut the name there)."""
     inside = workdir.Confined(out_dir, f"{workdir.RESIZED_DIR}/")  # no folder of it a link elsewhere
     for i in sorted({*names.turns, *names.other}):
         inside(names[i], f"the resized file of {labels}", i + 2)
+    if keys:
+        for i, name in enumerate(names):
+            if "?versionId=" in name:
+                raise PrepError(f"{labels} line {i + 2}: path {name!r} holds '?versionId=', which the work directory's"
+                                " storage takes for an object's version; rename the file in RAW")
 
 
 def _run_shards(cfg: ResizeConfig, labels: Labels, names: _OutputNames, todo, tables: _Tables, root: str,
