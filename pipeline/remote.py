@@ -43,7 +43,9 @@ INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder pe
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
 # never synced: the lock, and temporary files and folders (and anything inside them)
 SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+|\.[^/]*\.old)(/|$)")
-SAVE_EVERY = 10.0  # seconds between saves of the record while files go up or come down
+# seconds between saves of the record while files go up or come down, and at least 10 times what
+# the last save took: the record of millions of files takes seconds to write
+SAVE_EVERY = 10.0
 BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently)
 # s3fs sends a file under 100 MiB in one PUT, read whole (and copied: 180 MB of peak memory for a
 # file of 90 MB, measured), a larger one in parts of 50 MiB, 10 at a time: the tables of millions
@@ -125,6 +127,7 @@ class Mirror:
         self.state: dict[str, list] = self._read_state()
         self.pulled = False
         self._saved = time.monotonic()
+        self._save_took = 0.0
 
     # -- the record: rel -> [size, mtime_ns, inode, version at the URL (None: not known yet)] --
 
@@ -139,9 +142,11 @@ class Mirror:
                 if self._name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4}
 
     def _save_state(self, *, now: bool = True) -> None:
-        if now or time.monotonic() - self._saved > SAVE_EVERY:
+        if now or time.monotonic() - self._saved > max(SAVE_EVERY, 10 * self._save_took):
+            started = time.monotonic()
             workdir.write_json(self.state_path, {"url": self.url, "files": self.state}, indent=None)
             self._saved = time.monotonic()
+            self._save_took = self._saved - started
 
     def _name_problem(self, rel: Any) -> str | None:
         """Why ``rel`` cannot be a file of the mirror, or None."""

@@ -306,3 +306,22 @@ def test_names_a_bucket_would_change_are_refused_in_one_line(tmp_path, prep, s3,
         result = prep("resize", "--size", "8", "--executor", executor, workdir=url)
         assert_one_line_error(result, "empty or '.' part")
     assert not [key for key in bucket_files(s3, bucket, "work") if key.startswith("resized/")]
+
+
+def test_the_record_of_a_large_copy_is_saved_less_often_the_longer_it_takes(tmp_path, monkeypatch):
+    # the record of millions of files takes seconds to write: a save at most every ten times that
+    clock = [1000.0]
+    writes = []
+
+    def write_json(path, data, **kw):  # a save that takes 5 s
+        writes.append(clock[0])
+        clock[0] += 5.0
+
+    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(remote.workdir, "write_json", write_json)
+    mirror = remote.Mirror("file:///nowhere/work", tmp_path / "copy" / "work")
+    mirror._save_state()  # now: written, and 5 s spent
+    for step in range(12):
+        clock[0] += 5.0  # files come down meanwhile
+        mirror._save_state(now=False)
+    assert len(writes) == 2 and writes[1] - writes[0] >= 50  # not every 10 s
