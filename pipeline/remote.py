@@ -10,9 +10,14 @@ the URL around each command, while the command holds the mirror's lock:
   modification time, tells), and a file this mirror had that is gone there is removed: the command
   starts from what the bucket holds, whichever machine wrote it;
 - after it, also when it failed or was interrupted (so that a rerun anywhere resumes), every file
-  the command created or changed is uploaded (one PUT each: an object appears whole or not at all),
-  then every file it removed is deleted there. Stage stamps (``.stamps/``) and ``manifest.json``
-  go last: a reader of the bucket sees a stage's stamp only after its outputs.
+  the command created or changed is uploaded (one PUT each, a large file in parts: an object
+  appears whole or not at all), then every file it removed is deleted there. Stage stamps
+  (``.stamps/``) and ``manifest.json`` go last: a reader of the bucket sees a stage's stamp only
+  after its outputs.
+
+A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.for_workers``): this
+copy does not have them until the next command fetches them, as it fetches any object that
+changed there.
 
 A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
 stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
