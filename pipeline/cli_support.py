@@ -122,8 +122,7 @@ class Context:
         """Bring the local copy of a URL work directory up to date, in the middle of a command
         (`prep run`): files that workers wrote to the bucket are fetched for the next stage."""
         if self.mirror is not None and self.mirror.pulled:
-            self.mirror.push()  # what the stages wrote here goes up first: the fetch keeps it
-            self.mirror.pull()
+            self.mirror.pull()  # what the stages wrote here goes up first
 
     def shown(self, text: str) -> str:
         """A message with the work directory named as the user gave it (a URL, not its mirror)."""

@@ -223,7 +223,8 @@ class Mirror:
     def _parts(self, size: int) -> dict:
         """The options that upload a file of ``size`` bytes in parts of :data:`PART` (s3fs only:
         other filesystems choose their own)."""
-        if not {"s3", "s3a"} & set(self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if not {"s3", "s3a"} & set(protocols):
             return {}
         return {"chunksize": max(PART, -(-size // 9_000)), "max_concurrency": 2}
 
@@ -234,8 +235,8 @@ class Mirror:
         gone there. Returns the files fetched."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._clear_incoming()
-        if self.state:
-            self.push()  # a change an earlier command could not upload is not overwritten
+        if self.state or self.pulled:
+            self.push()  # a change an earlier command (or stage) could not upload is not overwritten
         else:  # no record of what it holds (a new mirror, or its record lost): start it afresh
             for entry in self.root.iterdir():
                 if entry.name != ".lock":
@@ -311,14 +312,15 @@ class Mirror:
                         if st is not None:
                             self.state[rel] = [*st, None]  # its version: learnt at the next pull
                     self._save_state(now=False)
-            gone = [f"{self.base}/{rel}" for rel in self.state if rel not in present]
+            gone = [rel for rel in self.state if rel not in present]
+            keys = [f"{self.base}/{rel}" for rel in gone]
             try:
                 # by exact name: fsspec's rm takes a name with * ? or [ as a pattern (b*.png would
                 # delete b.png too), so those go one at a time
-                plain = [key for key in gone if not _PATTERN.search(key)]
+                plain = [key for key in keys if not _PATTERN.search(key)]
                 if plain:
                     self.fs.rm(plain)
-                for key in gone:
+                for key in keys:
                     if _PATTERN.search(key):
                         with contextlib.suppress(FileNotFoundError):
                             self.fs.rm_file(key)
@@ -326,7 +328,7 @@ class Mirror:
                 pass
             except (OSError, ValueError) as err:
                 raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
-            for rel in [rel for rel in self.state if rel not in present]:
+            for rel in gone:
                 del self.state[rel]
         finally:
             self._save_state()
