@@ -16,8 +16,11 @@ the URL around each command, while the command holds the mirror's lock:
   after its outputs.
 
 A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.for_workers``): this
-copy does not have them until the next command fetches them, as it fetches any object that
-changed there.
+copy does not have them until the next command that reads them fetches them, as it fetches any
+object that changed there. A command that reads no file of ``resized/`` (:data:`LEAVES`:
+``index``, ``split``, ``encode``, ``verify-train``) leaves that folder alone, here and there: it
+neither lists, fetches, uploads nor deletes a file of it, and does not load its record (kept
+apart, in ``state.resized.json``), so its memory and time do not grow with the images.
 
 A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
 stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
@@ -44,6 +47,10 @@ from .errors import PrepError
 log = logging.getLogger(__name__)
 
 STATE = "state.json"  # beside the mirror: what it holds, as fetched or uploaded
+# folders whose record is kept apart (state.<folder>.json), for the commands that leave them alone
+APART = (workdir.RESIZED_DIR,)
+# commands that read no file of these folders: their copy neither fetches nor records them
+LEAVES = dict.fromkeys(("index", "split", "encode", "verify-train"), APART)
 INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
 # never synced: the lock, and temporary files and folders (and anything inside them)
@@ -119,7 +126,8 @@ class Mirror:
     """The work directory at ``url`` and its local copy ``root``; ``pull`` and ``push`` are
     called with the copy's lock held."""
 
-    def __init__(self, url: str, root: Path):
+    def __init__(self, url: str, root: Path, leave: tuple[str, ...] = ()):
+        """``leave``: folders of :data:`APART` this command leaves alone (see :data:`LEAVES`)."""
         from .sources import filesystem
 
         self.url = clean(url)
@@ -129,29 +137,82 @@ class Mirror:
             raise PrepError(f"work directory {self.url}: expected a bucket or folder in the URL")
         self.state_path = root.parent / STATE
         self.names = workdir.Confined(None, self.url)
+        self.leave = tuple(leave)
+        self._left = tuple(f"{folder}/" for folder in self.leave)
+        self.changed: set[str] = set()  # the parts of the record to save
+        self.recorded = False  # whether a record was found: else the copy starts afresh
         self.state: dict[str, list] = self._read_state()
         self.pulled = False
         self._saved = time.monotonic()
         self._save_took = 0.0
 
     # -- the record: rel -> [size, mtime_ns, inode, version at the URL (None: not known yet)] --
+    # in parts: state.json, and state.<folder>.json for each folder of APART
 
-    def _read_state(self) -> dict[str, list]:
+    @staticmethod
+    def _part(rel: str) -> str:
+        """The part of the record that holds ``rel``: a folder of :data:`APART`, or ''."""
+        top = rel.partition("/")[0]
+        return top if top != rel and top in APART else ""
+
+    def _part_path(self, part: str) -> Path:
+        return self.state_path.with_name(f"state.{part}.json") if part else self.state_path
+
+    def _read_part(self, part: str) -> dict[str, list] | None:
         try:
-            state = workdir.read_json(self.state_path)
+            state = workdir.read_json(self._part_path(part))
         except (OSError, PrepError, UnicodeDecodeError):
-            return {}
+            return None
         if not (isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict)):
-            return {}
+            return None
         return {rel: entry for rel, entry in state["files"].items()
                 if self._name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4}
+
+    def _read_state(self) -> dict[str, list]:
+        main = self._read_part("")
+        self.recorded = main is not None
+        state: dict[str, list] = {}
+        for part in APART:
+            if part not in self.leave:
+                state.update(self._read_part(part) or {})
+        # a record from a prep that kept one file holds the other parts' entries too: they are
+        # the latest of their part, saved there (also for a part this command leaves alone)
+        for rel, entry in (main or {}).items():
+            part = self._part(rel)
+            if part and part not in self.changed:
+                self.changed.add(part)
+                state = {r: e for r, e in state.items() if self._part(r) != part}
+            state[rel] = entry
+        return state
 
     def _save_state(self, *, now: bool = True) -> None:
         if now or time.monotonic() - self._saved > max(SAVE_EVERY, 10 * self._save_took):
             started = time.monotonic()
-            workdir.write_json(self.state_path, {"url": self.url, "files": self.state}, indent=None)
+            parts: dict[str, dict] = {"": {}, **{part: {} for part in self.changed}}
+            for rel, entry in self.state.items():
+                part = parts.get(self._part(rel))
+                if part is not None:
+                    part[rel] = entry
+            for part, files in parts.items():  # the main part always: small, and it marks the record
+                workdir.write_json(self._part_path(part), {"url": self.url, "files": files}, indent=None)
+            self.changed.clear()
+            self.recorded = True
             self._saved = time.monotonic()
             self._save_took = self._saved - started
+
+    def _set(self, rel: str, entry: list | None) -> None:
+        """Record ``entry`` for ``rel`` (None: remove it)."""
+        if entry is None:
+            del self.state[rel]
+        else:
+            self.state[rel] = entry
+        part = self._part(rel)
+        if part:
+            self.changed.add(part)
+
+    def _mine(self, rel: str) -> bool:
+        """Whether ``rel`` is this command's to fetch, upload or delete (not in a folder it leaves)."""
+        return not rel.startswith(self._left) if self._left else True
 
     def _name_problem(self, rel: Any) -> str | None:
         """Why ``rel`` cannot be a file of the mirror, or None."""
@@ -170,7 +231,7 @@ class Mirror:
             self.fs.invalidate_cache(self.base)
             if top and self.fs.protocol not in ("file", "local") and not self.fs.exists(top):
                 raise PrepError(f"work directory {self.url}: {top} does not exist; create it first")
-            found = self.fs.find(self.base, detail=True) if self.fs.exists(self.base) else {}
+            found = self._find() if self.fs.exists(self.base) else {}
         except (OSError, ValueError) as err:
             raise PrepError(f"cannot list the work directory {self.url}: {err}") from None
         out = {}
@@ -193,8 +254,25 @@ class Mirror:
                 raise PrepError(f"work directory {self.url}: {rel} is both a file and a folder")
         return out
 
+    def _find(self) -> dict[str, dict]:
+        """fsspec's ``find(base, detail=True)``, without the folders this command leaves: a
+        listing of the top level, then of each folder in it."""
+        if not self.leave:
+            return self.fs.find(self.base, detail=True)
+        found = {}
+        top = self.base.rstrip("/")
+        for info in self.fs.ls(self.base, detail=True):
+            name = str(info.get("name", "")).rstrip("/")
+            if info.get("type") != "directory":
+                found[name] = info
+            elif name[len(top):].lstrip("/") not in self.leave:
+                found.update(self.fs.find(name, detail=True))
+        return found
+
     def _local_files(self) -> Iterator[str]:
         for folder, dirs, files in os.walk(self.root):
+            if folder == str(self.root):
+                dirs[:] = [d for d in dirs if d not in self.leave]
             dirs.sort()
             for name in sorted(files):
                 rel = os.path.relpath(os.path.join(folder, name), self.root).replace(os.sep, "/")
@@ -235,24 +313,29 @@ class Mirror:
         gone there. Returns the files fetched."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._clear_incoming()
-        if self.state or self.pulled:
+        if self.recorded or self.pulled:
             self.push()  # a change an earlier command (or stage) could not upload is not overwritten
         else:  # no record of what it holds (a new mirror, or its record lost): start it afresh
             for entry in self.root.iterdir():
                 if entry.name != ".lock":
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            for part in APART:  # the record of files no longer here
+                with contextlib.suppress(FileNotFoundError):
+                    self._part_path(part).unlink()
+            self.state.clear()
         remote = self._remote()
         fetch = []
         for rel, (size, version) in remote.items():
             entry, now = self.state.get(rel), self._stat(rel)
             if entry is not None and now == entry[:3] and (entry[3] == version or entry[3] is None and size == now[0]):
-                entry[3] = version  # unchanged here and there (after an upload, its version is learnt now)
+                if entry[3] != version:
+                    self._set(rel, [*entry[:3], version])  # unchanged here and there: its version learnt
             else:
                 fetch.append(rel)
-        for rel in [rel for rel in self.state if rel not in remote]:
+        for rel in [rel for rel in self.state if rel not in remote and self._mine(rel)]:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.unlink(self.root / rel)
-            del self.state[rel]
+            self._set(rel, None)
         incoming = self.root.parent / INCOMING / str(os.getpid())
         asyncio_log = logging.getLogger("asyncio")
         level = asyncio_log.level
@@ -272,7 +355,7 @@ class Mirror:
                         shutil.rmtree(target)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp, target)
-                    self.state[rel] = [*self._stat(rel), remote[rel][1]]
+                    self._set(rel, [*self._stat(rel), remote[rel][1]])
                 self._save_state(now=False)
         finally:
             asyncio_log.setLevel(level)
@@ -310,9 +393,9 @@ class Mirror:
                     self._upload(batch, stats)
                     for rel, st in zip(batch, stats):
                         if st is not None:
-                            self.state[rel] = [*st, None]  # its version: learnt at the next pull
+                            self._set(rel, [*st, None])  # its version: learnt at the next pull
                     self._save_state(now=False)
-            gone = [rel for rel in self.state if rel not in present]
+            gone = [rel for rel in self.state if rel not in present and self._mine(rel)]
             keys = [f"{self.base}/{rel}" for rel in gone]
             try:
                 # by exact name: fsspec's rm takes a name with * ? or [ as a pattern (b*.png would
@@ -329,7 +412,7 @@ class Mirror:
             except (OSError, ValueError) as err:
                 raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
             for rel in gone:
-                del self.state[rel]
+                self._set(rel, None)
         finally:
             self._save_state()
         return len(changed)

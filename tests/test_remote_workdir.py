@@ -4,6 +4,7 @@ directory holds, and a second machine (a fresh mirror) resumes from the bucket a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -190,8 +191,6 @@ def test_raw_and_the_work_directory_may_not_overlap_as_urls(tmp_path, prep, s3, 
 
 
 def test_a_tampered_record_removes_nothing_outside_the_copy(tmp_path, prep, s3, bucket):  # noqa: F811
-    import json
-
     raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
     url = f"s3://{bucket}/work"
     assert prep("index", raw, workdir=url).exit_code == 0
@@ -325,3 +324,63 @@ def test_the_record_of_a_large_copy_is_saved_less_often_the_longer_it_takes(tmp_
         clock[0] += 5.0  # files come down meanwhile
         mirror._save_state(now=False)
     assert len(writes) == 2 and writes[1] - writes[0] >= 50  # not every 10 s
+
+
+def test_commands_that_read_no_resized_file_leave_that_folder_alone(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
+    # split and encode of millions of images: neither list, fetch nor record resized/ (its
+    # record kept apart); pack, which reads the PNGs, fetches them then
+    raw = make_tree(tmp_path / "raw", {"cat": 6, "dog": 6})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12")]:
+        assert prep(*args, workdir=url).exit_code == 0
+        assert prep(*args, workdir=tmp_path / "local").exit_code == 0
+    copy = remote.mirror_of(url)
+    part = copy.parent / "state.resized.json"
+    assert "resized/" not in (copy.parent / remote.STATE).read_text()  # kept apart
+    assert len(remote.workdir.read_json(part)["files"]) == 12
+    shutil.rmtree(copy.parent)  # another machine: nothing but the bucket
+    listed = []
+    find = remote.Mirror._find
+    monkeypatch.setattr(remote.Mirror, "_find", lambda self: listed.append(self.leave) or find(self))
+    for args in [("split",), ("encode",)]:
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
+        assert prep(*args, workdir=tmp_path / "local").exit_code == 0
+    assert not (copy / "resized").exists() and not part.exists()  # nothing of it fetched or recorded
+    stored = bucket_files(s3, bucket, "work")
+    assert sum(name.startswith("resized/") for name in stored) == 12  # nor deleted there
+    assert stored["encoded.csv"] == (tmp_path / "local" / "encoded.csv").read_bytes()
+    for args in [("pack", "--format", "pkl.gz"), ("pack", "--format", "pkl.gz")]:
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
+    assert listed == [("resized",), ("resized",), (), ()]
+    assert len(list((copy / "resized").rglob("*.png"))) == 12 and len(remote.workdir.read_json(part)["files"]) == 12
+    assert prep("pack", "--format", "pkl.gz", workdir=tmp_path / "local").exit_code == 0
+    import gzip
+    import pickle
+
+    with gzip.open(tmp_path / "local" / "dataset.pkl.gz") as a, gzip.open(copy / "dataset.pkl.gz") as b:
+        for (x1, y1), (x2, y2) in zip(pickle.load(a), pickle.load(b)):
+            assert (x1 == x2).all() and (y1 == y2).all()
+
+
+def test_a_record_kept_in_one_file_moves_its_resized_part_apart(tmp_path, prep, s3, bucket):  # noqa: F811
+    # a copy made by a prep that kept one record: split leaves resized/ alone, yet its entries
+    # are kept (in their own part), so that the next command that reads them fetches none again
+    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12")]:
+        assert prep(*args, workdir=url).exit_code == 0
+    copy = remote.mirror_of(url)
+    main, part = copy.parent / remote.STATE, copy.parent / "state.resized.json"
+    state = remote.workdir.read_json(main)
+    state["files"].update(remote.workdir.read_json(part)["files"])
+    main.write_text(json.dumps(state))
+    part.unlink()
+    inodes = {p: p.stat().st_ino for p in (copy / "resized").rglob("*.png")}
+    assert prep("split", workdir=url).exit_code == 0
+    assert len(remote.workdir.read_json(part)["files"]) == 8
+    assert "resized/" not in main.read_text()
+    mirror = remote.Mirror(url, copy)
+    assert mirror.pull() == 0  # nothing fetched again
+    assert {p: p.stat().st_ino for p in (copy / "resized").rglob("*.png")} == inodes
