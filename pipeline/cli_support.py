@@ -259,11 +259,11 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
         return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
     mirror = None
     if ctx.remote:
-        from .remote import LEAVES, Mirror, overlap
+        from .remote import Mirror, leaves, overlap
 
         overlap(ctx.remote, options.get("raw"))
         command = click.get_current_context().info_name
-        mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=LEAVES.get(command, ()))
+        mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=leaves(command, options))
         wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
     held = mirror.pull if mirror else None
     if lock is True:

@@ -17,10 +17,11 @@ the URL around each command, while the command holds the mirror's lock:
 
 A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.for_workers``): this
 copy does not have them until the next command that reads them fetches them, as it fetches any
-object that changed there. A command that reads no file of ``resized/`` (:data:`LEAVES`:
-``index``, ``split``, ``encode``, ``verify-train``) leaves that folder alone, here and there: it
-neither lists, fetches, uploads nor deletes a file of it, and does not load its record (kept
-apart, in ``state.resized.json``), so its memory and time do not grow with the images.
+object that changed there. A command that reads no file of ``resized/`` here (:func:`leaves`:
+``index``, ``split``, ``encode``, ``verify-train``, and a ``pack`` whose Dask workers read them at
+the URL) leaves that folder alone, here and there: it neither lists, fetches, uploads nor deletes
+a file of it, and does not load its record (kept apart, in ``state.resized.json``), so its memory
+and time do not grow with the images.
 
 A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
 stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
@@ -51,6 +52,14 @@ STATE = "state.json"  # beside the mirror: what it holds, as fetched or uploaded
 APART = (workdir.RESIZED_DIR,)
 # commands that read no file of these folders: their copy neither fetches nor records them
 LEAVES = dict.fromkeys(("index", "split", "encode", "verify-train"), APART)
+
+
+def leaves(command: str, options: dict) -> tuple[str, ...]:
+    """The folders of :data:`APART` that ``command``, given ``options``, leaves alone: those of
+    :data:`LEAVES`, and ``resized/`` for a `pack` whose Dask workers read it at the URL."""
+    if command == "pack" and options.get("executor") == "dask":
+        return (workdir.RESIZED_DIR,)
+    return LEAVES.get(command, ())
 INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
 # never synced: the lock, and temporary files and folders (and anything inside them)

@@ -207,6 +207,38 @@ def read_below(folder: str, names: Sequence[str]) -> Iterator[bytes | OSError]:
         yield value
 
 
+def sizes_below(folder: str, names: Sequence[str]) -> Iterator[int | OSError]:
+    """The size of each file ``folder``/name, or the OSError asking for it raised: a folder's
+    files by a stat each; a URL's objects asked together (fsspec runs the requests concurrently).
+    An error of the storage itself is a one-line error, as in :func:`read_below`."""
+    if not is_url(folder):
+        for name in names:
+            try:
+                yield os.stat(os.path.join(folder, name)).st_size
+            except OSError as err:
+                yield err
+        return
+    fs, base = filesystem(folder)
+    paths = [f"{base}/{name}" for name in names]
+    if not paths:
+        return
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import _run_coros_in_chunks, sync
+
+        values = sync(fs.loop, _run_coros_in_chunks, [fs._size(p) for p in paths], return_exceptions=True)
+    else:
+        values = []
+        for path in paths:
+            try:
+                values.append(fs.size(path))
+            except Exception as err:  # noqa: BLE001  (sorted out below, as the asynchronous ones)
+                values.append(err)
+    for value in values:
+        if isinstance(value, Exception) and not isinstance(value, OSError):
+            raise PrepError(f"cannot read the resized files at {folder}: {value}")
+        yield value
+
+
 @functools.lru_cache(maxsize=64)
 def local_path(root: str | os.PathLike) -> str | None:
     """The local folder behind ``root`` (a path or a ``file://`` URL), or None for a remote URL."""

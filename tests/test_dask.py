@@ -11,6 +11,7 @@ import functools
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -137,17 +138,33 @@ def test_workers_write_straight_to_a_work_directory_on_a_bucket(tmp_path, corpus
     assert result.exit_code == 0 and "up to date" in result.stdout.lower(), result.output
 
     # pack and verify on the cluster: its workers read the resized files from the bucket (the
-    # client's copy holds them already, so the GETs of resized files are the workers')
+    # client's copy holds them already, so the GETs of resized files are the workers', and the
+    # client's read of the first one's shape)
     assert prep("pack", "--format", "h5", "--executor", "serial", workdir=local).exit_code == 0
     with _requests() as seen:  # the server's log of requests
         result = prep("pack", "--format", "h5", *on_cluster, workdir=url)
     assert result.exit_code == 0, result.output
-    assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34
+    assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34 + 1
     assert bucket_files(s3, bucket, "work")["dataset.h5"] == (local / "dataset.h5").read_bytes()
     with _requests() as seen:
         result = prep("verify", *on_cluster, workdir=url)
     assert result.exit_code == 0 and result.stdout.startswith("Verified"), result.output
     assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34
+
+    # on another machine, a pack on the cluster fetches no resized file into its copy: tfrecord's
+    # shards are planned by the objects' sizes, asked of the bucket
+    shutil.rmtree(copy.parent)
+    assert prep("pack", "--format", "tfrecord", "--executor", "serial", workdir=local).exit_code == 0
+    with _requests() as seen:
+        result = prep("pack", "--format", "tfrecord", *on_cluster, workdir=url)
+    assert result.exit_code == 0, result.output
+    assert not (copy / "resized").exists()
+    assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == 34 + 1
+    assert len([line for line in seen if '"HEAD ' in line and "/work/resized/" in line]) == 34
+    stored = bucket_files(s3, bucket, "work")
+    shards = {name for name in stored if name.startswith("tfrecord/")}
+    assert shards and shards == {f"tfrecord/{p.name}" for p in (local / "tfrecord").iterdir()}
+    assert all(stored[name] == (local / name).read_bytes() for name in shards)
 
 
 @contextlib.contextmanager
@@ -168,6 +185,7 @@ def _requests():
 
 
 def test_a_worker_reads_resized_files_from_a_bucket(s3, bucket):  # noqa: F811
+    from pipeline import sources
     from pipeline.stages import pack, verify
 
     png = _png(6, 5)
@@ -181,6 +199,8 @@ def test_a_worker_reads_resized_files_from_a_bucket(s3, bucket):  # noqa: F811
     digests = verify.digest_pngs(names, f"s3://{bucket}/work/resized")
     assert digests[0] == resize.hashlib.sha256(pixels[0].tobytes()).digest()
     assert digests[1].startswith("changed since `prep resize`") and digests[2].startswith("cannot read")
+    sizes = list(sources.sizes_below(f"s3://{bucket}/work/resized", [n for n, _ in names]))
+    assert sizes[:2] == [len(png), len(b"not a png")] and isinstance(sizes[2], FileNotFoundError)
 
 
 def _png(width: int, height: int) -> bytes:

@@ -218,35 +218,53 @@ def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
     return [encoded, classes] + [p for p in optional if p.exists()]
 
 
-def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool = False
+def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool = False, where: str | None = None
            ) -> tuple[Layout, dict[str, dict[str, int]], Row]:
     """One read of encoded.csv (:func:`iter_rows`, whole file): the layout (image shape from the
     first resized PNG; sample counts per split, and with ``sizes`` the PNG bytes per split too,
     what tfrecord and parquet plan their shards by), the images per class of each split, and
-    the first row."""
+    the first row. The PNGs are in ``where`` (``resized/``, or the work directory URL's, where a
+    Dask cluster's workers read them: their sizes asked a batch at a time, the first one read)."""
+    import io
+
     from PIL import Image
 
-    folder = wd.path(workdir.RESIZED_DIR)
+    where = where or str(wd.path(workdir.RESIZED_DIR))
     counts, per_class, png_bytes = Counter(), Counter(), Counter()
-    base = str(folder)
     head = missing = None
+    batch: list[Row] = []
+
+    def measure() -> None:
+        nonlocal missing
+        for row, size in zip(batch, sources.sizes_below(where, [r.resized for r in batch])):
+            if isinstance(size, FileNotFoundError):
+                missing = missing or row  # raised once the rows are known to be sound
+            elif isinstance(size, OSError):
+                raise size
+            else:
+                png_bytes[row.split] += size
+        batch.clear()
+
     for row in iter_rows(encoded, classes, wd, whole_file=True):
         counts[row.split] += 1
         per_class[(row.split, row.label)] += 1
         head = head or row
         if sizes:
-            try:  # os.path, not pathlib: once per image
-                png_bytes[row.split] += os.stat(os.path.join(base, row.resized)).st_size
-            except FileNotFoundError:
-                missing = missing or row  # raised once the rows are known to be sound
+            batch.append(row)
+            if len(batch) == 1024:
+                measure()
+    measure()
     if missing is not None:
-        raise _missing(folder, missing)
-    first = folder / head.resized
+        raise _missing(where, missing)
+    first = _joined(where, head.resized)
+    data = next(sources.read_below(where, [head.resized]))
     try:
-        with Image.open(first) as img:
+        if isinstance(data, OSError):
+            raise data
+        with Image.open(io.BytesIO(data)) as img:
             width, height, mode = img.width, img.height, img.mode
     except FileNotFoundError:
-        raise _missing(folder, head) from None
+        raise _missing(where, head) from None
     except OSError as err:
         raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
     if mode not in ("L", "RGB"):
@@ -264,8 +282,13 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool =
     return layout, per_split, head
 
 
-def _missing(folder: Path, row: Row) -> PrepError:
-    return PrepError(f"resized image {folder / row.resized} is missing (for {row.path}); run `prep resize` again")
+def _joined(where: str, name: str) -> str:
+    """The resized file ``name`` in ``where`` (a folder or a URL), as messages name it."""
+    return f"{where}/{name}" if sources.is_url(where) else os.path.join(where, name)
+
+
+def _missing(where: str, row: Row) -> PrepError:
+    return PrepError(f"resized image {_joined(where, row.resized)} is missing (for {row.path}); run `prep resize` again")
 
 
 def in_shards(rows: Iterator[Row], count: int, slots: int, held: deque) -> Iterator[list[tuple[str, str]]]:
@@ -327,7 +350,8 @@ def run(cfg: PackConfig) -> PackResult:
     manifest_stamp = _stamp(wd, "manifest")
     if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
-        layout, per_class, first = survey(wd, cfg.encoded, classes, sizes=_needs_png(todo))
+        layout, per_class, first = survey(wd, cfg.encoded, classes, sizes=_needs_png(todo),
+                                          where=wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor))
         if todo:
             _pack(cfg, classes, layout, first, todo)
         previous = manifest.build(wd, layout, per_class, inputs, listed)
@@ -357,7 +381,7 @@ def _pack(cfg: PackConfig, classes: list[str], layout: Layout, first: Row, todo:
     from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it, and numpy)
 
     wd = cfg.workdir
-    folder = wd.path(workdir.RESIZED_DIR)
+    where = wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor)
     count = sum(layout.counts.values())
     rows = iter_rows(cfg.encoded, classes, wd)
     held: deque[list[Row]] = deque()
@@ -370,14 +394,13 @@ def _pack(cfg: PackConfig, classes: list[str], layout: Layout, first: Row, todo:
         ]
         bar = stack.enter_context(cfg.execution.bar(count, "pack"))
         shards = in_shards(rows, count, cfg.execution.slots, held)
-        results = executors.map_shards(pool, read_pngs, shards, wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor),
-                                       layout.shape, _needs_png(todo),
-                                       str(folder / first.resized))
+        results = executors.map_shards(pool, read_pngs, shards, where, layout.shape, _needs_png(todo),
+                                       _joined(where, first.resized))
         for pixels, pngs, problems in results:
             shard = held.popleft()
             if problems:
                 bad = min(problems)
-                raise PrepError(f"resized image {folder / shard[bad].resized}: {problems[bad]};"
+                raise PrepError(f"resized image {_joined(where, shard[bad].resized)}: {problems[bad]};"
                                 " run `prep resize` again")
             for i, row in enumerate(shard):
                 sample = Sample(row.split, position[row.split], row.label_id, row.path,
