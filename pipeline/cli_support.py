@@ -335,7 +335,7 @@ def _worker_end(stage: str, ends) -> str:
     pool's processes, if known (a signal's is minus its number; the others were stopped after)."""
     import signal
 
-    code = next((c for c in ends if c not in (None, 0, -signal.SIGTERM)), -signal.SIGKILL)
+    code = next((c for c in ends if c not in (None, 0, -signal.SIGTERM)), 0 if 0 in ends else -signal.SIGKILL)
     if code == -signal.SIGKILL:
         return (f"a worker process of prep {stage} was killed (most often by the system, out of memory);"
                 f" try {_memory_hint(stage)}")
@@ -345,8 +345,8 @@ def _worker_end(stage: str, ends) -> str:
         except ValueError:
             name = f"signal {-code}"
         how = f"crashed ({name})"
-    else:
-        how = f"exited with code {code}"
+    else:  # 0: a library that called exit() in the worker
+        how = f"exited with code {code}" if code else "exited unexpectedly (with code 0)"
     return f"a worker process of prep {stage} {how}; run the same command again to resume"
 
 

@@ -272,7 +272,8 @@ def test_a_worker_killed_by_the_system_is_one_line(tmp_path, prep, tree, monkeyp
     assert_one_line_error(result, "a worker process of prep resize was killed", "fewer --workers")
 
 
-@pytest.mark.parametrize("end, said", [("crash", "crashed (SIGSEGV)"), ("exit", "exited with code 3")])
+@pytest.mark.parametrize("end, said", [("crash", "crashed (SIGSEGV)"), ("exit", "exited with code 3"),
+                                       ("exit 0", "exited unexpectedly (with code 0)")])
 def test_a_worker_that_crashes_is_one_line_saying_how(tmp_path, prep, tree, monkeypatch, end, said):
     main, real = os.getpid(), imaging.transform
 
@@ -284,7 +285,7 @@ def test_a_worker_that_crashes_is_one_line_saying_how(tmp_path, prep, tree, monk
 
                 faulthandler.disable()  # no dump of the stacks on the test's stderr
                 ctypes.string_at(0)  # reads address 0: SIGSEGV
-            os._exit(3)
+            os._exit(0 if end == "exit 0" else 3)
         return real(data, spec)
 
     prepared(prep, tree, "index")
