@@ -9,6 +9,7 @@ defaults from prep.toml (:mod:`pipeline.config`) as Click's default_map.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import errno
 import functools
@@ -264,6 +265,7 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
         overlap(ctx.remote, options.get("raw"))
         command = click.get_current_context().info_name
         mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=leaves(command, options))
+        ctx.workdir = dataclasses.replace(wd, left=mirror.leave)  # read at the URL by the command
         wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
     held = mirror.pull if mirror else None
     if lock is True:

@@ -18,10 +18,10 @@ the URL around each command, while the command holds the mirror's lock:
 A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.for_workers``): this
 copy does not have them until the next command that reads them fetches them, as it fetches any
 object that changed there. A command that reads no file of ``resized/`` here (:func:`leaves`:
-``index``, ``split``, ``encode``, ``verify-train``, and a ``pack`` whose Dask workers read them at
-the URL) leaves that folder alone, here and there: it neither lists, fetches, uploads nor deletes
-a file of it, and does not load its record (kept apart, in ``state.resized.json``), so its memory
-and time do not grow with the images.
+``index``, ``split``, ``encode``, ``verify-train``, ``report``, which reads its few thumbnails at
+the URL, and a ``pack`` whose Dask workers read them there) leaves that folder alone, here and
+there: it neither lists, fetches, uploads nor deletes a file of it, and does not load its record
+(kept apart, in ``state.resized.json``), so its memory and time do not grow with the images.
 
 A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
 stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
@@ -51,7 +51,8 @@ STATE = "state.json"  # beside the mirror: what it holds, as fetched or uploaded
 # folders whose record is kept apart (state.<folder>.json), for the commands that leave them alone
 APART = (workdir.RESIZED_DIR,)
 # commands that read no file of these folders: their copy neither fetches nor records them
-LEAVES = dict.fromkeys(("index", "split", "encode", "verify-train"), APART)
+LEAVES = {**dict.fromkeys(("index", "split", "encode", "verify-train"), APART),
+          "report": APART}  # its few thumbnails are read at the URL (Workdir.at)
 
 
 def leaves(command: str, options: dict) -> tuple[str, ...]:

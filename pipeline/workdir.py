@@ -87,10 +87,12 @@ SPLIT_NAMES = ("train", "valid", "test")  # the splits, in the order every outpu
 @dataclass(frozen=True)
 class Workdir:
     """A work directory; ``path(name)`` resolves a stage file inside it. ``url``: the work
-    directory's URL when ``root`` is its local copy (see pipeline/remote.py), else None."""
+    directory's URL when ``root`` is its local copy (see pipeline/remote.py), else None;
+    ``left``: the folders the command's copy leaves at the URL (see remote.leaves)."""
 
     root: Path
     url: str | None = None
+    left: tuple[str, ...] = ()
 
     def path(self, name: str | os.PathLike) -> Path:
         return self.root / name
@@ -98,9 +100,15 @@ class Workdir:
     def for_workers(self, name: str, executor: str) -> str:
         """Where the workers of ``executor`` find the folder ``name``: a Dask cluster's, at the
         work directory's URL when it has one (a cluster then needs no storage but the bucket;
-        the next command fetches what its workers wrote), else here (absolute, not resolved: a
-        link on this machine may be another's mount)."""
+        the next command fetches what its workers wrote), else :meth:`at`."""
         if self.url is not None and executor == "dask":
+            return f"{self.url}/{name}"
+        return self.at(name)
+
+    def at(self, name: str) -> str:
+        """Where this command reads the folder ``name``: at the URL if its copy leaves it there,
+        else here (absolute, not resolved: a link on this machine may be another's mount)."""
+        if self.url is not None and name in self.left:
             return f"{self.url}/{name}"
         return os.path.abspath(self.root / name)
 

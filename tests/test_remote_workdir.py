@@ -384,3 +384,26 @@ def test_a_record_kept_in_one_file_moves_its_resized_part_apart(tmp_path, prep, 
     mirror = remote.Mirror(url, copy)
     assert mirror.pull() == 0  # nothing fetched again
     assert {p: p.stat().st_ino for p in (copy / "resized").rglob("*.png")} == inodes
+
+
+def test_report_reads_its_thumbnails_at_the_url_and_fetches_no_resized_file(tmp_path, prep, s3, bucket):  # noqa: F811
+    import re
+
+    raw = make_tree(tmp_path / "raw", {"cat": 5, "dog": 5})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12"), ("split",), ("encode",)]:
+        assert prep(*args, workdir=url).exit_code == 0
+        assert prep(*args, workdir=tmp_path / "local").exit_code == 0
+    copy = remote.mirror_of(url)
+    shutil.rmtree(copy.parent)  # another machine: nothing but the bucket
+    result = prep("report", workdir=url)
+    assert result.exit_code == 0, result.output
+    assert not (copy / "resized").exists()
+    assert prep("report", workdir=tmp_path / "local").exit_code == 0
+
+    def thumbnails(page: bytes) -> list[bytes]:
+        return re.findall(rb"data:image/png;base64,[A-Za-z0-9+/=]+", page)
+
+    page = bucket_files(s3, bucket, "work")["report/index.html"]
+    assert len(thumbnails(page)) >= 10  # every image's, as in a folder
+    assert sorted(thumbnails(page)) == sorted(thumbnails((tmp_path / "local" / "report" / "index.html").read_bytes()))

@@ -179,11 +179,17 @@ class Facts:
         found = dict.fromkeys(str(info.get("format")) for info in self.files().values())
         return [f for f in listed if f in found] + [f for f in found if f not in listed]
 
-    def resized_file(self, name: str, where: str) -> Path:
-        """The file of a resized name read from ``where`` (a CSV), below ``resized/``, or a
-        one-line PrepError: a crafted row cannot name a file elsewhere."""
-        folder = self.wd.path(workdir.RESIZED_DIR)
-        return folder / workdir.Confined(folder, f"{workdir.RESIZED_DIR}/")(name, where, whole=True)
+    def resized_bytes(self, name: str, where: str) -> bytes | None:
+        """The bytes of the resized file ``name`` read from ``where`` (a CSV), None if it is not
+        there (or not a regular file), or a one-line PrepError for a name leaving ``resized/``: a
+        crafted row cannot read a file elsewhere. Read at the work directory's URL when the
+        command's copy leaves ``resized/`` there (:meth:`workdir.Workdir.at`)."""
+        from ..sources import is_url, read_below
+
+        folder = self.wd.at(workdir.RESIZED_DIR)
+        name = workdir.Confined(None if is_url(folder) else folder, f"{workdir.RESIZED_DIR}/")(name, where, whole=True)
+        data = next(read_below(folder, [name]))
+        return None if isinstance(data, OSError) else data
 
     def image_shape(self) -> tuple[int, int, int] | None:
         """(width, height, channels) of the resized images."""
@@ -200,13 +206,15 @@ class Facts:
         for status, name in workdir.iter_csv(self.wd.path(workdir.RESIZED), ["status", "resized"], ["status"]):
             if status == "ok":
                 try:
-                    path = self.resized_file(name, workdir.RESIZED)
+                    data = self.resized_bytes(name, workdir.RESIZED)
                 except PrepError:
                     continue
-                if path.is_file():
+                if data is not None:
+                    import io
+
                     from PIL import Image
 
-                    with Image.open(path) as img:
+                    with Image.open(io.BytesIO(data)) as img:
                         return img.width, img.height, len(img.getbands())
         return None
 

@@ -224,15 +224,15 @@ class Thumbnails:
         if not name:
             return {**shown, "caption": "missing"}
         try:
-            file = self.facts.resized_file(name, where)
+            data = self.facts.resized_bytes(name, where)
         except PrepError as err:
             self.refused += 1
             if self.refused <= 5:
                 log.warning("%s: not shown", err)
             return {**shown, "caption": "not shown"}
-        if not file.is_file():
+        if data is None:
             return {**shown, "caption": "missing"}
-        return {**shown, "uri": data_uri(file.read_bytes())}
+        return {**shown, "uri": data_uri(data)}
 
 
 def _plural(n: int, noun: str) -> str:
