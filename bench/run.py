@@ -4,6 +4,7 @@
     python bench/run.py --per-class 20   # smoke run: completes in well under a minute
     python bench/run.py --large          # pack 100k small images into h5 and tfrecord
     python bench/run.py --near-copies    # the near-copy search to 1M hashes; prep split on 100k
+    python bench/run.py --mirror         # a work directory on a bucket: the client's memory per object
 
 Every row runs as its own process (or, for prep, one process per command, as a user types
 them) and is timed end to end, start-up and imports included. Peak memory is sampled from the
@@ -613,6 +614,10 @@ def main() -> int:
         import scale
 
         return scale.main([arg for arg in sys.argv[1:] if arg != "--scale"])
+    if "--mirror" in sys.argv[1:]:
+        import mirror
+
+        return mirror.main([arg for arg in sys.argv[1:] if arg != "--mirror"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=2000, help="JPEG images per class (10 classes) [2000]")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed [0]")
@@ -626,6 +631,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="with --near-copies: leave out the largest searches")
     parser.add_argument("--scale", action="store_true",
                         help="only the scale benchmark: every command at growing sizes (see scale.py --help)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="only the client's memory per object with a work directory on a bucket (see mirror.py --help)")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1; received {args.repeat}")

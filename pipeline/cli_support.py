@@ -264,7 +264,7 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
 
         overlap(ctx.remote, options.get("raw"))
         command = click.get_current_context().info_name
-        mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=leaves(command, options))
+        mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=leaves(command, options), writes=lock != "peek")
         ctx.workdir = dataclasses.replace(wd, left=mirror.leave)  # read at the URL by the command
         wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
     held = mirror.pull if mirror else None

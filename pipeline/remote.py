@@ -5,26 +5,33 @@ as a URL is kept in a local copy, the mirror, one per URL under the user's cache
 (``$PREP_CACHE``, else ``$XDG_CACHE_HOME/prep``, else ``~/.cache/prep``), and kept in step with
 the URL around each command, while the command holds the mirror's lock:
 
-- before it, what an earlier command here wrote but could not upload is uploaded; then every
-  object that changed at the URL since this mirror last saw it is fetched (its ETag, else its
-  modification time, tells), and a file this mirror had that is gone there is removed: the command
-  starts from what the bucket holds, whichever machine wrote it;
+- before it, what an earlier command here wrote but could not upload is uploaded (and what it
+  removed, deleted); then every object that changed at the URL since this mirror last saw it,
+  or that is missing here, is fetched (its ETag, else its modification time, tells; the file
+  takes the object's time), and a file this mirror had that is gone there is removed: the
+  command starts from what the bucket holds, whichever machine wrote it;
 - after it, also when it failed or was interrupted (so that a rerun anywhere resumes), every file
   the command created or changed is uploaded (one PUT each, a large file in parts: an object
   appears whole or not at all), then every file it removed is deleted there. Stage stamps
   (``.stamps/``) and ``manifest.json`` go last: a reader of the bucket sees a stage's stamp only
   after its outputs.
 
+What the mirror holds is recorded beside it in SQLite (:class:`Record`), and the URL is listed a
+page at a time (on S3): the memory of a pull or a push does not grow with the files, and what a
+stopped transfer moved stays recorded.
+
 A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.for_workers``): this
 copy does not have them until the next command that reads them fetches them, as it fetches any
 object that changed there. A command that reads no file of ``resized/`` here (:func:`leaves`:
 ``index``, ``split``, ``encode``, ``verify-train``, ``report``, which reads its few thumbnails at
 the URL, and a ``pack`` whose Dask workers read them there) leaves that folder alone, here and
-there: it neither lists, fetches, uploads nor deletes a file of it, and does not load its record
-(kept apart, in ``state.resized.json``), so its memory and time do not grow with the images.
+there: it neither lists, fetches, uploads nor deletes a file of it, so its time does not grow
+with the images. Unless a command before it may have changed that folder and not uploaded it:
+then it uploads it first (a stamp never goes up before the files it vouches for).
 
-A mirror is a cache: deleting it costs a fetch. A fresh mirror has new inodes everywhere, so the
-stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
+A mirror is a cache: deleting it, or a folder of it, costs a fetch (a file missing here is
+deleted at the URL only when a command removed it). A fresh mirror has new inodes everywhere, so
+the stages check their inputs' contents again before trusting them (see workdir.Stamp). Every key
 fetched, and every name in the mirror's record, is confined to the mirror: a key leaving it
 (``a/../../x``), or one that a filesystem would rename (``a//b``, ``a/./b``), is refused in one
 line. One machine writes to a work directory URL at a time: the bucket has no lock.
@@ -33,12 +40,14 @@ line. One machine writes to a work directory URL at a time: the bucket has no lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import itertools
 import logging
 import os
 import re
 import shutil
-import time
+import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,27 +56,16 @@ from .errors import PrepError
 
 log = logging.getLogger(__name__)
 
-STATE = "state.json"  # beside the mirror: what it holds, as fetched or uploaded
-# folders whose record is kept apart (state.<folder>.json), for the commands that leave them alone
+RECORD = "record.sqlite"  # beside the mirror: what it holds, as fetched or uploaded
+OLD_RECORDS = ("state.json", "state.resized.json")  # earlier preps' records: taken over once
+# folders that commands which read none of their files leave alone: in the bucket, in the copy
+# and in the record (see leaves)
 APART = (workdir.RESIZED_DIR,)
-# commands that read no file of these folders: their copy neither fetches nor records them
-LEAVES = {**dict.fromkeys(("index", "split", "encode", "verify-train"), APART),
-          "report": APART}  # its few thumbnails are read at the URL (Workdir.at)
-
-
-def leaves(command: str, options: dict) -> tuple[str, ...]:
-    """The folders of :data:`APART` that ``command``, given ``options``, leaves alone: those of
-    :data:`LEAVES`, and ``resized/`` for a `pack` whose Dask workers read it at the URL."""
-    if command == "pack" and options.get("executor") == "dask":
-        return (workdir.RESIZED_DIR,)
-    return LEAVES.get(command, ())
+LEAVES = {"index", "split", "encode", "verify-train", "report"}  # report reads its thumbnails at the URL
 INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
 # never synced: the lock, and temporary files and folders (and anything inside them)
 SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+|\.[^/]*\.old)(/|$)")
-# seconds between saves of the record while files go up or come down, and at least 10 times what
-# the last save took: the record of millions of files takes seconds to write
-SAVE_EVERY = 10.0
 BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently)
 # s3fs sends a file under 100 MiB in one PUT, read whole (and copied: 180 MB of peak memory for a
 # file of 90 MB, measured), a larger one in parts of 50 MiB, 10 at a time: the tables of millions
@@ -97,6 +95,14 @@ def local(text: str | os.PathLike) -> Path:
 
     text = os.fspath(text)
     return Path(local_path(text)) if is_url(text) else Path(text)
+
+
+def leaves(command: str, options: dict) -> tuple[str, ...]:
+    """The folders of :data:`APART` that ``command``, given ``options``, leaves alone: all of
+    them for :data:`LEAVES`, and for a ``pack`` whose Dask workers read them at the URL."""
+    if command in LEAVES or command == "pack" and options.get("executor") == "dask":
+        return APART
+    return ()
 
 
 def clean(url: str) -> str:
@@ -132,12 +138,130 @@ def overlap(url: str, raw: str | None) -> None:
         raise PrepError(f"RAW {b} is inside the work directory {a}; give RAW and the work directory apart")
 
 
+class Record:
+    """What a mirror holds, as fetched or uploaded: per file, its size, mtime and inode here and
+    its version at the URL (None: not known yet, after an upload), and whether it was removed here
+    but not yet at the URL. Kept in SQLite beside the mirror, not in memory: a copy of millions of
+    files costs a lookup per file, and each batch of transfers is committed as it ends, so a
+    command stopped midway keeps the record of what it moved. ``found``: whether a record of this
+    URL was there (else the copy starts afresh). ``dirty``: the folders of :data:`APART` that a
+    command may have changed since they were last uploaded whole (none may be left alone then)."""
+
+    def __init__(self, path: Path, url: str, name_problem):
+        self.path, self.url, self.name_problem = path, url, name_problem
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError:  # damaged: as if there were none
+            path.unlink(missing_ok=True)
+            self.db = self._open()
+        self.found = self._meta("url") == url
+        if not self.found:
+            self.db.execute("DELETE FROM files")
+            self.db.execute("DELETE FROM meta")
+            self._set_meta("url", url)
+            self.found = self._take_over_old()
+            self.db.commit()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("CREATE TABLE IF NOT EXISTS files (rel TEXT PRIMARY KEY, size INTEGER, mtime INTEGER,"
+                   " ino INTEGER, version TEXT, removed INTEGER DEFAULT 0, seen INTEGER DEFAULT 0) WITHOUT ROWID")
+        db.commit()
+        return db
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def _take_over_old(self) -> bool:
+        """The record an earlier prep kept in JSON beside the mirror, taken over (its files then
+        need no fetch) and removed; whether there was one."""
+        found = False
+        for name in OLD_RECORDS:
+            old = self.path.with_name(name)
+            try:
+                state = workdir.read_json(old)
+            except (OSError, PrepError, UnicodeDecodeError):
+                continue
+            if isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict):
+                found = found or name == OLD_RECORDS[0]
+                self.db.executemany("INSERT OR REPLACE INTO files (rel, size, mtime, ino, version) VALUES (?, ?, ?, ?, ?)",
+                                    ((rel, *entry) for rel, entry in state["files"].items()
+                                     if self.name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4))
+        self.db.commit()
+        for name in OLD_RECORDS:
+            self.path.with_name(name).unlink(missing_ok=True)
+        return found
+
+    @property
+    def dirty(self) -> set[str]:
+        return set(filter(None, (self._meta("dirty") or "").split("/")))
+
+    def set_dirty(self, folders) -> None:
+        self._set_meta("dirty", "/".join(sorted(folders)) or None)
+        self.db.commit()
+
+    def next_pass(self) -> int:
+        """A number for a pass over the files: those it sees are marked with it."""
+        number = int(self._meta("pass") or 0) + 1
+        self._set_meta("pass", str(number))
+        return number
+
+    def get(self, rel: str) -> tuple | None:
+        """(size, mtime_ns, inode, version, removed) of ``rel``, or None."""
+        return self.db.execute("SELECT size, mtime, ino, version, removed FROM files WHERE rel = ?", (rel,)).fetchone()
+
+    def put(self, rel: str, st: list, version: str | None, seen: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, 0, ?)", (rel, *st, version, seen))
+
+    def see(self, rel: str, version: str | None, seen: int) -> None:
+        self.db.execute("UPDATE files SET version = ?, seen = ? WHERE rel = ?", (version, seen, rel))
+
+    def mark_removed(self, rel: str) -> None:
+        self.db.execute("UPDATE files SET removed = 1 WHERE rel = ?", (rel,))
+
+    def drop(self, rel: str) -> None:
+        self.db.execute("DELETE FROM files WHERE rel = ?", (rel,))
+
+    def clear(self) -> None:
+        self.db.execute("DELETE FROM files")
+        self.db.commit()
+
+    def unseen(self, seen: int, left: tuple[str, ...], removed: bool = False) -> Iterator[str]:
+        """The files not seen by pass ``seen`` (only those removed here, if ``removed``), but in
+        the folders ``left``, a page at a time: a caller may drop them as they come."""
+        where = " AND ".join(["seen != ?", *(["removed = 1"] if removed else []),
+                              *["NOT (rel >= ? AND rel < ?)"] * len(left)])
+        bounds = [b for folder in left for b in (folder + "/", folder + "0")]  # "0" follows "/"
+        after = ""
+        while True:
+            page = [row[0] for row in self.db.execute(
+                f"SELECT rel FROM files WHERE rel > ? AND {where} ORDER BY rel LIMIT 1024", (after, seen, *bounds))]
+            yield from page
+            if len(page) < 1024:
+                return
+            after = page[-1]
+
+    def commit(self) -> None:
+        self.db.commit()
+
+
 class Mirror:
     """The work directory at ``url`` and its local copy ``root``; ``pull`` and ``push`` are
-    called with the copy's lock held."""
+    called with the copy's lock held. ``leave``: folders of :data:`APART` this command leaves
+    alone (see :func:`leaves`), unless a command before it may have changed them and not
+    uploaded them all."""
 
-    def __init__(self, url: str, root: Path, leave: tuple[str, ...] = ()):
-        """``leave``: folders of :data:`APART` this command leaves alone (see :data:`LEAVES`)."""
+    def __init__(self, url: str, root: Path, leave: tuple[str, ...] = (), writes: bool = True):
+        """``writes``: whether the command may change the copy (False for `status`)."""
         from .sources import filesystem
 
         self.url = clean(url)
@@ -145,84 +269,17 @@ class Mirror:
         self.fs, self.base = filesystem(self.url)
         if not self.base.strip("/"):
             raise PrepError(f"work directory {self.url}: expected a bucket or folder in the URL")
-        self.state_path = root.parent / STATE
         self.names = workdir.Confined(None, self.url)
         self.leave = tuple(leave)
-        self._left = tuple(f"{folder}/" for folder in self.leave)
-        self.changed: set[str] = set()  # the parts of the record to save
-        self.recorded = False  # whether a record was found: else the copy starts afresh
-        self.state: dict[str, list] = self._read_state()
+        self.left: tuple[str, ...] = ()  # what this command leaves, decided when it pulls
+        self.writes = writes
         self.pulled = False
-        self._saved = time.monotonic()
-        self._save_took = 0.0
 
-    # -- the record: rel -> [size, mtime_ns, inode, version at the URL (None: not known yet)] --
-    # in parts: state.json, and state.<folder>.json for each folder of APART
-
-    @staticmethod
-    def _part(rel: str) -> str:
-        """The part of the record that holds ``rel``: a folder of :data:`APART`, or ''."""
-        top = rel.partition("/")[0]
-        return top if top != rel and top in APART else ""
-
-    def _part_path(self, part: str) -> Path:
-        return self.state_path.with_name(f"state.{part}.json") if part else self.state_path
-
-    def _read_part(self, part: str) -> dict[str, list] | None:
-        try:
-            state = workdir.read_json(self._part_path(part))
-        except (OSError, PrepError, UnicodeDecodeError):
-            return None
-        if not (isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict)):
-            return None
-        return {rel: entry for rel, entry in state["files"].items()
-                if self._name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4}
-
-    def _read_state(self) -> dict[str, list]:
-        main = self._read_part("")
-        self.recorded = main is not None
-        state: dict[str, list] = {}
-        for part in APART:
-            if part not in self.leave:
-                state.update(self._read_part(part) or {})
-        # a record from a prep that kept one file holds the other parts' entries too: they are
-        # the latest of their part, saved there (also for a part this command leaves alone)
-        for rel, entry in (main or {}).items():
-            part = self._part(rel)
-            if part and part not in self.changed:
-                self.changed.add(part)
-                state = {r: e for r, e in state.items() if self._part(r) != part}
-            state[rel] = entry
-        return state
-
-    def _save_state(self, *, now: bool = True) -> None:
-        if now or time.monotonic() - self._saved > max(SAVE_EVERY, 10 * self._save_took):
-            started = time.monotonic()
-            parts: dict[str, dict] = {"": {}, **{part: {} for part in self.changed}}
-            for rel, entry in self.state.items():
-                part = parts.get(self._part(rel))
-                if part is not None:
-                    part[rel] = entry
-            for part, files in parts.items():  # the main part always: small, and it marks the record
-                workdir.write_json(self._part_path(part), {"url": self.url, "files": files}, indent=None)
-            self.changed.clear()
-            self.recorded = True
-            self._saved = time.monotonic()
-            self._save_took = self._saved - started
-
-    def _set(self, rel: str, entry: list | None) -> None:
-        """Record ``entry`` for ``rel`` (None: remove it)."""
-        if entry is None:
-            del self.state[rel]
-        else:
-            self.state[rel] = entry
-        part = self._part(rel)
-        if part:
-            self.changed.add(part)
-
-    def _mine(self, rel: str) -> bool:
-        """Whether ``rel`` is this command's to fetch, upload or delete (not in a folder it leaves)."""
-        return not rel.startswith(self._left) if self._left else True
+    @functools.cached_property
+    def record(self) -> Record:
+        """The record, opened once the copy's lock is held (its first pull or push)."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        return Record(self.root.parent / RECORD, self.url, self._name_problem)
 
     def _name_problem(self, rel: Any) -> str | None:
         """Why ``rel`` cannot be a file of the mirror, or None."""
@@ -234,55 +291,104 @@ class Mirror:
 
     # -- what is where --------------------------------------------------------------------------
 
-    def _remote(self) -> dict[str, tuple[int, str]]:
-        """Every object under the URL: relative name -> (size, version)."""
+    def _listing(self) -> Iterator[tuple[str, int, str, int | None]]:
+        """Every object under the URL but in the folders left: (relative name, size, version,
+        mtime_ns or None), a page at a time; folder markers and temporaries left out. A name
+        that cannot be a file of the copy, or that is both a file and a folder, is a one-line
+        error."""
         top = self.base.lstrip("/").split("/", 1)[0]
         try:
             self.fs.invalidate_cache(self.base)
             if top and self.fs.protocol not in ("file", "local") and not self.fs.exists(top):
                 raise PrepError(f"work directory {self.url}: {top} does not exist; create it first")
-            found = self._find() if self.fs.exists(self.base) else {}
+            if self.fs.exists(self.base):
+                yield from self._without_markers(self._objects())
         except (OSError, ValueError) as err:
             raise PrepError(f"cannot list the work directory {self.url}: {err}") from None
-        out = {}
-        for key, info in found.items():
-            rel = key[len(self.base.rstrip("/")):].lstrip("/")
-            raw_key = str(info.get("Key") or info.get("name") or key)
-            if info.get("type") == "directory" or raw_key.endswith("/") or not rel or SKIP.search(rel):
-                continue  # a folder, a folder marker (what "create folder" makes), a temporary
+
+    def _objects(self) -> Iterator[tuple[str, dict]]:
+        """(relative name, fsspec's or S3's details) of the objects under the URL but in the
+        folders left, in the order of their names: on S3 a page of 1,000 at a time; elsewhere
+        as fsspec's find lists them (all at once)."""
+        base = self.base.rstrip("/")
+        if self._is_s3():
+            bucket, key, _ = self.fs.split_path(base)
+            prefix = f"{key}/" if key else ""
+            top = []
+            for page in self._pages(bucket, prefix, "/"):
+                top += [(c["Key"][len(prefix):], c) for c in page.get("Contents", [])]
+                top += [(d["Prefix"][len(prefix):], None) for d in page.get("CommonPrefixes", [])]
+            for rel, info in sorted(top, key=lambda item: item[0]):
+                if info is not None:
+                    yield rel, info
+                elif rel.rstrip("/") not in self.left:
+                    for page in self._pages(bucket, prefix + rel):
+                        yield from ((c["Key"][len(prefix):], c) for c in page.get("Contents", []))
+            return
+        if self.left:  # the top level, then each folder in it not left
+            found = {}
+            for info in self.fs.ls(self.base, detail=True):
+                name = str(info.get("name", "")).rstrip("/")
+                if info.get("type") != "directory":
+                    found[name] = info
+                elif name[len(base):].lstrip("/") not in self.left:
+                    found.update(self.fs.find(name, detail=True))
+        else:
+            found = self.fs.find(self.base, detail=True)
+        for key in sorted(found):
+            yield key[len(base):].lstrip("/"), found[key]
+
+    def _is_s3(self) -> bool:
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        return bool({"s3", "s3a"} & set(protocols)) and hasattr(self.fs, "_call_s3")
+
+    def _pages(self, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
+        """The pages of S3's listing of ``prefix`` (s3fs keeps none of them)."""
+        from fsspec.asyn import sync
+
+        kwargs = {"Bucket": bucket, "Prefix": prefix, **getattr(self.fs, "req_kw", {})}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            page = sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _without_markers(self, objects: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, int, str, int | None]]:
+        """The files among ``objects`` (in the order of their names) as (rel, size, version,
+        mtime_ns): an empty object named as a folder of later ones (what a console's "create
+        folder" makes) is left out, and a larger one is an error. Each object waits until no
+        later name can be inside it: those are the names that start with it and "/", and come
+        before any name after it that does not start with it, or goes on with a character
+        after "/" (a few wait at a time)."""
+        waiting: list[tuple[str, int, str, int | None]] = []
+        for rel, info in objects:
+            if (info.get("type") == "directory" or str(info.get("Key") or info.get("name") or rel).endswith("/")
+                    or not rel or SKIP.search(rel)):
+                continue  # a folder, a folder marker ending with "/", a temporary
             problem = self._name_problem(rel)
             if problem:
                 raise PrepError(problem)
+            while waiting:
+                held = waiting[-1][0]
+                if rel.startswith(held + "/"):
+                    if waiting[-1][1]:
+                        raise PrepError(f"work directory {self.url}: {held} is both a file and a folder")
+                    waiting.pop()  # an empty object named as a folder: a marker
+                elif rel.startswith(held) and rel[len(held)] < "/":
+                    break  # a later name may still be inside it
+                else:
+                    yield waiting.pop()
             version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-            out[rel] = (int(info.get("size") or 0), str(version))
-        folders = {rel.rsplit("/", 1)[0] for rel in out if "/" in rel}
-        folders = {"/".join(f.split("/")[:i]) for f in folders for i in range(1, f.count("/") + 2)}
-        for rel in sorted(folders & out.keys()):
-            if out[rel][0] == 0:
-                del out[rel]  # an empty object named as a folder: a marker
-            else:
-                raise PrepError(f"work directory {self.url}: {rel} is both a file and a folder")
-        return out
-
-    def _find(self) -> dict[str, dict]:
-        """fsspec's ``find(base, detail=True)``, without the folders this command leaves: a
-        listing of the top level, then of each folder in it."""
-        if not self.leave:
-            return self.fs.find(self.base, detail=True)
-        found = {}
-        top = self.base.rstrip("/")
-        for info in self.fs.ls(self.base, detail=True):
-            name = str(info.get("name", "")).rstrip("/")
-            if info.get("type") != "directory":
-                found[name] = info
-            elif name[len(top):].lstrip("/") not in self.leave:
-                found.update(self.fs.find(name, detail=True))
-        return found
+            waiting.append((rel, int(info.get("Size") or info.get("size") or 0), str(version), _mtime_ns(info)))
+        yield from reversed(waiting)
 
     def _local_files(self) -> Iterator[str]:
         for folder, dirs, files in os.walk(self.root):
             if folder == str(self.root):
-                dirs[:] = [d for d in dirs if d not in self.leave]
+                dirs[:] = [d for d in dirs if d not in self.left]
             dirs.sort()
             for name in sorted(files):
                 rel = os.path.relpath(os.path.join(folder, name), self.root).replace(os.sep, "/")
@@ -292,7 +398,7 @@ class Mirror:
     def _stat(self, rel: str) -> list | None:
         try:
             st = os.lstat(self.root / rel)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         return [st.st_size, st.st_mtime_ns, st.st_ino]
 
@@ -311,68 +417,84 @@ class Mirror:
     def _parts(self, size: int) -> dict:
         """The options that upload a file of ``size`` bytes in parts of :data:`PART` (s3fs only:
         other filesystems choose their own)."""
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-        if not {"s3", "s3a"} & set(protocols):
+        if not self._is_s3():
             return {}
         return {"chunksize": max(PART, -(-size // 9_000)), "max_concurrency": 2}
 
     # -- the two directions ---------------------------------------------------------------------
 
     def pull(self) -> int:
-        """Upload what is left from before, then fetch what changed at the URL and remove what is
-        gone there. Returns the files fetched."""
+        """Upload what is left from before, then fetch what changed at the URL (and what is
+        missing here) and remove what is gone there. Returns the files fetched."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._clear_incoming()
-        if self.recorded or self.pulled:
+        # a folder that a command before this one may have changed and not uploaded whole is not
+        # left: its files go up before anything of it is trusted at the URL (a stamp, a table)
+        self.left = tuple(folder for folder in self.leave if folder not in self.record.dirty)
+        if self.record.found or self.pulled:
             self.push()  # a change an earlier command (or stage) could not upload is not overwritten
         else:  # no record of what it holds (a new mirror, or its record lost): start it afresh
             for entry in self.root.iterdir():
                 if entry.name != ".lock":
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            for part in APART:  # the record of files no longer here
-                with contextlib.suppress(FileNotFoundError):
-                    self._part_path(part).unlink()
-            self.state.clear()
-        remote = self._remote()
-        fetch = []
-        for rel, (size, version) in remote.items():
-            entry, now = self.state.get(rel), self._stat(rel)
-            if entry is not None and now == entry[:3] and (entry[3] == version or entry[3] is None and size == now[0]):
-                if entry[3] != version:
-                    self._set(rel, [*entry[:3], version])  # unchanged here and there: its version learnt
-            else:
-                fetch.append(rel)
-        for rel in [rel for rel in self.state if rel not in remote and self._mine(rel)]:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(self.root / rel)
-            self._set(rel, None)
-        incoming = self.root.parent / INCOMING / str(os.getpid())
+            self.record.clear()
+        seen = self.record.next_pass()
+        fetched = 0
+        batch: list[tuple[str, str, int | None]] = []
         asyncio_log = logging.getLogger("asyncio")
         level = asyncio_log.level
         asyncio_log.setLevel(logging.CRITICAL)  # a transfer cut short by Ctrl-C: no page of warnings
         try:
-            for start in range(0, len(fetch), BATCH):
-                batch = fetch[start:start + BATCH]
-                temps = [str(incoming / f"{i}") for i in range(len(batch))]
-                incoming.mkdir(parents=True, exist_ok=True)
-                try:
-                    self.fs.get([f"{self.base}/{rel}" for rel in batch], temps)
-                except (OSError, ValueError) as err:
-                    raise PrepError(f"cannot fetch from the work directory {self.url}: {err}") from None
-                for rel, tmp in zip(batch, temps):
-                    target = self.root / rel
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp, target)
-                    self._set(rel, [*self._stat(rel), remote[rel][1]])
-                self._save_state(now=False)
+            for rel, size, version, mtime in self._listing():
+                entry, now = self.record.get(rel), self._stat(rel)
+                if entry is not None and now == list(entry[:3]) and (
+                        entry[3] == version or entry[3] is None and size == now[0]):
+                    self.record.see(rel, version, seen)  # unchanged here and there (after an upload: its version learnt)
+                    continue
+                batch.append((rel, version, mtime))
+                if len(batch) == BATCH:
+                    fetched += self._fetch(batch, seen)
+                    batch = []
+            fetched += self._fetch(batch, seen)
+            for rel in self.record.unseen(seen, self.left):  # gone there
+                if self._name_problem(rel) is None:  # a damaged record's name: nothing removed for it
+                    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                        os.unlink(self.root / rel)
+                self.record.drop(rel)
+            if self.writes:  # until its upload after the command, what it may change here is not what the URL has
+                self.record.set_dirty(set(APART) - set(self.left))
         finally:
             asyncio_log.setLevel(level)
-            shutil.rmtree(incoming, ignore_errors=True)
-            self._save_state()
+            self.record.commit()
         self.pulled = True
-        return len(fetch)
+        return fetched
+
+    def _fetch(self, batch: list[tuple[str, str, int | None]], seen: int) -> int:
+        """Fetch the objects ``batch`` (rel, version, mtime) into the copy, each in place whole
+        once it has come, with the object's time as its mtime."""
+        if not batch:
+            return 0
+        incoming = self.root.parent / INCOMING / str(os.getpid())
+        incoming.mkdir(parents=True, exist_ok=True)
+        temps = [str(incoming / f"{i}") for i in range(len(batch))]
+        try:
+            self.fs.get([f"{self.base}/{rel}" for rel, _, _ in batch], temps)
+        except (OSError, ValueError) as err:
+            raise PrepError(f"cannot fetch from the work directory {self.url}: {err}") from None
+        try:
+            for (rel, version, mtime), tmp in zip(batch, temps):
+                target = self.root / rel
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if mtime is not None:
+                    os.utime(tmp, ns=(mtime, mtime))
+                os.replace(tmp, target)
+                self.record.put(rel, self._stat(rel), version, seen)
+        finally:
+            self.record.commit()
+            shutil.rmtree(incoming, ignore_errors=True)
+        return len(batch)
 
     def _clear_incoming(self) -> None:
         """Remove downloads that processes no longer running left behind."""
@@ -383,49 +505,86 @@ class Mirror:
                     shutil.rmtree(entry, ignore_errors=True)
 
     def push(self) -> int:
-        """Upload what was created or changed here, then delete at the URL what was removed here.
+        """Upload what was created or changed here; then, after a command (once this copy has
+        been pulled), delete at the URL what it removed here. Before one, only what an earlier
+        command removed and could not delete there is deleted: a file missing here otherwise
+        (the copy, or a folder of it, deleted by hand) is fetched again, not deleted there.
         Returns the files uploaded."""
-        present = set()
-        changed = []
-        for rel in self._local_files():
-            present.add(rel)
-            entry = self.state.get(rel)
-            if entry is None or self._stat(rel) != entry[:3]:
-                changed.append(rel)
-        # stamps and the manifest after everything else (not only later in a batch: a batch's
-        # large files go up after its small ones)
-        groups = [[rel for rel in changed if not rel.startswith(LAST)], [rel for rel in changed if rel.startswith(LAST)]]
+        after = self.pulled
+        seen = self.record.next_pass()
+        sent = 0
+        batch: list[str] = []
+        last: list[str] = []  # stamps and the manifest, after everything else (large files too)
         try:
-            for group in groups:
-                for start in range(0, len(group), BATCH):
-                    batch = group[start:start + BATCH]
-                    stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
-                    self._upload(batch, stats)
-                    for rel, st in zip(batch, stats):
-                        if st is not None:
-                            self._set(rel, [*st, None])  # its version: learnt at the next pull
-                    self._save_state(now=False)
-            gone = [rel for rel in self.state if rel not in present and self._mine(rel)]
-            keys = [f"{self.base}/{rel}" for rel in gone]
+            for rel in self._local_files():
+                entry, now = self.record.get(rel), self._stat(rel)
+                if entry is not None and now == list(entry[:3]) and not entry[4]:
+                    self.record.see(rel, entry[3], seen)
+                    continue
+                (last if rel.startswith(LAST) else batch).append(rel)
+                if len(batch) == BATCH:
+                    sent += self._send(batch, seen)
+                    batch = []
+            sent += self._send(batch, seen)
+            for start in range(0, len(last), BATCH):
+                sent += self._send(last[start:start + BATCH], seen)
+            if after:
+                for rel in self.record.unseen(seen, self.left):
+                    self.record.mark_removed(rel)  # noted first: a delete that fails is done by the next command
+                self.record.commit()
+            self._delete(self.record.unseen(seen, self.left, removed=True))
+            if after:
+                self.record.set_dirty(set())
+        finally:
+            self.record.commit()
+        return sent
+
+    def _send(self, batch: list[str], seen: int) -> int:
+        if batch:
+            stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
+            self._upload(batch, stats)
+            for rel, st in zip(batch, stats):
+                if st is not None:
+                    self.record.put(rel, st, None, seen)  # its version: learnt at the next pull
+            self.record.commit()
+        return len(batch)
+
+    def _delete(self, gone: Iterator[str]) -> None:
+        """Delete the files ``gone`` at the URL, by their exact names (fsspec's rm takes a name
+        with * ? or [ as a pattern: b*.png would delete b.png too), and from the record."""
+        batch: list[str] = []
+        for rel in itertools.chain(gone, [None]):
+            if rel is not None:
+                batch.append(rel)
+                if len(batch) < BATCH:
+                    continue
+            keys = [f"{self.base}/{name}" for name in batch if self._name_problem(name) is None]
             try:
-                # by exact name: fsspec's rm takes a name with * ? or [ as a pattern (b*.png would
-                # delete b.png too), so those go one at a time
                 plain = [key for key in keys if not _PATTERN.search(key)]
                 if plain:
-                    self.fs.rm(plain)
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm(plain)
                 for key in keys:
                     if _PATTERN.search(key):
                         with contextlib.suppress(FileNotFoundError):
                             self.fs.rm_file(key)
-            except FileNotFoundError:
-                pass
             except (OSError, ValueError) as err:
                 raise PrepError(f"cannot delete from the work directory {self.url}: {err}") from None
-            for rel in gone:
-                self._set(rel, None)
-        finally:
-            self._save_state()
-        return len(changed)
+            for name in batch:
+                self.record.drop(name)
+            self.record.commit()
+            batch = []
+
+
+def _mtime_ns(info: dict) -> int | None:
+    """An object's time of last change as nanoseconds, from fsspec's or S3's details (None if
+    they give none)."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1e9)
+    if isinstance(value, (int, float)):
+        return int(value * 1e9)
+    return None
 
 
 @contextlib.contextmanager

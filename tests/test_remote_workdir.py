@@ -4,6 +4,7 @@ directory holds, and a second machine (a fresh mirror) resumes from the bucket a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -191,18 +192,21 @@ def test_raw_and_the_work_directory_may_not_overlap_as_urls(tmp_path, prep, s3, 
 
 
 def test_a_tampered_record_removes_nothing_outside_the_copy(tmp_path, prep, s3, bucket):  # noqa: F811
+    import sqlite3
+
     raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
     url = f"s3://{bucket}/work"
     assert prep("index", raw, workdir=url).exit_code == 0
+    s3.put_object(Bucket=bucket, Key="precious.txt", Body=b"keep")
     precious = tmp_path / "precious.txt"
     precious.write_text("keep")
-    state_path = remote.mirror_of(url).parent / remote.STATE
-    state = json.loads(state_path.read_text())
-    state["files"][str(precious)] = [1, 2, 3, "x"]
-    state["files"]["../../precious.txt"] = [1, 2, 3, "x"]
-    state_path.write_text(json.dumps(state))
+    with sqlite3.connect(remote.mirror_of(url).parent / remote.RECORD) as db:
+        for rel, removed in ((str(precious), 0), ("../../precious.txt", 0), ("../precious.txt", 1)):
+            db.execute("INSERT INTO files VALUES (?, 1, 2, 3, 'x', ?, 0)", (rel, removed))
     assert prep("status", workdir=url).exit_code == 0
+    assert prep("split", workdir=url).exit_code == 0  # a command whose push deletes what was removed
     assert precious.read_text() == "keep"
+    assert s3.get_object(Bucket=bucket, Key="precious.txt")["Body"].read() == b"keep"
 
 
 def test_folder_markers_are_skipped_and_renaming_keys_refused(tmp_path, prep, s3, bucket):  # noqa: F811
@@ -307,54 +311,42 @@ def test_names_a_bucket_would_change_are_refused_in_one_line(tmp_path, prep, s3,
     assert not [key for key in bucket_files(s3, bucket, "work") if key.startswith("resized/")]
 
 
-def test_the_record_of_a_large_copy_is_saved_less_often_the_longer_it_takes(tmp_path, monkeypatch):
-    # the record of millions of files takes seconds to write: a save at most every ten times that
-    clock = [1000.0]
-    writes = []
+def recorded(url: str) -> list[str]:
+    import sqlite3
 
-    def write_json(path, data, **kw):  # a save that takes 5 s
-        writes.append(clock[0])
-        clock[0] += 5.0
-
-    monkeypatch.setattr(remote.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(remote.workdir, "write_json", write_json)
-    mirror = remote.Mirror("file:///nowhere/work", tmp_path / "copy" / "work")
-    mirror._save_state()  # now: written, and 5 s spent
-    for step in range(12):
-        clock[0] += 5.0  # files come down meanwhile
-        mirror._save_state(now=False)
-    assert len(writes) == 2 and writes[1] - writes[0] >= 50  # not every 10 s
+    with contextlib.closing(sqlite3.connect(remote.mirror_of(url).parent / remote.RECORD)) as db:
+        return [row[0] for row in db.execute("SELECT rel FROM files ORDER BY rel")]
 
 
 def test_commands_that_read_no_resized_file_leave_that_folder_alone(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
-    # split and encode of millions of images: neither list, fetch nor record resized/ (its
-    # record kept apart); pack, which reads the PNGs, fetches them then
+    # split and encode of millions of images: neither list, fetch nor record resized/; pack,
+    # which reads the PNGs, fetches them then
     raw = make_tree(tmp_path / "raw", {"cat": 6, "dog": 6})
     url = f"s3://{bucket}/work"
     for args in [("index", raw), ("resize", "--size", "12")]:
         assert prep(*args, workdir=url).exit_code == 0
         assert prep(*args, workdir=tmp_path / "local").exit_code == 0
     copy = remote.mirror_of(url)
-    part = copy.parent / "state.resized.json"
-    assert "resized/" not in (copy.parent / remote.STATE).read_text()  # kept apart
-    assert len(remote.workdir.read_json(part)["files"]) == 12
+    assert sum(rel.startswith("resized/") for rel in recorded(url)) == 12
     shutil.rmtree(copy.parent)  # another machine: nothing but the bucket
     listed = []
-    find = remote.Mirror._find
-    monkeypatch.setattr(remote.Mirror, "_find", lambda self: listed.append(self.leave) or find(self))
+    objects = remote.Mirror._objects
+    monkeypatch.setattr(remote.Mirror, "_objects", lambda self: (listed.append(rel) or (rel, info)
+                                                                 for rel, info in objects(self)))
     for args in [("split",), ("encode",)]:
         result = prep(*args, workdir=url)
         assert result.exit_code == 0, result.output
         assert prep(*args, workdir=tmp_path / "local").exit_code == 0
-    assert not (copy / "resized").exists() and not part.exists()  # nothing of it fetched or recorded
+    assert listed and not [rel for rel in listed if rel.startswith("resized/")]  # not even listed
+    assert not (copy / "resized").exists() and not [rel for rel in recorded(url) if rel.startswith("resized/")]
     stored = bucket_files(s3, bucket, "work")
     assert sum(name.startswith("resized/") for name in stored) == 12  # nor deleted there
     assert stored["encoded.csv"] == (tmp_path / "local" / "encoded.csv").read_bytes()
     for args in [("pack", "--format", "pkl.gz"), ("pack", "--format", "pkl.gz")]:
         result = prep(*args, workdir=url)
         assert result.exit_code == 0, result.output
-    assert listed == [("resized",), ("resized",), (), ()]
-    assert len(list((copy / "resized").rglob("*.png"))) == 12 and len(remote.workdir.read_json(part)["files"]) == 12
+    assert len(list((copy / "resized").rglob("*.png"))) == 12
+    assert sum(rel.startswith("resized/") for rel in recorded(url)) == 12
     assert prep("pack", "--format", "pkl.gz", workdir=tmp_path / "local").exit_code == 0
     import gzip
     import pickle
@@ -364,26 +356,74 @@ def test_commands_that_read_no_resized_file_leave_that_folder_alone(tmp_path, pr
             assert (x1 == x2).all() and (y1 == y2).all()
 
 
-def test_a_record_kept_in_one_file_moves_its_resized_part_apart(tmp_path, prep, s3, bucket):  # noqa: F811
-    # a copy made by a prep that kept one record: split leaves resized/ alone, yet its entries
-    # are kept (in their own part), so that the next command that reads them fetches none again
+def test_an_earlier_preps_record_is_taken_over_and_nothing_fetched_again(tmp_path, prep, s3, bucket):  # noqa: F811
+    import sqlite3
+
     raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
     url = f"s3://{bucket}/work"
     for args in [("index", raw), ("resize", "--size", "12")]:
         assert prep(*args, workdir=url).exit_code == 0
     copy = remote.mirror_of(url)
-    main, part = copy.parent / remote.STATE, copy.parent / "state.resized.json"
-    state = remote.workdir.read_json(main)
-    state["files"].update(remote.workdir.read_json(part)["files"])
-    main.write_text(json.dumps(state))
-    part.unlink()
-    inodes = {p: p.stat().st_ino for p in (copy / "resized").rglob("*.png")}
+    record = copy.parent / remote.RECORD
+    with contextlib.closing(sqlite3.connect(record)) as db:
+        files = {rel: [size, mtime, ino, version]
+                 for rel, size, mtime, ino, version in db.execute("SELECT rel, size, mtime, ino, version FROM files")}
+    record.unlink()
+    (copy.parent / "state.json").write_text(json.dumps({"url": url, "files": files}))  # as it kept it
+    inodes = {p: p.stat().st_ino for p in copy.rglob("*") if p.is_file()}
+    assert remote.Mirror(url, copy).pull() == 0  # nothing fetched again
+    assert {p: p.stat().st_ino for p in copy.rglob("*") if p.is_file()} == inodes
+    assert not (copy.parent / "state.json").exists() and len(recorded(url)) == len(files)
+
+
+def test_a_copy_deleted_by_hand_is_fetched_again_and_the_bucket_keeps_everything(tmp_path, prep, s3, bucket):  # noqa: F811
+    # "deleting the local copy only costs a fetch": its record, beside it, does not make the
+    # next command delete at the URL every file it no longer finds here
+    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12"), ("split",)]:
+        assert prep(*args, workdir=url).exit_code == 0
+    before = bucket_files(s3, bucket, "work")
+    copy = remote.mirror_of(url)
+    shutil.rmtree(copy / "resized")  # disk freed: split and encode do not need it
+    assert prep("encode", workdir=url).exit_code == 0
+    result = prep("pack", "--format", "pkl.gz", workdir=url)
+    assert result.exit_code == 0, result.output
+    assert len(list((copy / "resized").rglob("*.png"))) == 8  # fetched again
+    shutil.rmtree(copy)
+    result = prep("encode", workdir=url)
+    assert result.exit_code == 0, result.output
+    after = bucket_files(s3, bucket, "work")
+    assert {name: data for name, data in after.items() if name in before} == before
+
+
+def test_a_command_after_one_that_could_not_upload_puts_its_pngs_before_its_stamp(tmp_path, prep, s3, bucket,  # noqa: F811
+                                                                                 monkeypatch):
+    # resize's upload did not happen (a network failure, a kill): the next command, even one
+    # that leaves resized/ alone, uploads the new PNGs with resized.csv and resize's stamp
+    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "12")]:
+        assert prep(*args, workdir=url).exit_code == 0
+
+    @contextlib.contextmanager
+    def no_upload(mirror, writes):
+        yield
+
+    with monkeypatch.context() as patched:
+        patched.setattr(remote, "synced", no_upload)
+        assert prep("resize", "--size", "16", workdir=url).exit_code == 0
     assert prep("split", workdir=url).exit_code == 0
-    assert len(remote.workdir.read_json(part)["files"]) == 8
-    assert "resized/" not in main.read_text()
-    mirror = remote.Mirror(url, copy)
-    assert mirror.pull() == 0  # nothing fetched again
-    assert {p: p.stat().st_ino for p in (copy / "resized").rglob("*.png")} == inodes
+    stored = bucket_files(s3, bucket, "work")
+    copy = remote.mirror_of(url)
+    pngs = [name for name in stored if name.startswith("resized/")]
+    assert len(pngs) == 8 and all(stored[name] == (copy / name).read_bytes() for name in pngs)
+    assert stored["resized.csv"] == (copy / "resized.csv").read_bytes()
+    assert stored[".stamps/resize.json"] == (copy / ".stamps" / "resize.json").read_bytes()
+    shutil.rmtree(copy.parent)  # another machine packs what the bucket holds
+    for args in [("encode",), ("pack", "--format", "pkl.gz")]:
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
 
 
 def test_report_reads_its_thumbnails_at_the_url_and_fetches_no_resized_file(tmp_path, prep, s3, bucket):  # noqa: F811
@@ -406,4 +446,5 @@ def test_report_reads_its_thumbnails_at_the_url_and_fetches_no_resized_file(tmp_
 
     page = bucket_files(s3, bucket, "work")["report/index.html"]
     assert len(thumbnails(page)) >= 10  # every image's, as in a folder
+    assert url.encode() in page and str(copy).encode() not in page  # the work directory as the user named it
     assert sorted(thumbnails(page)) == sorted(thumbnails((tmp_path / "local" / "report" / "index.html").read_bytes()))

@@ -240,7 +240,7 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool =
             if isinstance(size, FileNotFoundError):
                 missing = missing or row  # raised once the rows are known to be sound
             elif isinstance(size, OSError):
-                raise size
+                raise PrepError(f"resized image {_joined(where, row.resized)}: {size.strerror or size}") from None
             else:
                 png_bytes[row.split] += size
         batch.clear()
@@ -266,7 +266,8 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool =
     except FileNotFoundError:
         raise _missing(where, head) from None
     except OSError as err:
-        raise PrepError(f"{first}: not a readable PNG ({err}); run `prep resize` again") from None
+        why = "not a readable PNG" if isinstance(data, bytes) else "cannot read it"
+        raise PrepError(f"{first}: {why} ({err.strerror or err}); run `prep resize` again") from None
     if mode not in ("L", "RGB"):
         raise PrepError(f"{first}: expected an 8-bit L or RGB PNG, found mode {mode}; run `prep resize` again")
     channels = 1 if mode == "L" else 3

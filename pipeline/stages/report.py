@@ -486,7 +486,7 @@ def render(facts: Facts, samples_per_class: int = 8) -> str:
     page = template("report.html.j2").render(
         title=f"Dataset report: {facts.name}",
         version=facts.version,
-        workdir=str(facts.wd.root),
+        workdir=facts.wd.url or str(facts.wd.root),  # as the user named it: a URL, not its local copy
         sections=SECTIONS,
         splits_names=list(SPLITS),
         max_rows=MAX_ROWS,
@@ -529,7 +529,7 @@ def run(cfg: ReportConfig) -> ReportResult:
     stamp, inputs = workdir.Stamp(wd, STAMP), sources(wd)
     times = {wd.relative(p): p.stat().st_mtime_ns for p in inputs}  # the page shows the data's time, and when
     settings = {"out": wd.relative(out), "samples": cfg.samples, "license": cfg.license, "version": __version__,
-                "workdir": str(wd.root), "times": times}
+                "workdir": wd.url or str(wd.root), "times": times}
     done = stamp.summary() if stamp.is_current(inputs, settings) else None
     if isinstance(done, dict) and isinstance(done.get("bytes"), int) and isinstance(done.get("missing"), list):
         card_path = done.get("card")
