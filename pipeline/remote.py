@@ -254,6 +254,21 @@ class Record:
         self.db.commit()
 
 
+def _recorded(method):
+    """``method`` of a Mirror, whose record's errors (a damaged or locked file, a full disk) are
+    one line naming it."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as err:
+            raise PrepError(f"{self.root.parent / RECORD}: {err} (the record of the work directory's local copy;"
+                            " deleting it costs a fetch)") from None
+
+    return wrapper
+
+
 class Mirror:
     """The work directory at ``url`` and its local copy ``root``; ``pull`` and ``push`` are
     called with the copy's lock held. ``leave``: folders of :data:`APART` this command leaves
@@ -423,6 +438,7 @@ class Mirror:
 
     # -- the two directions ---------------------------------------------------------------------
 
+    @_recorded
     def pull(self) -> int:
         """Upload what is left from before, then fetch what changed at the URL (and what is
         missing here) and remove what is gone there. Returns the files fetched."""
@@ -504,6 +520,7 @@ class Mirror:
                 if not (entry.name.isdigit() and workdir._alive(int(entry.name))):
                     shutil.rmtree(entry, ignore_errors=True)
 
+    @_recorded
     def push(self) -> int:
         """Upload what was created or changed here; then, after a command (once this copy has
         been pulled), delete at the URL what it removed here. Before one, only what an earlier

@@ -448,3 +448,18 @@ def test_report_reads_its_thumbnails_at_the_url_and_fetches_no_resized_file(tmp_
     assert len(thumbnails(page)) >= 10  # every image's, as in a folder
     assert url.encode() in page and str(copy).encode() not in page  # the work directory as the user named it
     assert sorted(thumbnails(page)) == sorted(thumbnails((tmp_path / "local" / "report" / "index.html").read_bytes()))
+
+
+def test_a_record_that_cannot_be_written_is_one_line(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
+    import sqlite3
+
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+
+    def full(self, *args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(remote.Record, "put", full)
+    (remote.mirror_of(url) / "notes.txt").write_text("to upload")
+    assert_one_line_error(prep("split", workdir=url), "record.sqlite: database or disk is full")
