@@ -11,10 +11,10 @@ the URL around each command, while the command holds the mirror's lock:
   takes the object's time), and a file this mirror had that is gone there is removed: the
   command starts from what the bucket holds, whichever machine wrote it;
 - after it, also when it failed or was interrupted (so that a rerun anywhere resumes), every file
-  the command created or changed is uploaded (one PUT each, a large file in parts: an object
-  appears whole or not at all), then every file it removed is deleted there. Stage stamps
-  (``.stamps/``) and ``manifest.json`` go last: a reader of the bucket sees a stage's stamp only
-  after its outputs.
+  it removed is deleted there (first: a file that became a folder is never both there), then
+  every file it created or changed is uploaded (one PUT each, a large file in parts: an object
+  appears whole or not at all). Stage stamps (``.stamps/``) and ``manifest.json`` go last: a
+  reader of the bucket sees a stage's stamp only after its outputs.
 
 What the mirror holds is recorded beside it in SQLite (:class:`Record`), and the URL is listed a
 page at a time (on S3): the memory of a pull or a push does not grow with the files, and what a
@@ -57,6 +57,7 @@ from .errors import PrepError
 log = logging.getLogger(__name__)
 
 RECORD = "record.sqlite"  # beside the mirror: what it holds, as fetched or uploaded
+SYNC_LOCK = "sync.lock"  # beside the mirror: held while it is pulled or pushed
 OLD_RECORDS = ("state.json", "state.resized.json")  # earlier preps' records: taken over once
 # folders that commands which read none of their files leave alone: in the bucket, in the copy
 # and in the record (see leaves)
@@ -64,6 +65,7 @@ APART = (workdir.RESIZED_DIR,)
 LEAVES = {"index", "split", "encode", "verify-train", "report"}  # report reads its thumbnails at the URL
 INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
 LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
+PAGE = 1024  # names of the record read at once
 # never synced: the lock, and temporary files and folders (and anything inside them)
 SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+|\.[^/]*\.old)(/|$)")
 BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently)
@@ -73,7 +75,6 @@ BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently
 # time (one PUT under twice PART; about 32 MB whatever the size; S3 allows 10,000 parts, so
 # larger ones for a file over 80 GB)
 BIG = PART = 8 << 20
-_PATTERN = re.compile(r"[*?\[]")  # what fsspec's rm would take for a pattern
 
 
 def is_remote(text: str | os.PathLike) -> bool:
@@ -151,7 +152,9 @@ class Record:
         self.path, self.url, self.name_problem = path, url, name_problem
         try:
             self.db = self._open()
-        except sqlite3.DatabaseError:  # damaged: as if there were none
+        except sqlite3.OperationalError:  # locked, a full disk, ...: said (see _recorded)
+            raise
+        except sqlite3.DatabaseError:  # not a database, or damaged: as if there were none
             path.unlink(missing_ok=True)
             self.db = self._open()
         self.found = self._meta("url") == url
@@ -168,6 +171,7 @@ class Record:
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         db.execute("CREATE TABLE IF NOT EXISTS files (rel TEXT PRIMARY KEY, size INTEGER, mtime INTEGER,"
                    " ino INTEGER, version TEXT, removed INTEGER DEFAULT 0, seen INTEGER DEFAULT 0) WITHOUT ROWID")
+        db.execute("CREATE TEMP TABLE pending (rel TEXT PRIMARY KEY) WITHOUT ROWID")  # to upload
         db.commit()
         return db
 
@@ -196,6 +200,8 @@ class Record:
                 self.db.executemany("INSERT OR REPLACE INTO files (rel, size, mtime, ino, version) VALUES (?, ?, ?, ?, ?)",
                                     ((rel, *entry) for rel, entry in state["files"].items()
                                      if self.name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4))
+        if found:  # whether it uploaded all of them is not known
+            self._set_meta("dirty", "/".join(APART))
         self.db.commit()
         for name in OLD_RECORDS:
             self.path.with_name(name).unlink(missing_ok=True)
@@ -211,7 +217,8 @@ class Record:
 
     def next_pass(self) -> int:
         """A number for a pass over the files: those it sees are marked with it."""
-        number = int(self._meta("pass") or 0) + 1
+        last = self._meta("pass") or ""
+        number = (int(last) if last.isdigit() else 0) + 1
         self._set_meta("pass", str(number))
         return number
 
@@ -231,6 +238,22 @@ class Record:
     def drop(self, rel: str) -> None:
         self.db.execute("DELETE FROM files WHERE rel = ?", (rel,))
 
+    def add_pending(self, rel: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO pending VALUES (?)", (rel,))
+
+    def pending(self, last: bool) -> Iterator[str]:
+        """The files noted to upload: the stamps and manifest (:data:`LAST`) if ``last``, else
+        the others, a page at a time (each taken off as it comes)."""
+        stamps, manifest = LAST  # "0" follows "/"
+        while True:
+            page = [row[0] for row in self.db.execute(
+                f"SELECT rel FROM pending WHERE {'' if last else 'NOT '}(rel >= ? AND rel < ? OR rel = ?)"
+                f" ORDER BY rel LIMIT {PAGE}", (stamps, stamps[:-1] + "0", manifest))]
+            self.db.executemany("DELETE FROM pending WHERE rel = ?", ((rel,) for rel in page))
+            yield from page
+            if len(page) < PAGE:
+                return
+
     def clear(self) -> None:
         self.db.execute("DELETE FROM files")
         self.db.commit()
@@ -244,9 +267,9 @@ class Record:
         after = ""
         while True:
             page = [row[0] for row in self.db.execute(
-                f"SELECT rel FROM files WHERE rel > ? AND {where} ORDER BY rel LIMIT 1024", (after, seen, *bounds))]
+                f"SELECT rel FROM files WHERE rel > ? AND {where} ORDER BY rel LIMIT {PAGE}", (after, seen, *bounds))]
             yield from page
-            if len(page) < 1024:
+            if len(page) < PAGE:
                 return
             after = page[-1]
 
@@ -255,16 +278,27 @@ class Record:
 
 
 def _recorded(method):
-    """``method`` of a Mirror, whose record's errors (a damaged or locked file, a full disk) are
-    one line naming it."""
+    """``method`` of a Mirror (a pull or a push), run alone: two commands that share the copy's
+    lock (`verify` and `status`) sync it one after the other. The record's errors (a damaged
+    file, a full disk) are one line naming it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        import fcntl
+
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root.parent / SYNC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
             return method(self, *args, **kwargs)
         except sqlite3.Error as err:
-            raise PrepError(f"{self.root.parent / RECORD}: {err} (the record of the work directory's local copy;"
-                            " deleting it costs a fetch)") from None
+            raise PrepError(f"{self.root.parent / RECORD}: {err} (the record of the work directory's local copy)"
+                            ) from None
+        except UnicodeEncodeError as err:
+            raise PrepError(f"a file name of the work directory's local copy is not UTF-8 ({err.object!r});"
+                            " a bucket's names are") from None
+        finally:
+            os.close(fd)
 
     return wrapper
 
@@ -333,8 +367,12 @@ class Mirror:
             for page in self._pages(bucket, prefix, "/"):
                 top += [(c["Key"][len(prefix):], c) for c in page.get("Contents", [])]
                 top += [(d["Prefix"][len(prefix):], None) for d in page.get("CommonPrefixes", [])]
+            folders = {rel.rstrip("/") for rel, info in top if info is None}
             for rel, info in sorted(top, key=lambda item: item[0]):
-                if info is not None:
+                if info is not None and rel in folders & set(self.left):  # its folder is not listed: said here
+                    if int(info.get("Size") or 0):
+                        raise PrepError(f"work directory {self.url}: {rel} is both a file and a folder")
+                elif info is not None:
                     yield rel, info
                 elif rel.rstrip("/") not in self.left:
                     for page in self._pages(bucket, prefix + rel):
@@ -448,7 +486,7 @@ class Mirror:
         # left: its files go up before anything of it is trusted at the URL (a stamp, a table)
         self.left = tuple(folder for folder in self.leave if folder not in self.record.dirty)
         if self.record.found or self.pulled:
-            self.push()  # a change an earlier command (or stage) could not upload is not overwritten
+            self._push()  # a change an earlier command (or stage) could not upload is not overwritten
         else:  # no record of what it holds (a new mirror, or its record lost): start it afresh
             for entry in self.root.iterdir():
                 if entry.name != ".lock":
@@ -502,7 +540,7 @@ class Mirror:
                 target = self.root / rel
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
-                target.parent.mkdir(parents=True, exist_ok=True)
+                self._make_folder(rel)
                 if mtime is not None:
                     os.utime(tmp, ns=(mtime, mtime))
                 os.replace(tmp, target)
@@ -511,6 +549,17 @@ class Mirror:
             self.record.commit()
             shutil.rmtree(incoming, ignore_errors=True)
         return len(batch)
+
+    def _make_folder(self, rel: str) -> None:
+        """The folders of ``rel`` here; a file in their place (a folder at the URL now) is removed."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            folder = "/".join(parts[:i])
+            path = self.root / folder
+            if path.is_symlink() or path.exists() and not path.is_dir():
+                path.unlink()
+                self.record.drop(folder)
+        (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
 
     def _clear_incoming(self) -> None:
         """Remove downloads that processes no longer running left behind."""
@@ -522,34 +571,41 @@ class Mirror:
 
     @_recorded
     def push(self) -> int:
-        """Upload what was created or changed here; then, after a command (once this copy has
-        been pulled), delete at the URL what it removed here. Before one, only what an earlier
+        """See :meth:`_push`."""
+        return self._push()
+
+    def _push(self) -> int:
+        """Delete at the URL what a command removed here (after it: once this copy has been
+        pulled), then upload what was created or changed here. Before one, only what an earlier
         command removed and could not delete there is deleted: a file missing here otherwise
         (the copy, or a folder of it, deleted by hand) is fetched again, not deleted there.
-        Returns the files uploaded."""
+        What to upload, and what was removed, is noted in the record before anything is sent:
+        an upload that fails leaves both for the next command. Returns the files uploaded."""
         after = self.pulled
         seen = self.record.next_pass()
-        sent = 0
-        batch: list[str] = []
-        last: list[str] = []  # stamps and the manifest, after everything else (large files too)
         try:
             for rel in self._local_files():
                 entry, now = self.record.get(rel), self._stat(rel)
-                if entry is not None and now == list(entry[:3]) and not entry[4]:
+                if entry is not None:
                     self.record.see(rel, entry[3], seen)
-                    continue
-                (last if rel.startswith(LAST) else batch).append(rel)
-                if len(batch) == BATCH:
-                    sent += self._send(batch, seen)
-                    batch = []
-            sent += self._send(batch, seen)
-            for start in range(0, len(last), BATCH):
-                sent += self._send(last[start:start + BATCH], seen)
+                if entry is None or now != list(entry[:3]) or entry[4]:
+                    self.record.add_pending(rel)
             if after:
                 for rel in self.record.unseen(seen, self.left):
-                    self.record.mark_removed(rel)  # noted first: a delete that fails is done by the next command
-                self.record.commit()
+                    self.record.mark_removed(rel)
+            self.record.commit()
+            # deleted first: a file that became a folder here (x, then x/y) is never both there
             self._delete(self.record.unseen(seen, self.left, removed=True))
+            sent = 0
+            for last in (False, True):  # stamps and the manifest after everything else (large files too)
+                batch: list[str] = []
+                for rel in itertools.chain(self.record.pending(last), [None]):
+                    if rel is not None:
+                        batch.append(rel)
+                        if len(batch) < BATCH:
+                            continue
+                    sent += self._send(batch, seen)
+                    batch = []
             if after:
                 self.record.set_dirty(set())
         finally:
@@ -559,6 +615,7 @@ class Mirror:
     def _send(self, batch: list[str], seen: int) -> int:
         if batch:
             stats = [self._stat(rel) for rel in batch]  # as sent: a file changed meanwhile goes again
+            self.record.commit()  # no transaction open across the network
             self._upload(batch, stats)
             for rel, st in zip(batch, stats):
                 if st is not None:
@@ -567,22 +624,30 @@ class Mirror:
         return len(batch)
 
     def _delete(self, gone: Iterator[str]) -> None:
-        """Delete the files ``gone`` at the URL, by their exact names (fsspec's rm takes a name
-        with * ? or [ as a pattern: b*.png would delete b.png too), and from the record."""
+        """Delete the files ``gone`` at the URL, by their exact names, and from the record. Not
+        with fsspec's rm, which takes a name with * ? or [ for a pattern (b*.png would delete
+        b.png too), and a name that is also a folder there for that folder: on S3, up to 1,000
+        names per request; elsewhere one at a time."""
         batch: list[str] = []
         for rel in itertools.chain(gone, [None]):
             if rel is not None:
                 batch.append(rel)
-                if len(batch) < BATCH:
+                if len(batch) < 1000:
                     continue
             keys = [f"{self.base}/{name}" for name in batch if self._name_problem(name) is None]
+            self.record.commit()  # no transaction open across the network
             try:
-                plain = [key for key in keys if not _PATTERN.search(key)]
-                if plain:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm(plain)
-                for key in keys:
-                    if _PATTERN.search(key):
+                if keys and self._is_s3():
+                    from fsspec.asyn import sync
+
+                    bucket = self.fs.split_path(keys[0])[0]
+                    names = [{"Key": self.fs.split_path(key)[1]} for key in keys]
+                    done = sync(self.fs.loop, self.fs._call_s3, "delete_objects", Bucket=bucket,
+                                Delete={"Objects": names, "Quiet": True})
+                    for error in done.get("Errors") or []:
+                        raise OSError(f"{error.get('Key')}: {error.get('Code')} {error.get('Message') or ''}".strip())
+                else:
+                    for key in keys:
                         with contextlib.suppress(FileNotFoundError):
                             self.fs.rm_file(key)
             except (OSError, ValueError) as err:

@@ -463,3 +463,114 @@ def test_a_record_that_cannot_be_written_is_one_line(tmp_path, prep, s3, bucket,
     monkeypatch.setattr(remote.Record, "put", full)
     (remote.mirror_of(url) / "notes.txt").write_text("to upload")
     assert_one_line_error(prep("split", workdir=url), "record.sqlite: database or disk is full")
+
+
+def test_what_a_command_removed_is_deleted_by_the_next_one_if_its_upload_failed(tmp_path, prep, s3, bucket,  # noqa: F811
+                                                                               monkeypatch):
+    # noted before anything is sent: a file that became a folder (x, then x/y) and a stale PNG
+    # removed by the command are deleted at the URL by the next command, not fetched back
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    s3.put_object(Bucket=bucket, Key="work/x", Body=b"a file")
+    s3.put_object(Bucket=bucket, Key="work/resized/cat/stale.png", Body=b"old")
+    copy = remote.mirror_of(url)
+    mirror = remote.Mirror(url, copy)
+    mirror.pull()
+    (copy / "x").unlink()
+    (copy / "x").mkdir()
+    (copy / "x" / "y").write_text("inside")
+    (copy / "resized" / "cat" / "stale.png").unlink()
+    (copy / "big.bin").write_bytes(os.urandom(remote.BIG + 1))
+    with monkeypatch.context() as patched:
+        patched.setattr(mirror.fs, "put_file", lambda *a, **kw: (_ for _ in ()).throw(OSError("connection reset")))
+        with pytest.raises(remote.PrepError, match="connection reset"):
+            mirror.push()
+    mirror.record.db.close()
+    result = prep("status", workdir=url)  # the next command, the network back
+    assert result.exit_code == 0, result.output
+    stored = bucket_files(s3, bucket, "work")
+    assert "x" not in stored and stored["x/y"] == b"inside" and "resized/cat/stale.png" not in stored
+    assert not (copy / "resized" / "cat" / "stale.png").exists() and len(stored["big.bin"]) == remote.BIG + 1
+
+
+def test_a_file_that_became_a_folder_at_the_url_is_replaced_here(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    s3.put_object(Bucket=bucket, Key="work/notes", Body=b"a file")
+    assert prep("status", workdir=url).exit_code == 0
+    s3.delete_object(Bucket=bucket, Key="work/notes")  # another machine made it a folder
+    s3.put_object(Bucket=bucket, Key="work/notes/a.txt", Body=b"x")
+    result = prep("status", workdir=url)
+    assert result.exit_code == 0, result.output
+    assert (remote.mirror_of(url) / "notes" / "a.txt").read_bytes() == b"x"
+
+
+def test_an_empty_object_named_as_a_folder_left_alone_is_a_marker(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    for args in [("index", raw), ("resize", "--size", "8")]:
+        assert prep(*args, workdir=url).exit_code == 0
+    s3.put_object(Bucket=bucket, Key="work/resized", Body=b"")  # a tool's folder marker, without "/"
+    assert prep("split", workdir=url).exit_code == 0  # leaves resized/
+    assert len(list((remote.mirror_of(url) / "resized").rglob("*.png"))) == 6
+    s3.put_object(Bucket=bucket, Key="work/resized", Body=b"not empty")
+    assert_one_line_error(prep("split", workdir=url), "resized is both a file and a folder")
+
+
+def test_a_locked_record_is_one_line_and_kept(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
+    import sqlite3
+
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    copy = remote.mirror_of(url)
+    (copy / "notes.txt").write_text("written, never uploaded")  # as after a failed upload
+    other = sqlite3.connect(copy.parent / remote.RECORD)
+    other.execute("BEGIN EXCLUSIVE")
+    connect = sqlite3.connect
+    monkeypatch.setattr(remote.sqlite3, "connect", lambda path, timeout: connect(path, timeout=0.2))
+    try:
+        assert_one_line_error(prep("split", workdir=url), "record.sqlite: database is locked")
+    finally:
+        other.rollback()
+        other.close()
+    assert (copy / "notes.txt").exists() and (copy.parent / remote.RECORD).exists()
+
+
+def test_a_copys_file_name_that_is_not_utf8_is_one_line(tmp_path, prep, s3, bucket):  # noqa: F811
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    with open(os.path.join(os.fsencode(remote.mirror_of(url)), b"caf\xe9.txt"), "wb") as handle:
+        handle.write(b"x")
+    assert_one_line_error(prep("split", workdir=url), "not UTF-8")
+
+
+def test_two_commands_sharing_the_copy_sync_it_one_at_a_time(tmp_path, s3, bucket):  # noqa: F811
+    # verify and status share the copy's lock: each pull or push holds the record's own lock,
+    # so that neither's pass over the files is mixed with the other's
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    url = f"s3://{bucket}/work"
+    mirror = remote.Mirror(url, tmp_path / "copy" / "work")
+    mirror.pull()
+    (mirror.root / "labels.csv").write_text("path,label\n")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        fd = os.open({str(mirror.root.parent / remote.SYNC_LOCK)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(1.5)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        assert mirror.push() == 1
+        assert time.monotonic() - started >= 1.0  # waited for the other's sync to end
+    finally:
+        holder.wait()
