@@ -291,9 +291,10 @@ def _recorded(method):
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             return method(self, *args, **kwargs)
-        except sqlite3.Error as err:
-            raise PrepError(f"{self.root.parent / RECORD}: {err} (the record of the work directory's local copy)"
-                            ) from None
+        except sqlite3.Error as err:  # locked, a full disk, damaged
+            raise PrepError(f"{self.root.parent / RECORD}: {err} (the record of the work directory's local copy;"
+                            " if it is damaged, delete it to start the copy afresh from the bucket, losing what"
+                            " the copy did not upload)") from None
         except UnicodeEncodeError as err:
             raise PrepError(f"a file name of the work directory's local copy is not UTF-8 ({err.object!r});"
                             " a bucket's names are") from None
@@ -349,7 +350,8 @@ class Mirror:
         try:
             self.fs.invalidate_cache(self.base)
             if top and self.fs.protocol not in ("file", "local") and not self.fs.exists(top):
-                raise PrepError(f"work directory {self.url}: {top} does not exist; create it first")
+                raise PrepError(f"work directory {self.url}: {top} does not exist or cannot be reached; create it"
+                                " first, or check the endpoint and credentials")
             if self.fs.exists(self.base):
                 yield from self._without_markers(self._objects())
         except (OSError, ValueError) as err:

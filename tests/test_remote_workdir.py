@@ -574,3 +574,20 @@ def test_two_commands_sharing_the_copy_sync_it_one_at_a_time(tmp_path, s3, bucke
         assert time.monotonic() - started >= 1.0  # waited for the other's sync to end
     finally:
         holder.wait()
+
+
+def test_a_damaged_record_says_how_to_start_afresh(tmp_path, prep, s3, bucket):  # noqa: F811
+    import sqlite3
+
+    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    url = f"s3://{bucket}/work"
+    assert prep("index", raw, workdir=url).exit_code == 0
+    record = remote.mirror_of(url).parent / remote.RECORD
+    with contextlib.closing(sqlite3.connect(record)) as db:
+        db.execute("DROP TABLE files")
+        db.execute("CREATE TABLE files (rel TEXT)")  # a layout it cannot use
+        db.commit()
+    assert_one_line_error(prep("split", workdir=url), "record.sqlite", "delete it to start the copy afresh")
+    record.unlink()
+    result = prep("split", workdir=url)
+    assert result.exit_code == 0, result.output
