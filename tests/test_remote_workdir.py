@@ -34,6 +34,26 @@ def synced_names(root: Path) -> set[str]:
             if p.is_file() and not remote.SKIP.search(p.relative_to(root).as_posix())}
 
 
+def on_bucket(tmp_path, prep, bucket: str, per_class: int, *commands: tuple) -> str:
+    """The work directory URL of ``bucket`` after `prep index` of a tree of two classes of
+    ``per_class`` images, then ``commands``, each of which must succeed."""
+    url = f"s3://{bucket}/work"
+    for args in [("index", make_tree(tmp_path / "raw", {"cat": per_class, "dog": per_class})), *commands]:
+        result = prep(*args, workdir=url)
+        assert result.exit_code == 0, result.output
+    return url
+
+
+def assert_same_pickles(a: Path, b: Path) -> None:
+    """Two mnist-style pkl.gz files hold the same arrays."""
+    import gzip
+    import pickle
+
+    with gzip.open(a) as one, gzip.open(b) as other:
+        for (x1, y1), (x2, y2) in zip(pickle.load(one), pickle.load(other)):
+            assert (x1 == x2).all() and (y1 == y2).all()
+
+
 @pytest.fixture
 def bucket(s3, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
@@ -59,16 +79,8 @@ def test_every_stage_on_a_bucket_matches_a_local_work_directory(tmp_path, prep, 
     pngs = [name for name in stored if name.startswith("resized/")]
     assert len(pngs) == 15
     assert all(remote.hashlib.sha256(stored[n]).hexdigest() == local[n] for n in pngs)
-    import gzip
-    import pickle
-
-    with gzip.open(tmp_path / "local" / "dataset.pkl.gz") as handle:
-        want = pickle.load(handle)
     (tmp_path / "from-bucket.pkl.gz").write_bytes(stored["dataset.pkl.gz"])
-    with gzip.open(tmp_path / "from-bucket.pkl.gz") as handle:
-        got = pickle.load(handle)
-    for (x1, y1), (x2, y2) in zip(want, got):
-        assert (x1 == x2).all() and (y1 == y2).all()
+    assert_same_pickles(tmp_path / "local" / "dataset.pkl.gz", tmp_path / "from-bucket.pkl.gz")
 
 
 def test_a_fresh_mirror_resumes_from_the_bucket_alone(tmp_path, prep, s3, bucket):  # noqa: F811
@@ -348,21 +360,13 @@ def test_commands_that_read_no_resized_file_leave_that_folder_alone(tmp_path, pr
     assert len(list((copy / "resized").rglob("*.png"))) == 12
     assert sum(rel.startswith("resized/") for rel in recorded(url)) == 12
     assert prep("pack", "--format", "pkl.gz", workdir=tmp_path / "local").exit_code == 0
-    import gzip
-    import pickle
-
-    with gzip.open(tmp_path / "local" / "dataset.pkl.gz") as a, gzip.open(copy / "dataset.pkl.gz") as b:
-        for (x1, y1), (x2, y2) in zip(pickle.load(a), pickle.load(b)):
-            assert (x1 == x2).all() and (y1 == y2).all()
+    assert_same_pickles(tmp_path / "local" / "dataset.pkl.gz", copy / "dataset.pkl.gz")
 
 
 def test_an_earlier_preps_record_is_taken_over_and_nothing_fetched_again(tmp_path, prep, s3, bucket):  # noqa: F811
     import sqlite3
 
-    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
-    url = f"s3://{bucket}/work"
-    for args in [("index", raw), ("resize", "--size", "12")]:
-        assert prep(*args, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 4, ("resize", "--size", "12"))
     copy = remote.mirror_of(url)
     record = copy.parent / remote.RECORD
     with contextlib.closing(sqlite3.connect(record)) as db:
@@ -379,10 +383,7 @@ def test_an_earlier_preps_record_is_taken_over_and_nothing_fetched_again(tmp_pat
 def test_a_copy_deleted_by_hand_is_fetched_again_and_the_bucket_keeps_everything(tmp_path, prep, s3, bucket):  # noqa: F811
     # "deleting the local copy only costs a fetch": its record, beside it, does not make the
     # next command delete at the URL every file it no longer finds here
-    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
-    url = f"s3://{bucket}/work"
-    for args in [("index", raw), ("resize", "--size", "12"), ("split",)]:
-        assert prep(*args, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 4, ("resize", "--size", "12"), ("split",))
     before = bucket_files(s3, bucket, "work")
     copy = remote.mirror_of(url)
     shutil.rmtree(copy / "resized")  # disk freed: split and encode do not need it
@@ -401,10 +402,7 @@ def test_a_command_after_one_that_could_not_upload_puts_its_pngs_before_its_stam
                                                                                  monkeypatch):
     # resize's upload did not happen (a network failure, a kill): the next command, even one
     # that leaves resized/ alone, uploads the new PNGs with resized.csv and resize's stamp
-    raw = make_tree(tmp_path / "raw", {"cat": 4, "dog": 4})
-    url = f"s3://{bucket}/work"
-    for args in [("index", raw), ("resize", "--size", "12")]:
-        assert prep(*args, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 4, ("resize", "--size", "12"))
 
     @contextlib.contextmanager
     def no_upload(mirror, writes):
@@ -453,9 +451,7 @@ def test_report_reads_its_thumbnails_at_the_url_and_fetches_no_resized_file(tmp_
 def test_a_record_that_cannot_be_written_is_one_line(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
     import sqlite3
 
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
 
     def full(self, *args):
         raise sqlite3.OperationalError("database or disk is full")
@@ -469,9 +465,7 @@ def test_what_a_command_removed_is_deleted_by_the_next_one_if_its_upload_failed(
                                                                                monkeypatch):
     # noted before anything is sent: a file that became a folder (x, then x/y) and a stale PNG
     # removed by the command are deleted at the URL by the next command, not fetched back
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
     s3.put_object(Bucket=bucket, Key="work/x", Body=b"a file")
     s3.put_object(Bucket=bucket, Key="work/resized/cat/stale.png", Body=b"old")
     copy = remote.mirror_of(url)
@@ -495,9 +489,7 @@ def test_what_a_command_removed_is_deleted_by_the_next_one_if_its_upload_failed(
 
 
 def test_a_file_that_became_a_folder_at_the_url_is_replaced_here(tmp_path, prep, s3, bucket):  # noqa: F811
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
     s3.put_object(Bucket=bucket, Key="work/notes", Body=b"a file")
     assert prep("status", workdir=url).exit_code == 0
     s3.delete_object(Bucket=bucket, Key="work/notes")  # another machine made it a folder
@@ -508,10 +500,7 @@ def test_a_file_that_became_a_folder_at_the_url_is_replaced_here(tmp_path, prep,
 
 
 def test_an_empty_object_named_as_a_folder_left_alone_is_a_marker(tmp_path, prep, s3, bucket):  # noqa: F811
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    for args in [("index", raw), ("resize", "--size", "8")]:
-        assert prep(*args, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3, ("resize", "--size", "8"))
     s3.put_object(Bucket=bucket, Key="work/resized", Body=b"")  # a tool's folder marker, without "/"
     assert prep("split", workdir=url).exit_code == 0  # leaves resized/
     assert len(list((remote.mirror_of(url) / "resized").rglob("*.png"))) == 6
@@ -522,9 +511,7 @@ def test_an_empty_object_named_as_a_folder_left_alone_is_a_marker(tmp_path, prep
 def test_a_locked_record_is_one_line_and_kept(tmp_path, prep, s3, bucket, monkeypatch):  # noqa: F811
     import sqlite3
 
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
     copy = remote.mirror_of(url)
     (copy / "notes.txt").write_text("written, never uploaded")  # as after a failed upload
     other = sqlite3.connect(copy.parent / remote.RECORD)
@@ -540,9 +527,7 @@ def test_a_locked_record_is_one_line_and_kept(tmp_path, prep, s3, bucket, monkey
 
 
 def test_a_copys_file_name_that_is_not_utf8_is_one_line(tmp_path, prep, s3, bucket):  # noqa: F811
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
     with open(os.path.join(os.fsencode(remote.mirror_of(url)), b"caf\xe9.txt"), "wb") as handle:
         handle.write(b"x")
     assert_one_line_error(prep("split", workdir=url), "not UTF-8")
@@ -579,9 +564,7 @@ def test_two_commands_sharing_the_copy_sync_it_one_at_a_time(tmp_path, s3, bucke
 def test_a_damaged_record_says_how_to_start_afresh(tmp_path, prep, s3, bucket):  # noqa: F811
     import sqlite3
 
-    raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
-    url = f"s3://{bucket}/work"
-    assert prep("index", raw, workdir=url).exit_code == 0
+    url = on_bucket(tmp_path, prep, bucket, 3)
     record = remote.mirror_of(url).parent / remote.RECORD
     with contextlib.closing(sqlite3.connect(record)) as db:
         db.execute("DROP TABLE files")

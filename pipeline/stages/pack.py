@@ -218,7 +218,7 @@ def inputs_of(wd: workdir.Workdir, encoded: Path) -> list[Path]:
     return [encoded, classes] + [p for p in optional if p.exists()]
 
 
-def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool = False, where: str | None = None
+def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], where: str, sizes: bool = False
            ) -> tuple[Layout, dict[str, dict[str, int]], Row]:
     """One read of encoded.csv (:func:`iter_rows`, whole file): the layout (image shape from the
     first resized PNG; sample counts per split, and with ``sizes`` the PNG bytes per split too,
@@ -229,7 +229,6 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], sizes: bool =
 
     from PIL import Image
 
-    where = where or str(wd.path(workdir.RESIZED_DIR))
     counts, per_class, png_bytes = Counter(), Counter(), Counter()
     head = missing = None
     batch: list[Row] = []
@@ -351,8 +350,8 @@ def run(cfg: PackConfig) -> PackResult:
     manifest_stamp = _stamp(wd, "manifest")
     if todo or previous is None or not manifest_stamp.is_current(inputs, stamp_settings(listed)):
         classes = read_classes(wd.path(workdir.CLASSES))
-        layout, per_class, first = survey(wd, cfg.encoded, classes, sizes=_needs_png(todo),
-                                          where=wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor))
+        layout, per_class, first = survey(wd, cfg.encoded, classes, wd.for_workers(workdir.RESIZED_DIR, cfg.execution.executor),
+                                          sizes=_needs_png(todo))
         if todo:
             _pack(cfg, classes, layout, first, todo)
         previous = manifest.build(wd, layout, per_class, inputs, listed)
