@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import weakref
 from collections import deque
 from concurrent.futures import BrokenExecutor, CancelledError, Executor, Future
@@ -198,6 +199,7 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",  # loopback, any free port: runs never collide
                     silence_logs=logging.WARNING,
+                    preload=[__name__],  # each worker runs this module's dask_setup as it starts
                 )
             )
             client = stack.enter_context(Client(cluster))
@@ -205,6 +207,20 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
         # pure=False: two shards with equal arguments are still two tasks. retries covers a
         # task that raised; the tasks of a worker that died are rescheduled by Dask itself.
         yield DaskExecutor(client, pure=False, retries=2)
+
+
+def dask_setup(worker) -> None:
+    """In each worker of the local Dask cluster prep starts: Ctrl-C reaches every process of the
+    terminal's group, and it is the main process's to handle (it closes the cluster and says how
+    to resume), not a traceback per worker and nanny (as :func:`_start_worker` for the local
+    pool). SIGTERM stays: it is how the cluster stops a worker. Nor does each worker warn of
+    every task it drops as the cluster closes under it."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():  # where a worker process runs its loop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker.state_machine").addFilter(
+        lambda record: not record.getMessage().endswith("ended with CancelledError"))
 
 
 class _Box:

@@ -11,6 +11,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -260,8 +261,46 @@ def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkey
     with executors.make_executor("dask", workers=1) as pool:
         seen = pool.submit(_environ).result()  # in the worker process
         config = pool.submit(_config).result()
+        on_ctrl_c = pool.submit(signal.getsignal, signal.SIGINT).result()
     assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
     assert config == executors.LOCAL_CLUSTER_CONFIG  # the worker runs with prep's settings
+    assert on_ctrl_c == signal.SIG_IGN  # Ctrl-C is the main process's to handle
+
+
+SLOW_WORKERS = """\
+import time
+from pipeline import imaging
+real = imaging.transform
+imaging.transform = lambda data, spec: (time.sleep(0.2), real(data, spec))[1]
+"""
+
+
+def test_ctrl_c_on_a_local_cluster_stops_the_run_with_one_line_and_a_rerun_resumes(tmp_path, prep, monkeypatch):
+    """As with local worker processes: Ctrl-C reaches the whole process group, Dask's workers and
+    nannies too, and only the main process speaks (a worker used to print a traceback each, and
+    a warning for every task the closing cluster dropped)."""
+    from test_resize import slowed_prep_half_way
+
+    monkeypatch.delenv("PREP_SCHEDULER", raising=False)
+    raw = make_tree(tmp_path / "raw", {"a": 20, "b": 20})
+    clean, work = tmp_path / "clean", tmp_path / "work"
+    assert prep("index", raw, workdir=clean).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial", workdir=clean).exit_code == 0
+    assert prep("index", raw, workdir=work).exit_code == 0
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_WORKERS)  # imported by every process started
+    path = os.pathsep.join(filter(None, [str(tmp_path / "slow"), os.environ.get("PYTHONPATH")]))
+    proc = slowed_prep_half_way(work, "resize", "--size", "8", "--executor", "dask", "--workers", "2",
+                                env={**os.environ, "PYTHONPATH": path})
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the command, the nannies and the workers
+    assert proc.wait(timeout=60) == 130
+    stderr = proc.stderr.read().decode()
+    assert stderr.splitlines() == ["Interrupted; run the same command again to resume."], stderr
+
+    result = prep("resize", "--size", "8", "--executor", "serial", workdir=work)
+    assert result.exit_code == 0, result.output
+    assert int(re.search(r"(\d+) already up to date", result.stdout).group(1)) >= 8
+    assert_same_outputs(clean, work)
 
 
 def _shard_or_fail(shard: list, fail_on: str) -> list[dict]:

@@ -454,9 +454,11 @@ def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp
     assert snapshot(work) == expected
 
 
-def slowed_prep_half_way(work: Path, *args) -> subprocess.Popen:
+def slowed_prep_half_way(work: Path, *args, env: dict | None = None) -> subprocess.Popen:
     """``prep --workdir WORK ARGS`` in a process group of its own, each image slowed down, once
-    its resize journal holds 8 records: a run half way, to be killed or interrupted."""
+    its resize journal holds 8 records: a run half way, to be killed or interrupted. (Worker
+    processes that are spawned, not forked, are slowed down only by what ``env`` makes them
+    import.)"""
     script = (
         "import signal, sys, time\n"
         # as in a terminal: a test run started in the background (nohup, a CI runner) ignores
@@ -471,7 +473,8 @@ def slowed_prep_half_way(work: Path, *args) -> subprocess.Popen:
         "cli.main()\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env=env,
     )
     journal = work / resize.JOURNAL
     deadline = time.monotonic() + 60
