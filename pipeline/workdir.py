@@ -1140,6 +1140,23 @@ class Stamp:
     def is_current(self, inputs: Iterable[Path], settings: Any) -> bool:
         return not self.explain(inputs, settings)
 
+    def changed_inputs(self) -> list[str]:
+        """The files the stage read when it last ran here that have changed since, or are gone:
+        its outputs are older than its inputs. None if it never ran here (a work directory may
+        come without its stamps)."""
+        try:
+            recorded = json_loads(read_file(self.path)[0]).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            return []
+        if not isinstance(recorded, dict):
+            return []
+        hashes = FileHashes(Workdir(self.root))
+        try:
+            return [key for key, digest in recorded.items()
+                    if not self._path(key).is_file() or hashes.sha256(self._path(key)) != digest]
+        finally:
+            hashes.save()
+
     def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path], summary: Any = None) -> None:
         """Record a run; ``summary``: what the stage reports of its outputs, for a rerun that
         finds them up to date to report without reading them."""

@@ -214,6 +214,35 @@ def test_missing_encoded_csv(work):
     assert_one_line_error(cli_run(work, "pack"), "encoded.csv", "prep encode")
 
 
+def test_a_split_or_encode_older_than_its_inputs_is_named_and_nothing_is_packed(work, tmp_path):
+    """Packing an encoded.csv older than splits.csv would pack the split before, silently; one
+    older than resized.csv named resize as the fault."""
+    ok(cli_run(work, "split", "--ratios", "6:2:2", "--seed", "7"))
+    assert_one_line_error(cli_run(work, "pack", "--format", "pkl.gz"),
+                          "encoded.csv is out of date", "splits.csv changed since `prep encode`", "run `prep encode`")
+    assert not (work / "dataset.pkl.gz").exists()
+    ok(cli_run(work, "encode"))
+    ok(cli_run(work, "resize", "--size", "10x8", "--executor", "serial"))  # resized.csv changes
+    assert_one_line_error(cli_run(work, "pack", "--format", "pkl.gz"), "splits.csv is out of date",
+                          "resized.csv changed since `prep split`", "run `prep split` and `prep encode`")
+    assert not (work / "dataset.pkl.gz").exists()
+    ok(cli_run(work, "split", "--ratios", "6:2:2", "--seed", "7"))
+    ok(cli_run(work, "encode"))
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    fresh = prepare(tmp_path / "fresh", size="10x8")  # the same steps in one go
+    ok(cli_run(fresh, "split", "--ratios", "6:2:2", "--seed", "7"))
+    ok(cli_run(fresh, "encode"))
+    ok(cli_run(fresh, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    assert (work / "dataset.pkl.gz").read_bytes() == (fresh / "dataset.pkl.gz").read_bytes()
+
+
+def test_a_work_directory_without_stamps_still_packs(work):
+    """Stamps are prep's own bookkeeping: a work directory sent without them is packed as it is."""
+    shutil.rmtree(work / ".stamps")
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    assert (work / "dataset.pkl.gz").exists()
+
+
 @pytest.mark.parametrize("fmt", ["h5", "pkl.gz", "tfrecord"])
 @pytest.mark.parametrize("row", [0, 4])  # the first file gives the shape; a later one is read by a worker
 def test_missing_resized_file_is_named(work, fmt, row):

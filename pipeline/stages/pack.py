@@ -329,6 +329,7 @@ def run(cfg: PackConfig) -> PackResult:
     requested = parse_formats(cfg.formats)
     if not cfg.encoded.exists():
         raise StageInputMissing(f"{cfg.encoded} does not exist; run `prep encode` first")
+    _require_current(wd)
     inputs = inputs_of(wd, cfg.encoded)
     workdir.remove_stale_temps(wd.root, {module.OUTPUT for module in FORMATS.values()} | {workdir.MANIFEST})
     previous = _previous_manifest(wd)
@@ -369,6 +370,17 @@ def run(cfg: PackConfig) -> PackResult:
         sizes[name] = (len(entries), sum(f["bytes"] for f in entries))
     current = [n for n in requested if n not in todo]
     return PackResult(todo, current, manifest.layout(previous), sizes, time.perf_counter() - started)
+
+
+def _require_current(wd: workdir.Workdir) -> None:
+    """A one-line error if splits.csv or encoded.csv is older than what its stage read: packing
+    them would pack another split than the one on disk, or blame resize for the names of
+    images that split no longer keeps."""
+    for stage, output, then in (("split", workdir.SPLITS, " and `prep encode`"), ("encode", workdir.ENCODED, "")):
+        changed = workdir.Stamp(wd, stage).changed_inputs()
+        if changed:
+            raise PrepError(f"{output} is out of date: {changed[0]} changed since `prep {stage}`;"
+                            f" run `prep {stage}`{then} first")
 
 
 def _needs_png(names) -> bool:
