@@ -260,13 +260,18 @@ def _locked(ctx: Context, lock: bool | str, makes_workdir: bool | str, options: 
         return contextlib.nullcontext()  # neither the folder nor its lock file: the stage says why
     mirror = None
     if ctx.remote:
-        from .remote import Mirror, leaves, overlap
+        from .remote import Mirror, cache_root, leaves, overlap
 
         overlap(ctx.remote, options.get("raw"))
         command = click.get_current_context().info_name
         mirror = ctx.mirror = Mirror(ctx.remote, wd.root, leave=leaves(command, options), writes=lock != "peek")
         ctx.workdir = dataclasses.replace(wd, left=mirror.leave)  # read at the URL by the command
-        wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
+        try:
+            wd.root.mkdir(parents=True, exist_ok=True)  # the copy, made to be locked before it is fetched
+        except OSError as err:  # named by the cache folder: a message names the copy by its URL
+            raise PrepError(f"cannot make the local copy of {ctx.remote} in {cache_root()}: {err.strerror or err}"
+                            " (copies are kept in $PREP_CACHE, else $XDG_CACHE_HOME/prep, else ~/.cache/prep)"
+                            ) from None
     held = mirror.pull if mirror else None
     if lock is True:
         from .workdir import STAGE_OUTPUTS

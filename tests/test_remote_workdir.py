@@ -151,6 +151,19 @@ def test_a_file_url_is_the_folder_itself(tmp_path, prep):
     assert (tmp_path / "w" / "labels.csv").is_file()
 
 
+@pytest.mark.parametrize("command", [("status",), ("index", "raw")])
+def test_a_cache_folder_that_cannot_hold_the_copy_is_named(tmp_path, prep, monkeypatch, command):
+    """$PREP_CACHE a file: the error names it (the copy's own path is shown as the URL, which
+    said only "s3://bucket/work: Not a directory")."""
+    make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setenv("PREP_CACHE", str(tmp_path / "cache"))
+    result = prep(*command, workdir="s3://bucket/work")
+    assert_one_line_error(result, "local copy of s3://bucket/work", f"in {tmp_path / 'cache'}:", "Not a directory",
+                          "$PREP_CACHE")
+    assert (tmp_path / "cache").read_text() == "a file, not a folder"
+
+
 def test_messages_name_the_url_not_the_local_copy(tmp_path, prep, bucket):
     raw = make_tree(tmp_path / "raw", {"cat": 3, "dog": 3})
     url = f"s3://{bucket}/work"
