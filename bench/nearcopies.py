@@ -53,9 +53,9 @@ def search(n: int, kind: str, rule: str = "default") -> dict:
     started = time.perf_counter()
     pairs = nearcopy.near_pairs(h8, h16, rule)
     searched = time.perf_counter() - started
-    groups = nearcopy.components(n, pairs.a, pairs.b)
+    groups = nearcopy.components(n, lambda: ((pair["a"], pair["b"]) for pair in pairs.chunks()))
     sizes = np.bincount(groups)
-    return {"hashes": n, "kind": kind, "rule": rule, "pairs": len(pairs.a), "search_s": round(searched, 3),
+    return {"hashes": n, "kind": kind, "rule": rule, "pairs": len(pairs), "search_s": round(searched, 3),
             "total_s": round(time.perf_counter() - started, 3), "groups": int((sizes > 1).sum()),
             "largest": int(sizes.max())}
 

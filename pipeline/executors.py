@@ -199,7 +199,8 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",  # loopback, any free port: runs never collide
                     silence_logs=logging.WARNING,
-                    preload=[__name__],  # each worker runs this module's dask_setup as it starts
+                    # each worker runs this module's dask_setup as it starts (and the user's preloads)
+                    preload=[*dask.config.get("distributed.worker.preload", []), __name__],
                 )
             )
             client = stack.enter_context(Client(cluster))
@@ -214,7 +215,8 @@ def dask_setup(worker) -> None:
     terminal's group, and it is the main process's to handle (it closes the cluster and says how
     to resume), not a traceback per worker and nanny (as :func:`_start_worker` for the local
     pool). SIGTERM stays: it is how the cluster stops a worker. Nor does each worker warn of
-    every task it drops as the cluster closes under it."""
+    every task it drops as the cluster closes under it. (A Ctrl-C while a worker starts, before
+    this has run, still reaches it.)"""
     import signal
 
     if threading.current_thread() is threading.main_thread():  # where a worker process runs its loop

@@ -20,9 +20,10 @@ table indexed by block value (multi-index hashing).
 
 from __future__ import annotations
 
-from array import array
-from dataclasses import dataclass
+import os
+import tempfile
 from itertools import combinations
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -85,32 +86,84 @@ def accepted(d8: np.ndarray, d16: np.ndarray, rule: str) -> np.ndarray:
     raise ValueError(f"unknown near-copy rule {rule!r} (expected one of {', '.join(RULES)})")
 
 
-@dataclass
 class Pairs:
-    """Near-copy pairs ``a[k] < b[k]`` (indices into the hashes) and their distances."""
+    """Near-copy pairs ``a < b`` (indices into the hashes) and their distances, kept in a
+    temporary file in ``folder`` and read back a chunk at a time: near copies of one picture
+    pair up with one another, so a dataset of many has pairs by the ten million (11 bytes
+    each), which no memory bound on the images allows for. The file is made at the first pair
+    and goes when the pairs are closed; on Linux and macOS it has no name in the meantime, so it
+    also goes with the process however it ends."""
 
-    a: np.ndarray
-    b: np.ndarray
-    d8: np.ndarray
-    d16: np.ndarray
+    RECORD = np.dtype([("a", "<i4"), ("b", "<i4"), ("d8", "u1"), ("d16", "<u2")])  # packed: 11 bytes
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = folder
+        self.count = 0
+        self._file = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __enter__(self) -> "Pairs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, a: np.ndarray, b: np.ndarray, d8: np.ndarray, d16: np.ndarray) -> None:
+        records = np.empty(len(a), self.RECORD)
+        records["a"], records["b"], records["d8"], records["d16"] = a, b, d8, d16
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self.folder, buffering=1 << 20)
+            self._file.seek(0, os.SEEK_END)  # after any reading
+            self._file.write(records.tobytes())
+        except OSError as err:  # a full disk names no file: say which
+            raise OSError(err.errno, f"{err.strerror} (the temporary file of near-copy pairs)",
+                          os.fspath(self.folder or tempfile.gettempdir())) from None
+        self.count += len(records)
+
+    def chunks(self, size: int = _CHUNK) -> Iterator[np.ndarray]:
+        """The pairs in the order added (those added by then), as record arrays (fields a, b,
+        d8, d16) of ``size`` or fewer."""
+        count, at = self.count, 0
+        if count:
+            self._file.flush()
+        while at < count:
+            records = np.empty(min(size, count - at), self.RECORD)
+            self._file.seek(at * self.RECORD.itemsize)
+            if self._file.readinto(memoryview(records).cast("B")) != records.nbytes:
+                raise OSError(f"the temporary file of near-copy pairs was cut short at pair {at}")
+            yield records
+            at += len(records)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair at once, as arrays (a, b, d8, d16): for a few, to look at."""
+        records = np.concatenate([np.zeros(0, self.RECORD), *self.chunks()])
+        return records["a"], records["b"], records["d8"], records["d16"]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
-def near_pairs(h8: np.ndarray, h16: np.ndarray, rule: str = "default") -> Pairs:
-    """Every pair of hashes that are near copies under ``rule``, each once, in no set order.
+def near_pairs(h8: np.ndarray, h16: np.ndarray, rule: str = "default", folder: str | os.PathLike | None = None) -> Pairs:
+    """Every pair of hashes that are near copies under ``rule``, each once, in no set order,
+    kept in a temporary file in ``folder`` (the system's temporary folder if None).
 
     Identical hashes are pairs too (distance 0). Memory and time grow with the number of
     hashes plus the number of candidate pairs, not with its square; only hashes that cluster
-    (many near copies of one picture) make the pairs themselves many."""
+    (many near copies of one picture) make the pairs themselves many, and they are on disk."""
     radius = STRICT if rule == "strict" else LOOSE
     accepted(np.zeros(0), np.zeros(0), rule)  # the rule's name is checked
     n = len(h8)
-    found = [array("i"), array("i"), array("B"), array("H")]  # a, b, d8, d16
+    found = Pairs(folder)
     if n < 2:
-        empty = np.zeros(0, np.int64)
-        return Pairs(empty, empty, empty, empty)
+        return found
     h8 = np.asarray(h8, dtype=np.uint64)  # a column of the caller's array will do: no copy
     if n <= _ALL_PAIRS:
-        return _all_pairs(h8, h16, rule, radius)
+        _all_pairs(h8, h16, rule, radius, found)
+        return found
     per_block = radius // len(_BLOCKS)
     masks = [np.uint64((1 << bits) - 1) for _, bits in _BLOCKS]
     for k, (first, bits) in enumerate(_BLOCKS):
@@ -145,22 +198,16 @@ def near_pairs(h8: np.ndarray, h16: np.ndarray, rule: str = "default") -> Pairs:
                         a, b, d8 = a[close], b[close], d8[close]
                         d16 = popcount(h16[a] ^ h16[b]).sum(axis=1)
                         ok = accepted(d8, d16, rule)
-                        if ok.any():  # compact: a cluster of near copies has pairs by the million
-                            for column, values in zip(found, (a[ok], b[ok], d8[ok], d16[ok].astype(np.uint16))):
-                                column.frombytes(values.tobytes())  # a few growing buffers, not many pieces
+                        if ok.any():
+                            found.add(a[ok], b[ok], d8[ok], d16[ok])
         del order, counts, starts  # before the next block's
-    if not found[0]:
-        empty = np.zeros(0, np.int64)
-        return Pairs(empty, empty, empty, empty)
-    return Pairs(*(np.frombuffer(column, dtype) for column, dtype in
-                   zip(found, (np.int32, np.int32, np.uint8, np.uint16))))
+    return found
 
 
-def _all_pairs(h8: np.ndarray, h16: np.ndarray, rule: str, radius: int) -> Pairs:
+def _all_pairs(h8: np.ndarray, h16: np.ndarray, rule: str, radius: int, found: Pairs) -> None:
     """:func:`near_pairs` by comparing every pair, a block of rows at a time: for a few thousand
     hashes, quicker than the tables' fixed cost (a few hundred probes of every block)."""
     n = len(h8)
-    found = []
     for start in range(0, n, _ROWS):
         rows = np.arange(start, min(n, start + _ROWS))
         d8 = popcount(h8[rows, None] ^ h8[None, :])
@@ -168,9 +215,7 @@ def _all_pairs(h8: np.ndarray, h16: np.ndarray, rule: str, radius: int) -> Pairs
         d8, a = d8[a, b], rows[a]
         d16 = popcount(h16[a] ^ h16[b]).sum(axis=1)
         ok = accepted(d8, d16, rule)
-        found.append((a[ok].astype(np.int32), b[ok].astype(np.int32), d8[ok].astype(np.uint8),
-                      d16[ok].astype(np.uint16)))
-    return Pairs(*(np.concatenate(parts) for parts in zip(*found)))
+        found.add(a[ok], b[ok], d8[ok], d16[ok])
 
 
 def _chunks(who: np.ndarray, count: np.ndarray):
@@ -197,10 +242,11 @@ def _expand(who: np.ndarray, lo: np.ndarray, count: np.ndarray, order: np.ndarra
     return a, order[at]
 
 
-def components(n: int, a, b) -> np.ndarray:
-    """The connected component of each of ``n`` nodes joined by edges ``a[k] - b[k]`` (arrays,
-    or lists of arrays taken side by side): labels numbered by their smallest node, in node
-    order (so the same edges give the same labels, whatever their order).
+def components(n: int, edges: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray:
+    """The connected component of each of ``n`` nodes joined by edges ``x[k] - y[k]`` for each
+    ``(x, y)`` that ``edges()`` gives (asked again each round: the edges may be read from a
+    file): labels numbered by their smallest node, in node order (so the same edges give the
+    same labels, whatever their order).
 
     Minimum-label propagation with pointer jumping, in numpy: each round gives both ends of every
     edge the smaller of their labels, then lets every node take its label's label, until nothing
@@ -209,13 +255,12 @@ def components(n: int, a, b) -> np.ndarray:
     and edges are taken :data:`_CHUNK` at a time: memory is a few bytes per node."""
     dtype = np.int32 if n < 2**31 else np.int64
     labels = np.arange(n, dtype=dtype)
-    edges = list(zip(a, b)) if isinstance(a, list) else [(a, b)]
-    edges = [(np.asarray(x, dtype), np.asarray(y, dtype)) for x, y in edges if len(x)]
-    while edges:
+    while True:
         before = labels.copy()
-        for x, y in edges:
+        for x, y in edges():
             for start in range(0, len(x), _CHUNK):
-                x_part, y_part = x[start : start + _CHUNK], y[start : start + _CHUNK]
+                x_part = np.asarray(x[start : start + _CHUNK], dtype)
+                y_part = np.asarray(y[start : start + _CHUNK], dtype)
                 low = np.minimum(labels[x_part], labels[y_part])
                 np.minimum.at(labels, x_part, low)
                 np.minimum.at(labels, y_part, low)

@@ -1141,9 +1141,11 @@ class Stamp:
         return not self.explain(inputs, settings)
 
     def changed_inputs(self) -> list[str]:
-        """The files the stage read when it last ran here that have changed since, or are gone:
-        its outputs are older than its inputs. None if it never ran here (a work directory may
-        come without its stamps)."""
+        """How the files the stage read when it last ran here have changed since ("labels.csv
+        changed", "resized.csv is gone"): its outputs are older than its inputs. Empty if it
+        never ran here (a work directory may come without its stamps). A file outside the work
+        directory that is gone is left out: a groups file or a class list given once, or a work
+        directory sent from another machine."""
         try:
             recorded = json_loads(read_file(self.path)[0]).get("inputs")
         except (OSError, ValueError, AttributeError):
@@ -1151,11 +1153,18 @@ class Stamp:
         if not isinstance(recorded, dict):
             return []
         hashes = FileHashes(Workdir(self.root))
+        changes = []
         try:
-            return [key for key, digest in recorded.items()
-                    if not self._path(key).is_file() or hashes.sha256(self._path(key)) != digest]
+            for key, digest in recorded.items():
+                path = self._path(key)
+                if not path.is_file():
+                    if not os.path.isabs(key):
+                        changes.append(f"{key} is gone")
+                elif hashes.sha256(path) != digest:
+                    changes.append(f"{key} changed")
         finally:
             hashes.save()
+        return changes
 
     def record(self, inputs: Iterable[Path], settings: Any, outputs: Iterable[Path], summary: Any = None) -> None:
         """Record a run; ``summary``: what the stage reports of its outputs, for a rerun that

@@ -138,7 +138,7 @@ def test_resized_csv_records_the_hashes(tmp_path, prep):
 
 @pytest.mark.parametrize("search", ["tables", "all pairs"])
 @pytest.mark.parametrize("rule", ["strict", "default"])
-def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, monkeypatch):
+def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, monkeypatch, tmp_path):
     # 1,500 hashes: the tables, as for a large dataset, or every pair compared, as for a small one
     monkeypatch.setattr(nearcopy, "_ALL_PAIRS", 0 if search == "tables" else 10_000)
     rng = np.random.default_rng(3)
@@ -152,9 +152,16 @@ def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, mon
         for bit in rng.choice(256, rng.integers(0, 61), replace=False):
             h16[i, bit // 64] ^= np.uint64(1) << np.uint64(bit % 64)
     h8[7], h16[7] = h8[8], h16[8]  # identical hashes are a pair too
-    pairs = nearcopy.near_pairs(h8, h16, rule)
-    got = {(int(a), int(b), int(d8), int(d16)) for a, b, d8, d16 in zip(pairs.a, pairs.b, pairs.d8, pairs.d16)}
-    assert len(got) == len(pairs.a)  # each pair once
+    pairs = nearcopy.near_pairs(h8, h16, rule, folder=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # on disk, but under no name: nothing is left behind
+    columns = pairs.columns()
+    got = {(int(a), int(b), int(d8), int(d16)) for a, b, d8, d16 in zip(*columns)}
+    assert len(got) == len(pairs) == len(columns[0])  # each pair once
+    # read back in chunks, again and again: the same pairs
+    for _ in range(2):
+        again = np.concatenate(list(pairs.chunks(size=97)))
+        assert len(again) == len(pairs) and all((again[f] == c).all() for f, c in zip("a b d8 d16".split(), columns))
+
     expected = set()
     for a, b in combinations(range(len(h8)), 2):
         d8 = bin(int(h8[a]) ^ int(h8[b])).count("1")
@@ -163,6 +170,20 @@ def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, mon
             expected.add((a, b, d8, d16))
     assert got == expected
     assert any(5 <= d8 <= 8 for _, _, d8, _ in expected) == (rule == "default")
+
+
+def test_pairs_added_while_reading_go_after_the_others(tmp_path):
+    pairs = nearcopy.Pairs(tmp_path)
+    assert list(pairs.chunks()) == [] and list(tmp_path.iterdir()) == []  # no file for no pairs
+    one = np.arange(10, dtype=np.int32)
+    pairs.add(one, one + 1, one.astype(np.uint8), one.astype(np.uint16))
+    for chunk in pairs.chunks(size=4):  # an add in the middle of a read, and a read stopped early
+        pairs.add(chunk["a"] + 100, chunk["b"] + 100, chunk["d8"], chunk["d16"])
+        break
+    a, b, d8, d16 = pairs.columns()
+    assert a.tolist() == [*range(10), 100, 101, 102, 103] and (b == a + 1).all()
+    assert d16.tolist() == [*range(10), 0, 1, 2, 3]
+    pairs.close()
 
 
 # -- split -----------------------------------------------------------------------------------

@@ -236,6 +236,20 @@ def test_a_split_or_encode_older_than_its_inputs_is_named_and_nothing_is_packed(
     assert (work / "dataset.pkl.gz").read_bytes() == (fresh / "dataset.pkl.gz").read_bytes()
 
 
+def test_a_groups_file_outside_the_work_directory_may_be_gone_when_packing(work, tmp_path):
+    """A file given to split once (--groups) and since deleted, or left on another machine, is
+    not a change that makes the split older than its inputs."""
+    groups = tmp_path / "groups.csv"
+    first = encoded_rows(work)[0]["path"]
+    groups.write_text(f"path,group\n{first},g1\n")
+    ok(cli_run(work, "split", "--ratios", "6:2:2", "--groups", groups))
+    ok(cli_run(work, "encode"))
+    groups.unlink()
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    (work / "resized.csv").unlink()  # one in the work directory is another matter
+    assert_one_line_error(cli_run(work, "pack", "--format", "pkl.gz"), "resized.csv is gone since `prep split`")
+
+
 def test_a_work_directory_without_stamps_still_packs(work):
     """Stamps are prep's own bookkeeping: a work directory sent without them is packed as it is."""
     shutil.rmtree(work / ".stamps")

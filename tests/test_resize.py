@@ -420,6 +420,33 @@ def test_simulated_interruption_then_rerun_matches_a_clean_run(tmp_path, prep, t
     assert leftovers(work) == []
 
 
+def test_split_after_an_interrupted_resize_says_so(tmp_path, prep, tree, monkeypatch):
+    """split reads resized.csv, which an interrupted resize has not rewritten yet: it is "up to
+    date" with the run before, while status calls it stale; it says why, and what to do."""
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    assert prep("split").exit_code == 0
+    assert "interrupted" not in prep("split").output
+    write, written = workdir.atomic_write_bytes, []
+
+    def dies_after_three(path, data, **kw):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(path)
+        write(path, data, **kw)
+
+    monkeypatch.setattr(workdir, "atomic_write_bytes", dies_after_three)
+    assert prep("resize", "--size", "6", "--executor", "serial").exit_code != 0
+    monkeypatch.undo()
+    result = prep("split")
+    assert result.exit_code == 0, result.output
+    assert ("prep resize was interrupted (resized.journal is there): resized.csv is from the run before it;"
+            " run the interrupted command again") in result.stderr
+    assert prep("resize", "--size", "6", "--executor", "serial").exit_code == 0
+    result = prep("split")
+    assert result.exit_code == 0 and "interrupted" not in result.output
+
+
 def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp_path, prep, tree, monkeypatch):
     clean, work = tmp_path / "clean", tmp_path / "work"
     for wd in (clean, work):

@@ -379,7 +379,7 @@ def _require_current(wd: workdir.Workdir) -> None:
     for stage, output, then in (("split", workdir.SPLITS, " and `prep encode`"), ("encode", workdir.ENCODED, "")):
         changed = workdir.Stamp(wd, stage).changed_inputs()
         if changed:
-            raise PrepError(f"{output} is out of date: {changed[0]} changed since `prep {stage}`;"
+            raise PrepError(f"{output} is out of date: {changed[0]} since `prep {stage}`;"
                             f" run `prep {stage}`{then} first")
 
 

@@ -18,6 +18,7 @@ splits.csv and the paths of the pairs listed (see :class:`Usable`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -448,7 +449,7 @@ def read_images(rows: Usable, rule: str, pattern: re.Pattern | None, groups: dic
     del digests
     hashed = np.frombuffer(hashed, np.bool_)
     point = np.full(n, -1, np.int32)
-    pairs = nearcopy.near_pairs(np.zeros(0, np.uint64), np.zeros((0, 4), np.uint64))
+    pairs = nearcopy.Pairs()  # none
     points = 0
     if rule != "off" and hashed.any():
         if malformed:  # as the hashes always were parsed: the first malformed one names the fault
@@ -465,7 +466,8 @@ def read_images(rows: Usable, rule: str, pattern: re.Pattern | None, groups: dic
         distinct, point[hashed] = distinct_rows(stacked)
         del stacked, hashes
         points = len(distinct)
-        pairs = nearcopy.near_pairs(distinct[:, 0], distinct[:, 1:], rule)
+        # on disk, beside the work directory's other files: the system's temporary folder may be in memory
+        pairs = nearcopy.near_pairs(distinct[:, 0], distinct[:, 1:], rule, folder=rows.wd.root)
         del distinct
     if rule != "off" and not hashed.all():
         missing = n - int(hashed.sum())
@@ -511,25 +513,20 @@ def group_units(images: Images, alive) -> Units:
     contents, points = len(images.shas), images.points
     # nodes: the points, then the contents, then the user groups
     hashed = rows[images.point[rows] >= 0]
-    a, b = [images.point[hashed]], [points + images.content[hashed]]
     live = np.zeros(points, bool)
-    live[a[0]] = True
-    pairs = images.pairs
-    if live.all():
-        a.append(pairs.a)
-        b.append(pairs.b)
-    else:
-        both = live[pairs.a] & live[pairs.b]
-        a.append(pairs.a[both])
-        b.append(pairs.b[both])
-        del both
+    live[images.point[hashed]] = True
+
+    def edges():
+        yield images.point[hashed], points + images.content[hashed]
+        for pair in images.pairs.chunks():
+            both = live[pair["a"]] & live[pair["b"]]
+            yield pair["a"][both], pair["b"][both]
+        for keys in images.user:
+            grouped = rows[keys[rows] >= 0]
+            yield points + images.content[grouped], points + contents + keys[grouped]
+
+    component = nearcopy.components(points + contents + images.user_groups, edges)
     del hashed, live
-    for keys in images.user:
-        grouped = rows[keys[rows] >= 0]
-        a.append(points + images.content[grouped])
-        b.append(points + contents + keys[grouped])
-    component = nearcopy.components(points + contents + images.user_groups, a, b)
-    del a, b
     _, first, inverse = np.unique(component[points + images.content[rows]], return_index=True, return_inverse=True)
     del component
     order = np.argsort(first)  # units by their first image
@@ -585,13 +582,11 @@ def _pair_chunks(images: Images, live) -> Iterator[tuple]:
     distance16, then number: (distance8 << 40) | (distance16 << 31) | neighbour."""
     import numpy as np
 
-    pairs = images.pairs
-    for start in range(0, len(pairs.a), _CHUNK):
-        a, b = pairs.a[start : start + _CHUNK], pairs.b[start : start + _CHUNK]
-        keep = live[a] & live[b]
-        a, b = a[keep], b[keep]
-        near = (pairs.d8[start : start + _CHUNK][keep].astype(np.int64) << 40) | (
-            pairs.d16[start : start + _CHUNK][keep].astype(np.int64) << 31)
+    for pair in images.pairs.chunks():
+        keep = live[pair["a"]] & live[pair["b"]]
+        pair = pair[keep]
+        a, b = pair["a"].astype(np.int32), pair["b"].astype(np.int32)
+        near = (pair["d8"].astype(np.int64) << 40) | (pair["d16"].astype(np.int64) << 31)
         yield a, b, near | b
         yield b, a, near | a
 
@@ -902,6 +897,12 @@ def run(cfg: SplitConfig) -> SplitResult:
     pattern = check_options(cfg)
     settings = settings_of(cfg.ratios, cfg.seed, cfg.drop_small, cfg.near_copies, cfg.on_conflict, cfg.group_by,
                            cfg.groups)
+    from .resize import JOURNAL
+
+    if cfg.workdir.path(JOURNAL).exists():  # resized.csv and resized/ are then from two runs
+        log.warning("prep resize was interrupted (%s is there): %s is from the run before it; run the"
+                    " interrupted command again, with its options, to finish it, then split",
+                    JOURNAL, workdir.RESIZED)
     stamp = workdir.Stamp(cfg.workdir, "split")
     extra = [cfg.groups] if cfg.groups else []
     inputs = [cfg.labels] + [p for p in [cfg.workdir.path(workdir.RESIZED)] if p.exists()] + extra
@@ -912,6 +913,15 @@ def run(cfg: SplitConfig) -> SplitResult:
         except (TypeError, KeyError, ValueError):  # a stamp from before summaries were kept
             table = count_table(workdir.iter_csv(cfg.out, ["label", "split"], required=SPLIT_COLUMNS))
         return SplitResult(cfg.out, table, up_to_date=True)
+    with contextlib.ExitStack() as cleanup:
+        return _split(cfg, pattern, extra, settings, stamp, cleanup)
+
+
+def _split(cfg: SplitConfig, pattern: re.Pattern | None, extra: list, settings: dict, stamp: workdir.Stamp,
+           cleanup: contextlib.ExitStack) -> SplitResult:
+    """:func:`run`'s split, when it is not up to date: the images read, split, the files
+    written and recorded. The near-copy pairs' temporary file is closed by ``cleanup``,
+    however the split ends; the rest goes as soon as it is no longer needed."""
     import numpy as np  # here: an up-to-date split does without it
 
     workdir.map_large_blocks()  # arrays of an entry per image are freed and made in turn
@@ -922,6 +932,7 @@ def run(cfg: SplitConfig) -> SplitResult:
     except _Unpaired:
         rows.hold()
         images = read_images(rows, cfg.near_copies, pattern, groups)
+    cleanup.enter_context(images.pairs)
     inputs = rows.inputs + extra
     classes, label = images.classes, images.label
     n = len(label)
