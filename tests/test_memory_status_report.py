@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import types
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import workdir
+from pipeline import executors, workdir
 from pipeline.stages import facts as facts_module
 from pipeline.stages import index, resize, split, status
 from tests.conftest import hash_entries, make_tree
@@ -114,6 +115,17 @@ def test_warm_status_reads_nothing_and_sees_each_change(prep, packed: Path, sett
     assert "1 image no longer in labels.csv" in seen("resize")
 
 
+@pytest.mark.skipif(sys.platform != "linux" or executors.cpu_count() < 2, reason="walked apart on Linux, on 2 cores")
+def test_resized_walked_by_another_process_is_the_same_walk(packed: Path):
+    """status walks resized/ in another process while it walks RAW: the same digest as here."""
+    folder = packed / "resized"
+    with status._walked_apart(folder, serial=False) as walked:
+        assert walked is not None
+        assert walked()[0] == status.tree_state(folder)[0]
+    with status._walked_apart(folder, serial=True) as walked:
+        assert walked is None
+
+
 def test_quick_status_stats_folders_only_and_sees_files_added_removed_or_replaced(prep, packed: Path, settled,
                                                                                   monkeypatch):
     raw = packed.parent / "raw"
@@ -149,6 +161,7 @@ def test_quick_status_stats_folders_only_and_sees_files_added_removed_or_replace
             return map(Entry, self.entries)
 
     monkeypatch.setattr(status, "os", types.SimpleNamespace(**{**vars(os), "scandir": scandir}))
+    monkeypatch.setattr(executors, "cpu_count", lambda: 1)  # resized/ walked here too, where it is counted
     reads = Reads(monkeypatch)
     assert prep("status", "--quick", "--json").stdout == full
     assert reads.none(), (reads.csv, reads.hashed, reads.images)

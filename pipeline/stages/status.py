@@ -23,11 +23,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .. import sources, workdir
 from ..errors import PrepError
@@ -277,7 +278,8 @@ def _as_options(spec: dict) -> dict:
 
 
 def resize_status(wd: workdir.Workdir, spec: ResizeSpec, origins: dict[str, str] | None = None,
-                  quick: bool = False) -> StageStatus:
+                  quick: bool = False, walked: Callable[[], tuple[str, bool]] | None = None) -> StageStatus:
+    """``walked``: :func:`tree_state` of resized/, if it was walked apart (see :func:`run`)."""
     from .resize import JOURNAL, PENDING, journal_entries
 
     table = wd.path(workdir.RESIZED)
@@ -288,7 +290,7 @@ def resize_status(wd: workdir.Workdir, spec: ResizeSpec, origins: dict[str, str]
     if not table.exists():
         return StageStatus("resize", "missing", [interrupted if journaled is not None else "run `prep resize`"])
     reasons = [interrupted] if journaled is not None else []
-    reasons.extend(_resized_content(wd, table, quick))
+    reasons.extend(_resized_content(wd, table, quick, walked))
     settings_path = wd.path(workdir.RESIZE_SETTINGS)
     recorded = workdir.read_json(settings_path) if settings_path.exists() else {}
     wanted = json_like(dataclasses.asdict(spec))
@@ -297,7 +299,8 @@ def resize_status(wd: workdir.Workdir, spec: ResizeSpec, origins: dict[str, str]
     return _judge("resize", True, reasons, "")
 
 
-def _resized_content(wd: workdir.Workdir, table: Path, quick: bool = False) -> list[str]:
+def _resized_content(wd: workdir.Workdir, table: Path, quick: bool = False,
+                     walked: Callable[[], tuple[str, bool]] | None = None) -> list[str]:
     """What is out of date in resized.csv and resized/: images of labels.csv new, changed or
     gone, resized files missing or changed. Judged once for given contents of labels.csv and
     resized.csv and a given state of resized/ (every file's size, times and inode, see
@@ -310,7 +313,8 @@ def _resized_content(wd: workdir.Workdir, table: Path, quick: bool = False) -> l
     hashes = workdir.FileHashes(wd)
     key = [hashes.sha256(labels) if labels is not None else None, hashes.sha256(table)]
     hashes.save()
-    tree, settled = tree_state(wd.path(workdir.RESIZED_DIR), quick=quick)  # before the check: a change meanwhile shows next time
+    # before the check: a change meanwhile shows next time
+    tree, settled = walked() if walked else tree_state(wd.path(workdir.RESIZED_DIR), quick=quick)
     key.append(tree)
     return _judged(wd, "resize --quick" if quick else "resize", key, settled,
                    lambda: _resized_checked(wd, labels, table))
@@ -345,6 +349,27 @@ def _resized_checked(wd: workdir.Workdir, labels: Path | None, table: Path) -> l
         reasons.append(f"{_count(changed, 'resized file')} missing or changed since `prep resize`"
                        f" ({example if changed == 1 else f'{example}, ...'})")
     return reasons
+
+
+@contextlib.contextmanager
+def _walked_apart(folder: Path, serial: bool) -> Iterator[Callable[[], tuple[str, bool]] | None]:
+    """:func:`tree_state` of ``folder``, walked by another process while this one walks RAW: a
+    stat per file is most of what `status` costs, and it takes one core. None (walked in its
+    turn, if at all) when ``serial`` (a quick walk is a stat per folder), on one core, or where
+    a process is not forked (starting one costs more than the walk of most folders)."""
+    from .. import executors
+
+    if serial or executors.cpu_count() < 2 or sys.platform != "linux" or not folder.is_dir():
+        yield None
+        return
+    with executors.make_executor("local", workers=2) as pool:
+        future = pool.submit(tree_state, folder)
+        try:
+            yield future.result
+        except BaseException:  # an error, Ctrl-C: the walk is not waited for
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.kill()
+            raise
 
 
 def tree_state(folder: Path, skip=None, quick: bool = False) -> tuple[str, bool]:
@@ -489,9 +514,13 @@ def run(cfg: StatusConfig) -> StatusResult:
     labels = wd.labels() if wd.path(workdir.INDEX_META).exists() else wd.path(workdir.LABELS)
     with_labels = [labels] + ([wd.path(workdir.RESIZED)] if wd.path(workdir.RESIZED).exists() else [])
     splits = wd.path(workdir.SPLITS)
-    stages = [
-        index_status(wd, cfg.quick),
-        resize_status(wd, cfg.spec, cfg.origins.get("resize"), cfg.quick),
+    # resized/ is walked only when resized.csv says what it should hold
+    with _walked_apart(wd.path(workdir.RESIZED_DIR), cfg.quick or not wd.path(workdir.RESIZED).exists()) as walked:
+        stages = [
+            index_status(wd, cfg.quick),  # walks RAW meanwhile
+            resize_status(wd, cfg.spec, cfg.origins.get("resize"), cfg.quick, walked),
+        ]
+    stages += [
         stamped_status(wd, "split", "split", with_labels, cfg.split, splits, "run `prep split`",
                        cfg.origins.get("split")),
         stamped_status(wd, "encode", "encode", [splits], None, wd.path(workdir.ENCODED),
