@@ -92,8 +92,8 @@ def class_warnings(counts: dict[str, int]) -> list[dict]:
                 "kind": "imbalance",
                 "message": f"classes are imbalanced {ratio:.1f}x (largest {largest}: {present[largest]},"
                            f" smallest {smallest}: {present[smallest]}); balanced class weights ({smallest}"
-                           f" {weights[smallest]:.2f}, {largest} {weights[largest]:.2f}, ...) go into"
-                           " manifest.json: prep verify-train --class-weight balanced uses them",
+                           f" {weights[smallest]:.2f}, {largest} {weights[largest]:.2f}, ...; of the classes"
+                           " split keeps) go into manifest.json: prep verify-train --class-weight balanced uses them",
                 "ratio": round(ratio, 3),
                 "largest": largest,
                 "smallest": smallest,

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 import threading
 import weakref
 from collections import deque
@@ -191,6 +192,9 @@ def _dask_executor(workers: int, scheduler: str | None) -> Iterator[Executor]:
             _check_workers(client, scheduler)
         else:
             stack.enter_context(dask.config.set(LOCAL_CLUSTER_CONFIG))
+            # the scheduler's and the workers' scratch space: gone with the cluster, not left in /tmp
+            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="prep-dask-"))
+            stack.enter_context(dask.config.set({"temporary-directory": scratch}))
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=workers,

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -251,17 +252,28 @@ def _config() -> dict:
     return {key: dask.config.get(key) for key in executors.LOCAL_CLUSTER_CONFIG}
 
 
-def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkeypatch):
+def _scratch() -> str:
+    from distributed import get_worker
+
+    return get_worker().local_directory
+
+
+def test_local_cluster_workers_keep_thread_limits_but_not_the_malloc_trim(monkeypatch, tmp_path):
     # A value in this process's environment wins over the config, and the nanny copies its
     # variables into this environment: clear them here, and have them put back afterwards.
     for name in ("PREP_SCHEDULER", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                  "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED"):
         monkeypatch.setenv(name, "")  # records the value to restore
         monkeypatch.delenv(name)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # the system's temporary folder
     with executors.make_executor("dask", workers=1) as pool:
         seen = pool.submit(_environ).result()  # in the worker process
         config = pool.submit(_config).result()
         on_ctrl_c = pool.submit(signal.getsignal, signal.SIGINT).result()
+        scratch = pool.submit(_scratch).result()
+    assert scratch.startswith(str(tmp_path / "tmp" / "prep-dask-"))
+    assert list((tmp_path / "tmp").iterdir()) == []  # no dask-scratch-space left behind
     assert seen == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
     assert config == executors.LOCAL_CLUSTER_CONFIG  # the worker runs with prep's settings
     assert on_ctrl_c == signal.SIG_IGN  # Ctrl-C is the main process's to handle

@@ -236,6 +236,21 @@ def test_a_split_or_encode_older_than_its_inputs_is_named_and_nothing_is_packed(
     assert (work / "dataset.pkl.gz").read_bytes() == (fresh / "dataset.pkl.gz").read_bytes()
 
 
+def test_verify_after_a_new_split_names_every_stage_to_run(work):
+    """verify found the packed files older than the split, and said to pack again, which pack
+    then refused until encode had run."""
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    assert "Verified pkl.gz: 1 file," in ok(cli_run(work, "verify", "--executor", "serial")).stdout
+    ok(cli_run(work, "split", "--ratios", "6:2:2", "--seed", "7"))
+    assert_one_line_error(cli_run(work, "verify", "--executor", "serial"), "changed since `prep pack`",
+                          "splits.csv changed since `prep encode`; run `prep encode`, then `prep pack`")
+    ok(cli_run(work, "encode"))
+    assert_one_line_error(cli_run(work, "verify", "--executor", "serial"), "changed since `prep pack`",
+                          "run `prep pack` again")
+    ok(cli_run(work, "pack", "--format", "pkl.gz", "--executor", "serial"))
+    ok(cli_run(work, "verify", "--executor", "serial"))
+
+
 def test_a_groups_file_outside_the_work_directory_may_be_gone_when_packing(work, tmp_path):
     """A file given to split once (--groups) and since deleted, or left on another machine, is
     not a change that makes the split older than its inputs."""

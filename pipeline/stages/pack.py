@@ -372,15 +372,22 @@ def run(cfg: PackConfig) -> PackResult:
     return PackResult(todo, current, manifest.layout(previous), sizes, time.perf_counter() - started)
 
 
-def _require_current(wd: workdir.Workdir) -> None:
-    """A one-line error if splits.csv or encoded.csv is older than what its stage read: packing
+def out_of_date(wd: workdir.Workdir) -> str | None:
+    """Whether splits.csv or encoded.csv is older than what its stage read, and what to run: packing
     them would pack another split than the one on disk, or blame resize for the names of
     images that split no longer keeps."""
     for stage, output, then in (("split", workdir.SPLITS, " and `prep encode`"), ("encode", workdir.ENCODED, "")):
         changed = workdir.Stamp(wd, stage).changed_inputs()
         if changed:
-            raise PrepError(f"{output} is out of date: {changed[0]} since `prep {stage}`;"
-                            f" run `prep {stage}`{then} first")
+            return f"{output} is out of date: {changed[0]} since `prep {stage}`; run `prep {stage}`{then}"
+    return None
+
+
+def _require_current(wd: workdir.Workdir) -> None:
+    """A one-line error if :func:`out_of_date`."""
+    why = out_of_date(wd)
+    if why:
+        raise PrepError(f"{why} first")
 
 
 def _needs_png(names) -> bool:

@@ -48,7 +48,7 @@ from .. import executors, manifest, sources, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .index import SETTLED_NS
-from .pack import Row, in_shards, iter_rows
+from .pack import Row, in_shards, iter_rows, out_of_date
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class VerifyResult:
     def summary(self) -> str:
         counts = ", ".join(f"{s} {self.layout.counts[s]}" for s in SPLITS)
         head = (
-            f"Verified {', '.join(self.formats)}: {self.files} files, {self.bytes:,} bytes,"
+            f"Verified {', '.join(self.formats)}: {self.files} file{'s' * (self.files != 1)}, {self.bytes:,} bytes,"
             f" {sum(self.layout.counts.values())} images ({counts}; shape {self.layout.shape};"
             f" {len(self.layout.classes)} classes)"
         )
@@ -190,8 +190,9 @@ def check_input_files(wd: workdir.Workdir, data: dict, checked: Checked) -> None
         if not path.is_file():
             raise VerificationFailed(f"{rel}: missing; the packaged files were made from it")
         if checked.sha256(path, rel) != digest:
+            before = out_of_date(wd)  # then packing again is not enough
             raise VerificationFailed(f"{rel}: changed since `prep pack` (sha256 differs from {workdir.MANIFEST});"
-                                     " run `prep pack` again")
+                                     f" {f'{before}, then `prep pack`' if before else 'run `prep pack` again'}")
 
 
 def check_inputs(wd: workdir.Workdir, data: dict, layout: Layout) -> set[str]:
