@@ -111,6 +111,8 @@ class Pairs:
         self.close()
 
     def add(self, a: np.ndarray, b: np.ndarray, d8: np.ndarray, d16: np.ndarray) -> None:
+        if not len(a):
+            return
         records = np.empty(len(a), self.RECORD)
         records["a"], records["b"], records["d8"], records["d16"] = a, b, d8, d16
         try:

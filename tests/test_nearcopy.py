@@ -4,9 +4,11 @@ keeping near copies and user groups in one split, with one picture under two lab
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import random
+import tempfile
 from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -187,6 +189,29 @@ def test_pairs_added_while_reading_go_after_the_others(tmp_path):
 
 
 # -- split -----------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_split_keeps_its_pairs_is_one_line_naming_the_work_directory(tmp_path, prep, monkeypatch):
+    make_photos(tmp_path / "raw")
+    assert prep("index", tmp_path / "raw").exit_code == 0
+    assert prep("resize", "--size", "16", "--executor", "serial").exit_code == 0
+    made, real = [], tempfile.TemporaryFile
+
+    def full_disk(**kw):
+        made.append(kw["dir"])
+        handle = real(dir=kw["dir"])
+        handle.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return handle
+
+    monkeypatch.setattr(nearcopy.tempfile, "TemporaryFile", full_disk)
+    result = prep("split", "--ratios", "1:1:1")
+    assert_one_line_error(result, f"{tmp_path / 'work'}: No space left on device (the temporary file of near-copy pairs)")
+    assert made == [tmp_path / "work"]  # beside the work directory's files, not in the system's temporary folder
+    assert not (tmp_path / "work" / "splits.csv").exists()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir() if p.is_file()) == [
+        ".lock", "index.json", "labels.csv", "rejected.csv", "resize.json", "resized.csv"]  # nothing half-written
+
+
 
 
 def test_near_copies_are_found_and_kept_in_one_split_and_other_pictures_are_not(tmp_path, prep):
