@@ -16,6 +16,8 @@ Architecture (data flows one way, top to bottom; no module imports one above it)
     nearcopy.py     perceptual hashes of an image, and the search for near copies among them
     executors.py    serial / local processes / Dask behind concurrent.futures.Executor
     sources.py      listing and reading the RAW tree, a folder or an fsspec URL
+    remote.py       a work directory at a URL: a local copy, fetched before a command, uploaded after
+    record.py       that copy's record in SQLite: what it holds, as fetched or uploaded
     checks.py       warnings about the data (folders, class counts, source sizes), kept in index.json
     manifest.py     manifest.json: settings, counts, class weights and checksums of what was packaged
     workdir.py      the work directory's files, atomic writes, CSV/JSON, locks, up-to-date stamps

@@ -16,7 +16,7 @@ the URL around each command, while the command holds the mirror's lock:
   appears whole or not at all). Stage stamps (``.stamps/``) and ``manifest.json`` go last: a
   reader of the bucket sees a stage's stamp only after its outputs.
 
-What the mirror holds is recorded beside it in SQLite (:class:`Record`), and the URL is listed a
+What the mirror holds is recorded beside it in SQLite (:class:`pipeline.record.Record`), and the URL is listed a
 page at a time (on S3): the memory of a pull or a push does not grow with the files, and what a
 stopped transfer moved stays recorded.
 
@@ -53,19 +53,17 @@ from typing import Any, Iterator
 
 from . import workdir
 from .errors import PrepError
+from .record import Record
 
 log = logging.getLogger(__name__)
 
 RECORD = "record.sqlite"  # beside the mirror: what it holds, as fetched or uploaded
 SYNC_LOCK = "sync.lock"  # beside the mirror: held while it is pulled or pushed
-OLD_RECORDS = ("state.json", "state.resized.json")  # earlier preps' records: taken over once
 # folders that commands which read none of their files leave alone: in the bucket, in the copy
 # and in the record (see leaves)
 APART = (workdir.RESIZED_DIR,)
 LEAVES = {"index", "split", "encode", "verify-train", "report"}  # report reads its thumbnails at the URL
 INCOMING = "incoming"  # beside the mirror: downloads in progress, one folder per process
-LAST = (workdir.STAMPS_DIR + "/", "manifest.json")  # uploaded after everything else
-PAGE = 1024  # names of the record read at once
 # never synced: the lock, and temporary files and folders (and anything inside them)
 SKIP = re.compile(r"(^|/)(\.lock|\.[^/]*\.tmp|[^/]*\.tmp-\d+|\.[^/]*\.old)(/|$)")
 BATCH = 256  # files per fsspec call (it runs each call's transfers concurrently)
@@ -139,144 +137,6 @@ def overlap(url: str, raw: str | None) -> None:
         raise PrepError(f"RAW {b} is inside the work directory {a}; give RAW and the work directory apart")
 
 
-class Record:
-    """What a mirror holds, as fetched or uploaded: per file, its size, mtime and inode here and
-    its version at the URL (None: not known yet, after an upload), and whether it was removed here
-    but not yet at the URL. Kept in SQLite beside the mirror, not in memory: a copy of millions of
-    files costs a lookup per file, and each batch of transfers is committed as it ends, so a
-    command stopped midway keeps the record of what it moved. ``found``: whether a record of this
-    URL was there (else the copy starts afresh). ``dirty``: the folders of :data:`APART` that a
-    command may have changed since they were last uploaded whole (none may be left alone then)."""
-
-    def __init__(self, path: Path, url: str, name_problem):
-        self.path, self.url, self.name_problem = path, url, name_problem
-        try:
-            self.db = self._open()
-        except sqlite3.OperationalError:  # locked, a full disk, ...: said (see _recorded)
-            raise
-        except sqlite3.DatabaseError:  # not a database, or damaged: as if there were none
-            path.unlink(missing_ok=True)
-            self.db = self._open()
-        self.found = self._meta("url") == url
-        if not self.found:
-            self.db.execute("DELETE FROM files")
-            self.db.execute("DELETE FROM meta")
-            self._set_meta("url", url)
-            self.found = self._take_over_old()
-            self.db.commit()
-
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        db.execute("CREATE TABLE IF NOT EXISTS files (rel TEXT PRIMARY KEY, size INTEGER, mtime INTEGER,"
-                   " ino INTEGER, version TEXT, removed INTEGER DEFAULT 0, seen INTEGER DEFAULT 0) WITHOUT ROWID")
-        db.execute("CREATE TEMP TABLE pending (rel TEXT PRIMARY KEY) WITHOUT ROWID")  # to upload
-        db.commit()
-        return db
-
-    def _meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def _set_meta(self, key: str, value: str | None) -> None:
-        if value is None:
-            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-
-    def _take_over_old(self) -> bool:
-        """The record an earlier prep kept in JSON beside the mirror, taken over (its files then
-        need no fetch) and removed; whether there was one."""
-        found = False
-        for name in OLD_RECORDS:
-            old = self.path.with_name(name)
-            try:
-                state = workdir.read_json(old)
-            except (OSError, PrepError, UnicodeDecodeError):
-                continue
-            if isinstance(state, dict) and state.get("url") == self.url and isinstance(state.get("files"), dict):
-                found = found or name == OLD_RECORDS[0]
-                self.db.executemany("INSERT OR REPLACE INTO files (rel, size, mtime, ino, version) VALUES (?, ?, ?, ?, ?)",
-                                    ((rel, *entry) for rel, entry in state["files"].items()
-                                     if self.name_problem(rel) is None and isinstance(entry, list) and len(entry) == 4))
-        if found:  # whether it uploaded all of them is not known
-            self._set_meta("dirty", "/".join(APART))
-        self.db.commit()
-        for name in OLD_RECORDS:
-            self.path.with_name(name).unlink(missing_ok=True)
-        return found
-
-    @property
-    def dirty(self) -> set[str]:
-        return set(filter(None, (self._meta("dirty") or "").split("/")))
-
-    def set_dirty(self, folders) -> None:
-        self._set_meta("dirty", "/".join(sorted(folders)) or None)
-        self.db.commit()
-
-    def next_pass(self) -> int:
-        """A number for a pass over the files: those it sees are marked with it."""
-        last = self._meta("pass") or ""
-        number = (int(last) if last.isdigit() else 0) + 1
-        self._set_meta("pass", str(number))
-        return number
-
-    def get(self, rel: str) -> tuple | None:
-        """(size, mtime_ns, inode, version, removed) of ``rel``, or None."""
-        return self.db.execute("SELECT size, mtime, ino, version, removed FROM files WHERE rel = ?", (rel,)).fetchone()
-
-    def put(self, rel: str, st: list, version: str | None, seen: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, 0, ?)", (rel, *st, version, seen))
-
-    def see(self, rel: str, version: str | None, seen: int) -> None:
-        self.db.execute("UPDATE files SET version = ?, seen = ? WHERE rel = ?", (version, seen, rel))
-
-    def mark_removed(self, rel: str) -> None:
-        self.db.execute("UPDATE files SET removed = 1 WHERE rel = ?", (rel,))
-
-    def drop(self, rel: str) -> None:
-        self.db.execute("DELETE FROM files WHERE rel = ?", (rel,))
-
-    def add_pending(self, rel: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO pending VALUES (?)", (rel,))
-
-    def pending(self, last: bool) -> Iterator[str]:
-        """The files noted to upload: the stamps and manifest (:data:`LAST`) if ``last``, else
-        the others, a page at a time (each taken off as it comes)."""
-        stamps, manifest = LAST  # "0" follows "/"
-        while True:
-            page = [row[0] for row in self.db.execute(
-                f"SELECT rel FROM pending WHERE {'' if last else 'NOT '}(rel >= ? AND rel < ? OR rel = ?)"
-                f" ORDER BY rel LIMIT {PAGE}", (stamps, stamps[:-1] + "0", manifest))]
-            self.db.executemany("DELETE FROM pending WHERE rel = ?", ((rel,) for rel in page))
-            yield from page
-            if len(page) < PAGE:
-                return
-
-    def clear(self) -> None:
-        self.db.execute("DELETE FROM files")
-        self.db.commit()
-
-    def unseen(self, seen: int, left: tuple[str, ...], removed: bool = False) -> Iterator[str]:
-        """The files not seen by pass ``seen`` (only those removed here, if ``removed``), but in
-        the folders ``left``, a page at a time: a caller may drop them as they come."""
-        where = " AND ".join(["seen != ?", *(["removed = 1"] if removed else []),
-                              *["NOT (rel >= ? AND rel < ?)"] * len(left)])
-        bounds = [b for folder in left for b in (folder + "/", folder + "0")]  # "0" follows "/"
-        after = ""
-        while True:
-            page = [row[0] for row in self.db.execute(
-                f"SELECT rel FROM files WHERE rel > ? AND {where} ORDER BY rel LIMIT {PAGE}", (after, seen, *bounds))]
-            yield from page
-            if len(page) < PAGE:
-                return
-            after = page[-1]
-
-    def commit(self) -> None:
-        self.db.commit()
-
-
 def _recorded(method):
     """``method`` of a Mirror (a pull or a push), run alone: two commands that share the copy's
     lock (`verify` and `status`) sync it one after the other. The record's errors (a damaged
@@ -329,7 +189,7 @@ class Mirror:
     def record(self) -> Record:
         """The record, opened once the copy's lock is held (its first pull or push)."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        return Record(self.root.parent / RECORD, self.url, self._name_problem)
+        return Record(self.root.parent / RECORD, self.url, self._name_problem, APART)
 
     def _name_problem(self, rel: Any) -> str | None:
         """Why ``rel`` cannot be a file of the mirror, or None."""
