@@ -7,6 +7,7 @@ import csv
 import errno
 import io
 import json
+import os
 import random
 import tempfile
 from collections import Counter, defaultdict
@@ -64,6 +65,20 @@ def prepared(prep, raw: Path, *split_args, resize=("--size", "16", "--executor",
     assert prep("resize", *resize).exit_code == 0
     result = prep("split", "--ratios", "1:1:1", *split_args)
     return result
+
+
+def open_unnamed_files(folder: Path) -> list[str]:
+    """The files in ``folder`` this process holds open that have no name (as the near-copy pairs'):
+    none known where /proc/self/fd is not."""
+    found = []
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ():
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed since
+            continue
+        if target.startswith(f"{folder}/") and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
 
 
 def read(work: Path, name: str) -> list[dict]:
@@ -185,7 +200,9 @@ def test_pairs_added_while_reading_go_after_the_others(tmp_path):
     a, b, d8, d16 = pairs.columns()
     assert a.tolist() == [*range(10), 100, 101, 102, 103] and (b == a + 1).all()
     assert d16.tolist() == [*range(10), 0, 1, 2, 3]
+    assert len(open_unnamed_files(tmp_path)) == (1 if os.path.isdir("/proc/self/fd") else 0)
     pairs.close()
+    assert open_unnamed_files(tmp_path) == []
 
 
 # -- split -----------------------------------------------------------------------------------
@@ -261,6 +278,7 @@ def test_the_same_picture_under_two_labels_is_reported(tmp_path, prep):
 
     assert_one_line_error(prep("split", "--ratios", "1:1:1", "--on-conflict", "error"),
                           "flower/not-a-flower.jpg", "two labels", "conflicts.csv")
+    assert open_unnamed_files(tmp_path / "work") == []  # the pairs' file is closed when split stops too
     assert prep("split", "--ratios", "1:1:1", "--on-conflict", "drop").exit_code == 0
     kept = {r["path"] for r in read(tmp_path / "work", "splits.csv")}
     assert {f"pagoda/{name}" for name in COPIES} | {"flower/not-a-flower.jpg"} == set(rows) - kept
