@@ -24,9 +24,9 @@ A Dask cluster's workers write resize's PNGs to the URL themselves (``Workdir.fo
 copy does not have them until the next command that reads them fetches them, as it fetches any
 object that changed there. A command that reads no file of ``resized/`` here (:func:`leaves`:
 ``index``, ``split``, ``encode``, ``verify-train``, ``report``, which reads its few thumbnails at
-the URL, and a ``pack`` whose Dask workers read them there) leaves that folder alone, here and
-there: it neither lists, fetches, uploads nor deletes a file of it, so its time does not grow
-with the images. Unless a command before it may have changed that folder and not uploaded it:
+the URL, and a ``pack`` or ``verify`` whose Dask workers read them there) leaves that folder
+alone, here and there: the sync neither lists, fetches, uploads nor deletes a file of it, so its
+time does not grow with the images (``verify`` lists them itself, to key its check). Unless a command before it may have changed that folder and not uploaded it:
 then it uploads it first (a stamp never goes up before the files it vouches for).
 
 A mirror is a cache: deleting it, or a folder of it, costs a fetch (a file missing here is
@@ -98,8 +98,9 @@ def local(text: str | os.PathLike) -> Path:
 
 def leaves(command: str, options: dict) -> tuple[str, ...]:
     """The folders of :data:`APART` that ``command``, given ``options``, leaves alone: all of
-    them for :data:`LEAVES`, and for a ``pack`` whose Dask workers read them at the URL."""
-    if command in LEAVES or command == "pack" and options.get("executor") == "dask":
+    them for :data:`LEAVES`, and for a ``pack`` or ``verify`` whose Dask workers read them at
+    the URL."""
+    if command in LEAVES or command in ("pack", "verify") and options.get("executor") == "dask":
         return APART
     return ()
 

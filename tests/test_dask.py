@@ -169,6 +169,20 @@ def test_workers_write_straight_to_a_work_directory_on_a_bucket(tmp_path, corpus
     assert shards and shards == {f"tfrecord/{p.name}" for p in (local / "tfrecord").iterdir()}
     assert all(stored[name] == (local / name).read_bytes() for name in shards)
 
+    # and a verify on the cluster fetches none either: the workers compare the bucket's PNGs; a
+    # rerun lists them (no folder there has a time) and reads none; one changed there is caught
+    for fresh in (True, False):
+        with _requests() as seen:
+            result = prep("verify", *on_cluster, workdir=url)
+        assert result.exit_code == 0, result.output
+        assert ("pixels match the resized PNGs" in result.stdout) == fresh, result.output
+        assert ("unchanged since the last check" in result.stdout) != fresh, result.output
+        assert len([line for line in seen if '"GET ' in line and "/work/resized/" in line]) == (34 if fresh else 0)
+        assert not (copy / "resized").exists()
+    first, second = sorted(name for name in stored if name.startswith("resized/"))[:2]
+    s3.put_object(Bucket=bucket, Key=f"work/{first}", Body=stored[second])
+    assert_one_line_error(prep("verify", *on_cluster, workdir=url), f"{url}/{first}", "changed since `prep resize`")
+
 
 @contextlib.contextmanager
 def _requests():

@@ -239,7 +239,7 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], where: str, s
             if isinstance(size, FileNotFoundError):
                 missing = missing or row  # raised once the rows are known to be sound
             elif isinstance(size, OSError):
-                raise PrepError(f"resized image {_joined(where, row.resized)}: {size.strerror or size}") from None
+                raise PrepError(f"resized image {joined(where, row.resized)}: {size.strerror or size}") from None
             else:
                 png_bytes[row.split] += size
         batch.clear()
@@ -255,7 +255,7 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], where: str, s
     measure()
     if missing is not None:
         raise _missing(where, missing)
-    first = _joined(where, head.resized)
+    first = joined(where, head.resized)
     data = next(sources.read_below(where, [head.resized]))
     try:
         if isinstance(data, OSError):
@@ -282,13 +282,13 @@ def survey(wd: workdir.Workdir, encoded: Path, classes: list[str], where: str, s
     return layout, per_split, head
 
 
-def _joined(where: str, name: str) -> str:
+def joined(where: str, name: str) -> str:
     """The resized file ``name`` in ``where`` (a folder or a URL), as messages name it."""
     return f"{where}/{name}" if sources.is_url(where) else os.path.join(where, name)
 
 
 def _missing(where: str, row: Row) -> PrepError:
-    return PrepError(f"resized image {_joined(where, row.resized)} is missing (for {row.path}); run `prep resize` again")
+    return PrepError(f"resized image {joined(where, row.resized)} is missing (for {row.path}); run `prep resize` again")
 
 
 def in_shards(rows: Iterator[Row], count: int, slots: int, held: deque) -> Iterator[list[tuple[str, str]]]:
@@ -414,12 +414,12 @@ def _pack(cfg: PackConfig, classes: list[str], layout: Layout, first: Row, todo:
         bar = stack.enter_context(cfg.execution.bar(count, "pack"))
         shards = in_shards(rows, count, cfg.execution.slots, held)
         results = executors.map_shards(pool, read_pngs, shards, where, layout.shape, _needs_png(todo),
-                                       _joined(where, first.resized))
+                                       joined(where, first.resized))
         for pixels, pngs, problems in results:
             shard = held.popleft()
             if problems:
                 bad = min(problems)
-                raise PrepError(f"resized image {_joined(where, shard[bad].resized)}: {problems[bad]};"
+                raise PrepError(f"resized image {joined(where, shard[bad].resized)}: {problems[bad]};"
                                 " run `prep resize` again")
             for i, row in enumerate(shard):
                 sample = Sample(row.split, position[row.split], row.label_id, row.path,

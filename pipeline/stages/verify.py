@@ -26,8 +26,10 @@ not hashed again, and a check whose inputs all kept their sha256 (2-4) is not ru
 nothing changed, a rerun reads no image. A changed file invalidates what depends on it only:
 an edited tfrecord shard, resealed in manifest.json, re-reads tfrecord and the resized PNGs it is
 compared to, not the other formats. The resized PNGs count as unchanged while their folders keep
-their mtimes (resize replaces a file by renaming a new one in, which changes its folder's); a
-PNG rewritten in place is caught by ``prep verify --full``, which checks everything again.
+their mtimes (resize replaces a file by renaming a new one in, which changes its folder's), or,
+where a Dask run reads them at the work directory's URL, while the listing there keeps every
+object's name, size and ETag; a PNG rewritten in place is caught by ``prep verify --full``,
+which checks everything again.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .. import executors, manifest, sources, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .index import SETTLED_NS
-from .pack import Row, in_shards, iter_rows, out_of_date
+from .pack import Row, joined, in_shards, iter_rows, out_of_date
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,21 @@ class Checked:
             workdir.write_json(self.path, record)
         except OSError as err:
             log.debug("%s not written (%s); the next run checks everything again", self.path, err)
+
+
+def source_state(wd: workdir.Workdir, source: str, folders) -> dict[str, int | str | None]:
+    """What the check of the resized PNGs in ``source`` is keyed on (None: nothing to trust):
+    here, the mtimes of their ``folders`` (:func:`folder_times`); at the work directory's URL,
+    where a Dask run's copy leaves them, a digest of the listing of every object there (name,
+    size and ETag, a thousand objects per request, none read), as no folder has a time."""
+    if not sources.is_url(source):
+        return folder_times(wd, folders)
+    digest = hashlib.sha256()
+    for rel, size, version in sources.list_files(source).entries():
+        if version is None:  # an object store that gives no version: checked every time
+            return {source: None}
+        digest.update(f"{rel}\0{size}\0{version}\n".encode("utf-8", "surrogateescape"))
+    return {source: digest.hexdigest()}
 
 
 def folder_times(wd: workdir.Workdir, folders) -> dict[str, int | None]:
@@ -324,7 +341,7 @@ def compare(cfg: VerifyConfig, layout: Layout, options: PackOptions, names: list
     from .. import imaging  # noqa: F401  (before the pool forks: the workers inherit it)
 
     wd = cfg.workdir
-    folder = wd.path(workdir.RESIZED_DIR)
+    folder = cfg.workdir.for_workers(workdir.RESIZED_DIR, cfg.execution.executor)
     streams = {name: _samples(name, wd.path(FORMATS[name].OUTPUT), layout, options) for name in names}
     index = dict.fromkeys(SPLITS, 0)
     end = object()
@@ -337,7 +354,7 @@ def compare(cfg: VerifyConfig, layout: Layout, options: PackOptions, names: list
             i = index[split]
             where = f"split {split}, index {i} ({row.path})"
             if isinstance(expected, str):
-                raise VerificationFailed(f"{folder / row.resized}: {expected}")
+                raise VerificationFailed(f"{joined(folder, row.resized)}: {expected}")
             reference = None
             for name, stream in streams.items():
                 out = FORMATS[name].OUTPUT
@@ -356,7 +373,7 @@ def compare(cfg: VerifyConfig, layout: Layout, options: PackOptions, names: list
                         f"{out}: split {split}, index {i}: path {rel!r}; encoded.csv says {row.path!r}"
                     )
                 if against_source and digest != expected:
-                    raise VerificationFailed(f"{out}: {where}: pixels differ from {folder / row.resized}")
+                    raise VerificationFailed(f"{out}: {where}: pixels differ from {joined(folder, row.resized)}")
                 if reference is None:
                     reference = (out, digest)
                 elif digest != reference[1]:
@@ -387,15 +404,16 @@ def run(cfg: VerifyConfig) -> VerifyResult:
     checked = Checked(wd, cfg.full)
     check_files(wd, data, checked)
     check_input_files(wd, data, checked)
-    against_source = wd.path(workdir.RESIZED_DIR).is_dir()
-    units = unit_keys(data, names, against_source, folder_times(wd, checked.folders) if against_source else {})
+    source = wd.at(workdir.RESIZED_DIR)  # at the URL when this command's copy leaves it there
+    against_source = sources.exists(source) if sources.is_url(source) else os.path.isdir(source)
+    units = unit_keys(data, names, against_source, source_state(wd, source, checked.folders) if against_source else {})
     stale = [unit for unit, key in units.items() if not checked.passed(unit, key)]
     folders = checked.folders
     if stale:
         resized = check_inputs(wd, data, layout)
         formats = [n for n in names if n in stale]
         if against_source and ("pngs" in stale or formats):
-            folders = folder_times(wd, sorted(resized))
+            folders = source_state(wd, source, sorted(resized))  # before: a change meanwhile shows next time
         if formats or "pngs" in stale:
             compare(cfg, layout, options, formats, against_source)
         units = unit_keys(data, names, against_source, folders)
