@@ -51,7 +51,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import workdir
+from . import sources, workdir
 from .errors import PrepError
 from .record import Record
 
@@ -255,22 +255,10 @@ class Mirror:
             yield key[len(base):].lstrip("/"), found[key]
 
     def _is_s3(self) -> bool:
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
-        return bool({"s3", "s3a"} & set(protocols)) and hasattr(self.fs, "_call_s3")
+        return sources.is_s3(self.fs)
 
     def _pages(self, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
-        """The pages of S3's listing of ``prefix`` (s3fs keeps none of them)."""
-        from fsspec.asyn import sync
-
-        kwargs = {"Bucket": bucket, "Prefix": prefix, **getattr(self.fs, "req_kw", {})}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        while True:
-            page = sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **kwargs)
-            yield page
-            if not page.get("IsTruncated"):
-                return
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+        return sources.s3_pages(self.fs, bucket, prefix, delimiter)
 
     def _without_markers(self, objects: Iterator[tuple[str, dict]]) -> Iterator[tuple[str, int, str, int | None]]:
         """The files among ``objects`` (in the order of their names) as (rel, size, version,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import errno
 import functools
+import hashlib
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -284,6 +285,53 @@ def is_dir(root: str | os.PathLike) -> bool:
     if path is not None:
         return os.path.isdir(path)
     return _remote(os.fspath(root), "read", lambda fs, p: fs.isdir(p))
+
+
+def is_s3(fs) -> bool:
+    """Whether ``fs`` is s3fs's, whose listing can be asked a page at a time."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return bool({"s3", "s3a"} & set(protocols)) and hasattr(fs, "_call_s3")
+
+
+def s3_pages(fs, bucket: str, prefix: str, delimiter: str = "") -> Iterator[dict]:
+    """The pages of S3's listing of ``prefix`` (1,000 objects each; s3fs keeps none of them)."""
+    from fsspec.asyn import sync
+
+    kwargs = {"Bucket": bucket, "Prefix": prefix, **getattr(fs, "req_kw", {})}
+    if delimiter:
+        kwargs["Delimiter"] = delimiter
+    while True:
+        page = sync(fs.loop, fs._call_s3, "list_objects_v2", **kwargs)
+        yield page
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def listing_digest(url: str) -> str | None:
+    """A digest of every object below ``url`` (its name, size and version), which changes when
+    one is added, removed or rewritten; None when the store gives no version. On S3 a page of
+    1,000 at a time, so memory does not grow with the objects; elsewhere as fsspec's find lists
+    them."""
+
+    def digest(fs, base: str) -> str | None:
+        sha = hashlib.sha256()
+        if is_s3(fs):
+            bucket, key, _ = fs.split_path(base.rstrip("/"))
+            prefix = f"{key}/" if key else ""
+            objects = ((c["Key"][len(prefix):], c.get("Size"), c.get("ETag")) for page in s3_pages(fs, bucket, prefix)
+                       for c in page.get("Contents", []))
+        else:
+            found = fs.find(base, detail=True)
+            objects = ((name[len(base):].lstrip("/"), found[name].get("size"), _version(found[name]))
+                       for name in sorted(found))
+        for rel, size, version in objects:
+            if version is None:
+                return None
+            sha.update(f"{rel}\0{size}\0{version}\n".encode("utf-8", "surrogateescape"))
+        return sha.hexdigest()
+
+    return _remote(url, "list", digest)
 
 
 def list_files(root: str | os.PathLike, *, follow_links: bool = False, outside_links: bool = False) -> Listing:

@@ -318,3 +318,27 @@ def test_csv_bytes_are_what_csv_dictwriter_writes(fieldnames):
     writer.writerows(rows)
     assert workdir.csv_bytes(fieldnames, rows) == expected.getvalue().encode("utf-8")
     assert workdir.csv_bytes(fieldnames, []) == (",".join(fieldnames) + "\n").encode()
+
+
+@pytest.mark.parametrize("store", ["s3", "file"])
+def test_a_listing_digest_changes_with_any_object_and_only_then(tmp_path, s3, store):
+    """What verify keys its check of the PNGs on where they are at a URL (no folder has a time):
+    S3 listed a page at a time, another store through fsspec's find; one that gives no version
+    (fsspec's memory store) gives none, and is checked every time."""
+    import fsspec
+
+    tree = make_tree(tmp_path / "tree", {"a": 3, "b": 2})
+    assert sources.listing_digest(f"memory://{copy_to_memory(tree)}") is None
+    url = upload(s3, tree) if store == "s3" else f"file://{tree}"
+    fs, base = fsspec.core.url_to_fs(url)
+    first = sources.listing_digest(url)
+    assert first is not None and sources.listing_digest(url) == first
+    rewritten = f"{base}/a/img0.png"
+    fs.pipe_file(rewritten, fs.cat_file(f"{base}/b/img1.png"))  # another object's bytes, same name
+    second = sources.listing_digest(url)
+    assert second not in (None, first)
+    fs.pipe_file(f"{base}/a/new.png", b"x")
+    third = sources.listing_digest(url)
+    assert third not in (None, first, second)
+    fs.rm_file(f"{base}/a/new.png")
+    assert sources.listing_digest(url) == second

@@ -151,12 +151,7 @@ def source_state(wd: workdir.Workdir, source: str, folders) -> dict[str, int | s
     size and ETag, a thousand objects per request, none read), as no folder has a time."""
     if not sources.is_url(source):
         return folder_times(wd, folders)
-    digest = hashlib.sha256()
-    for rel, size, version in sources.list_files(source).entries():
-        if version is None:  # an object store that gives no version: checked every time
-            return {source: None}
-        digest.update(f"{rel}\0{size}\0{version}\n".encode("utf-8", "surrogateescape"))
-    return {source: digest.hexdigest()}
+    return {source: sources.listing_digest(source)}
 
 
 def folder_times(wd: workdir.Workdir, folders) -> dict[str, int | None]:
