@@ -50,7 +50,7 @@ from .. import executors, manifest, sources, workdir
 from ..errors import PrepError, VerificationFailed
 from ..formats import FORMATS, SPLITS, Layout, PackOptions
 from .index import SETTLED_NS
-from .pack import Row, joined, in_shards, iter_rows, out_of_date
+from .pack import Row, in_shards, iter_rows, joined, out_of_date
 
 log = logging.getLogger(__name__)
 
