@@ -139,11 +139,6 @@ class Pairs:
             yield records
             at += len(records)
 
-    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every pair at once, as arrays (a, b, d8, d16): for a few, to look at."""
-        records = np.concatenate([np.zeros(0, self.RECORD), *self.chunks()])
-        return records["a"], records["b"], records["d8"], records["d16"]
-
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -153,6 +153,12 @@ def test_resized_csv_records_the_hashes(tmp_path, prep):
 # -- the pair search -------------------------------------------------------------------------
 
 
+def columns_of(pairs: nearcopy.Pairs) -> tuple[np.ndarray, ...]:
+    """Every pair at once, as arrays (a, b, d8, d16)."""
+    records = np.concatenate([np.zeros(0, nearcopy.Pairs.RECORD), *pairs.chunks()])
+    return records["a"], records["b"], records["d8"], records["d16"]
+
+
 @pytest.mark.parametrize("search", ["tables", "all pairs"])
 @pytest.mark.parametrize("rule", ["strict", "default"])
 def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, monkeypatch, tmp_path):
@@ -171,7 +177,7 @@ def test_the_pair_search_finds_what_comparing_every_pair_finds(rule, search, mon
     h8[7], h16[7] = h8[8], h16[8]  # identical hashes are a pair too
     pairs = nearcopy.near_pairs(h8, h16, rule, folder=tmp_path)
     assert list(tmp_path.iterdir()) == []  # on disk, but under no name: nothing is left behind
-    columns = pairs.columns()
+    columns = columns_of(pairs)
     got = {(int(a), int(b), int(d8), int(d16)) for a, b, d8, d16 in zip(*columns)}
     assert len(got) == len(pairs) == len(columns[0])  # each pair once
     # read back in chunks, again and again: the same pairs
@@ -197,7 +203,7 @@ def test_pairs_added_while_reading_go_after_the_others(tmp_path):
     for chunk in pairs.chunks(size=4):  # an add in the middle of a read, and a read stopped early
         pairs.add(chunk["a"] + 100, chunk["b"] + 100, chunk["d8"], chunk["d16"])
         break
-    a, b, d8, d16 = pairs.columns()
+    a, b, d8, d16 = columns_of(pairs)
     assert a.tolist() == [*range(10), 100, 101, 102, 103] and (b == a + 1).all()
     assert d16.tolist() == [*range(10), 0, 1, 2, 3]
     assert len(open_unnamed_files(tmp_path)) == (1 if os.path.isdir("/proc/self/fd") else 0)

@@ -420,13 +420,9 @@ def test_simulated_interruption_then_rerun_matches_a_clean_run(tmp_path, prep, t
     assert leftovers(work) == []
 
 
-def test_split_after_an_interrupted_resize_says_so(tmp_path, prep, tree, monkeypatch):
-    """split reads resized.csv, which an interrupted resize has not rewritten yet: it is "up to
-    date" with the run before, while status calls it stale; it says why, and what to do."""
-    assert prep("index", tree).exit_code == 0
-    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
-    assert prep("split").exit_code == 0
-    assert "interrupted" not in prep("split").output
+def killed_after_three_writes(prep, monkeypatch, *args) -> list:
+    """``prep ARGS`` stopped (as by Ctrl-C) as it is about to write its fourth output file: the
+    three it wrote."""
     write, written = workdir.atomic_write_bytes, []
 
     def dies_after_three(path, data, **kw):
@@ -435,9 +431,20 @@ def test_split_after_an_interrupted_resize_says_so(tmp_path, prep, tree, monkeyp
         written.append(path)
         write(path, data, **kw)
 
-    monkeypatch.setattr(workdir, "atomic_write_bytes", dies_after_three)
-    assert prep("resize", "--size", "6", "--executor", "serial").exit_code != 0
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(workdir, "atomic_write_bytes", dies_after_three)
+        assert prep(*args).exit_code != 0  # Click: "Aborted!"
+    return written
+
+
+def test_split_after_an_interrupted_resize_says_so(tmp_path, prep, tree, monkeypatch):
+    """split reads resized.csv, which an interrupted resize has not rewritten yet: it is "up to
+    date" with the run before, while status calls it stale; it says why, and what to do."""
+    assert prep("index", tree).exit_code == 0
+    assert prep("resize", "--size", "8", "--executor", "serial").exit_code == 0
+    assert prep("split").exit_code == 0
+    assert "interrupted" not in prep("split").output
+    killed_after_three_writes(prep, monkeypatch, "resize", "--size", "6", "--executor", "serial")
     result = prep("split")
     assert result.exit_code == 0, result.output
     assert ("prep resize was interrupted (resized.journal is there): resized.csv is from the run before it;"
@@ -457,18 +464,7 @@ def test_a_run_with_new_settings_killed_while_writing_leaves_no_file_trusted(tmp
     # --size 6 overwrites three files of its first shard, then the process is killed: the
     # journal keeps what was flushed, the shard's "pending" line, but not the records buffered
     # after it
-    write = workdir.atomic_write_bytes
-    written = []
-
-    def dies_after_three(path, data, **kw):
-        if len(written) == 3:
-            raise KeyboardInterrupt
-        written.append(path)
-        write(path, data, **kw)
-
-    monkeypatch.setattr(workdir, "atomic_write_bytes", dies_after_three)
-    assert prep("resize", "--size", "6", "--executor", "serial").exit_code != 0  # Click: "Aborted!"
-    monkeypatch.undo()
+    written = killed_after_three_writes(prep, monkeypatch, "resize", "--size", "6", "--executor", "serial")
     journal = (work / resize.JOURNAL).read_text().splitlines()
     assert len(written) == 3 and resize.PENDING in json.loads(journal[0])
     (work / resize.JOURNAL).write_text(journal[0] + "\n")
