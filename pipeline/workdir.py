@@ -1145,7 +1145,9 @@ class Stamp:
         changed", "resized.csv is gone"): its outputs are older than its inputs. Empty if it
         never ran here (a work directory may come without its stamps). A file outside the work
         directory that is gone is left out: a groups file or a class list given once, or a work
-        directory sent from another machine."""
+        directory sent from another machine. So is a relative name that leads out of the work
+        directory (``../x``, or through a link): prep records none, and reads nothing there for a
+        stamp someone else wrote; a FIFO or a device is no file, and is not opened."""
         try:
             recorded = json_loads(read_file(self.path)[0]).get("inputs")
         except (OSError, ValueError, AttributeError):
@@ -1153,10 +1155,13 @@ class Stamp:
         if not isinstance(recorded, dict):
             return []
         hashes = FileHashes(Workdir(self.root))
+        root = os.path.realpath(self.root)
         changes = []
         try:
             for key, digest in recorded.items():
                 path = self._path(key)
+                if not os.path.isabs(key) and not is_below(os.path.realpath(path), root):
+                    continue
                 if not path.is_file():
                     if not os.path.isabs(key):
                         changes.append(f"{key} is gone")

@@ -265,6 +265,28 @@ def test_a_groups_file_outside_the_work_directory_may_be_gone_when_packing(work,
     assert_one_line_error(cli_run(work, "pack", "--format", "pkl.gz"), "resized.csv is gone since `prep split`")
 
 
+def test_a_stamp_someone_else_wrote_opens_no_fifo_and_reads_nothing_outside(work, tmp_path, monkeypatch):
+    """The inputs a stamp records are read to tell whether they changed: from a work directory
+    someone sent, a name leading out of it is passed over, and a FIFO (which would block a read)
+    is no file."""
+    from pipeline import workdir
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the work directory's")
+    os.mkfifo(work / "fifo")
+    (work / "out").symlink_to(tmp_path)
+    stamp = json.loads((work / ".stamps" / "encode.json").read_text())
+    stamp["inputs"].update({"../secret.txt": "0" * 64, "out/secret.txt": "0" * 64, "fifo": "0" * 64,
+                            str(tmp_path / "nothing-here"): "0" * 64})
+    (work / ".stamps" / "encode.json").write_text(json.dumps(stamp))
+    hashed = []
+    real = workdir.FileHashes.sha256
+    monkeypatch.setattr(workdir.FileHashes, "sha256", lambda self, path: hashed.append(Path(path)) or real(self, path))
+    assert workdir.Stamp(workdir.Workdir(work), "encode").changed_inputs() == ["fifo is gone"]
+    assert outside not in hashed and not [p for p in hashed if "secret" in p.name or p.name == "fifo"]
+    assert_one_line_error(cli_run(work, "pack", "--format", "pkl.gz"), "encoded.csv is out of date: fifo is gone")
+
+
 def test_a_work_directory_without_stamps_still_packs(work):
     """Stamps are prep's own bookkeeping: a work directory sent without them is packed as it is."""
     shutil.rmtree(work / ".stamps")
